@@ -1,0 +1,50 @@
+# cdfast: set-up, the main job, tests and benchmarks. Every target sets up what it needs.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cdfast-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: help setup data train test test-all bench clean
+
+help:
+	@echo "make train   set up, then train the default group on real Fashion-MNIST (configs/fashion_mnist.yaml)"
+	@echo "make test    set up, then run the test suite (CPU; CUDA tests skip without a GPU)"
+	@echo "make bench   set up, then run the pytest-benchmark suites in bench/"
+	@echo "make setup   only create/refresh the virtualenv $(VENV)"
+	@echo "make data    only install Debian's dataset-fashion-mnist (as root) or say how"
+
+# The virtualenv: pinned torch/torchvision (CUDA 13 builds; they run on the CPU too), then cdfast itself.
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "setuptools>=64" wheel
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "Fashion-MNIST missing: installing Debian's dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing from $(FMNIST_DIR). Install it as root with:"; \
+		echo "    apt-get update && apt-get install -y dataset-fashion-mnist"; \
+		echo "or pass --data-dir to cdfast train (tests that need it will be skipped)"; \
+	fi
+
+train: setup data
+	$(PY) -m cdfast train --config configs/fashion_mnist.yaml $(ARGS)
+
+test: setup data
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup data
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/cpu-$$(date +%Y%m%d).json $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .benchmarks

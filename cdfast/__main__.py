@@ -1,0 +1,5 @@
+import sys
+
+from cdfast.cli import main
+
+sys.exit(main())

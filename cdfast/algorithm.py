@@ -1,0 +1,295 @@
+"""One training step of Competitive Distillation for a group of N >= 2 networks.
+
+The step follows ``ALGORITHM.md``: mutate one random network's batch, N
+forwards, cross-entropy per network, elect the teacher (argmin, ties to the
+lowest index), distil every student towards it (KL on softmax outputs + L2 on
+features; teacher outputs are constants), and let every network step its own
+optimizer. The teacher index never leaves the device inside the step, so
+later engines can capture the step in a CUDA graph; metrics are read after it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from cdfast import functional as CF
+from cdfast.engines import get_engine
+from cdfast.models.adapters import FeatureAdapters
+from cdfast.perturb import PerturbationPool, PerturbOp
+
+__all__ = ["CompetitiveDistillation", "GroupLosses", "StepResult", "MODES", "TEACHER_RULES"]
+
+MODES = ("competitive", "dml", "independent")
+TEACHER_RULES = ("best", "all-better")
+
+OptimizerFactory = Callable[[list], torch.optim.Optimizer]
+
+
+@dataclass
+class GroupLosses:
+    """Losses of one step, still attached to the graph. Shapes ``[N]`` unless noted."""
+
+    loss: Tensor          # what each network minimises: ce + distill
+    ce: Tensor            # mean cross-entropy on its own (possibly perturbed) batch
+    distill: Tensor       # distillation terms (0 for the teacher, and in independent mode)
+    teacher: Tensor       # 0-d int64 device tensor: the elected network
+    correct: Tensor       # fraction of the batch each network classified right (own targets)
+    perturbed: int        # index of the mutated network, -1 if none (a host value: drawn on the host)
+    perturbation: str | None
+
+
+@dataclass
+class StepResult:
+    """Detached results of :meth:`CompetitiveDistillation.step`; read them after the step."""
+
+    loss: Tensor
+    ce: Tensor
+    distill: Tensor
+    teacher: Tensor
+    correct: Tensor
+    perturbed: int
+    perturbation: str | None
+
+
+def default_optimizer(params: list) -> torch.optim.Optimizer:
+    """The paper's optimizer: SGD, Nesterov momentum 0.9, lr 0.1, weight decay 5e-4."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+class CompetitiveDistillation(nn.Module):
+    """A group of networks trained by Competitive Distillation (or a baseline mode).
+
+    Args:
+        networks: N >= 2 modules; each returns ``(logits [B, K], features)`` or just logits
+            (then set ``feature_loss=False``). All must predict the same K classes.
+        optimizers: None (the paper's SGD), a factory ``f(params) -> Optimizer`` called
+            once per network with its parameters (and its adapters'), or a list of N
+            optimizers you built (adapter parameters are added to them).
+        mode: ``"competitive"`` (default), ``"dml"`` (each learns from all others),
+            or ``"independent"`` (labels only).
+        teachers: with ``mode="competitive"``: ``"best"`` (the argmin teaches everyone)
+            or ``"all-better"`` (each learns from every network that did better).
+        alpha, beta, temperature: weights of the KL and feature terms, softmax temperature.
+        feature_loss: add ``beta * mean((F_i - F_t)^2)`` to the students' losses.
+        perturb: mutate one random network's batch per step. None means on for
+            ``competitive`` and off for the baselines.
+        perturb_prob: probability that any network is mutated in a step.
+        perturb_ops: op names or callables for the pool (default: crop, noise, mixup,
+            cutmix, affine), or a ready :class:`~cdfast.perturb.PerturbationPool`.
+        seed: seed of the pool's randomness.
+        input_shape: ``(C, H, W)`` of one image. Needed when the networks' features have
+            different shapes: the group then probes them once and builds adapters.
+        autocast_dtype: e.g. ``torch.bfloat16`` to run the forwards under autocast.
+        channels_last: feed the networks channels-last batches.
+        engine: how the N networks execute (``"sequential"`` today).
+    """
+
+    def __init__(
+        self,
+        networks: Sequence[nn.Module],
+        optimizers: Union[None, OptimizerFactory, Sequence[torch.optim.Optimizer]] = None,
+        *,
+        mode: str = "competitive",
+        teachers: str = "best",
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        temperature: float = 1.0,
+        feature_loss: bool = True,
+        perturb: bool | None = None,
+        perturb_prob: float = 1.0,
+        perturb_ops: Union[None, PerturbationPool, Sequence[Union[str, PerturbOp]]] = None,
+        seed: int = 0,
+        input_shape: Sequence[int] | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        engine: str = "sequential",
+    ):
+        super().__init__()
+        networks = list(networks)
+        if len(networks) < 2:
+            raise ValueError(f"Competitive Distillation needs a group of N >= 2 networks, got {len(networks)}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if teachers not in TEACHER_RULES:
+            raise ValueError(f"unknown teachers rule {teachers!r}; choose one of {TEACHER_RULES}")
+        if mode != "competitive" and teachers != "best":
+            raise ValueError(f"teachers={teachers!r} only applies to mode='competitive' (got mode={mode!r})")
+        if not 0.0 <= perturb_prob <= 1.0:
+            raise ValueError(f"perturb_prob must lie in [0, 1], got {perturb_prob}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        classes = {i: getattr(n, "num_classes", None) for i, n in enumerate(networks)}
+        if len({k for k in classes.values() if k is not None}) > 1:
+            raise ValueError(f"the networks predict different numbers of classes {classes}; every network must predict the same K")
+
+        self.networks = nn.ModuleList(networks)
+        self.mode, self.teachers = mode, teachers
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.feature_loss = feature_loss and beta != 0.0 and mode != "independent"
+        self.perturb = (mode == "competitive") if perturb is None else perturb
+        self.perturb_prob = perturb_prob
+        self.pool = perturb_ops if isinstance(perturb_ops, PerturbationPool) else PerturbationPool(perturb_ops, seed=seed)
+        self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
+        self.engine = get_engine(engine)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+
+        shapes = self._probe_feature_shapes() if self.input_shape is not None else None
+        self.adapters = FeatureAdapters(shapes if (shapes and self.feature_loss) else [])
+        self.optimizers = self._build_optimizers(optimizers)
+
+    @property
+    def n(self) -> int:
+        return len(self.networks)
+
+    @property
+    def weight_mode(self) -> str:
+        """Who learns from whom, as :func:`cdfast.functional.distillation_weights` names it."""
+        if self.mode == "independent":
+            return "none"
+        if self.mode == "dml":
+            return "all"
+        return self.teachers
+
+    # ---- construction helpers -------------------------------------------------
+    def _probe_feature_shapes(self) -> list[tuple[int, ...]] | None:
+        """Run every network once on a tiny dummy batch to learn its feature shape."""
+        shapes = []
+        for i, net in enumerate(self.networks):
+            param = next(net.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+            was_training = net.training
+            net.eval()  # keeps BatchNorm statistics untouched
+            try:
+                with torch.no_grad():
+                    out = net(torch.zeros(2, *self.input_shape, device=device))
+            except Exception as e:  # noqa: BLE001 - re-raised with the context users need
+                raise ValueError(
+                    f"network {i} ({type(net).__name__}) cannot take images of shape {list(self.input_shape)}: {e}"
+                ) from e
+            finally:
+                net.train(was_training)
+            logits, feats = self._split_output(i, out)
+            shapes.append(tuple(feats.shape[1:]) if feats is not None else None)
+        if any(s is None for s in shapes):
+            return None
+        return shapes
+
+    def _build_optimizers(self, optimizers) -> list[torch.optim.Optimizer]:
+        param_sets = [list(net.parameters()) + self.adapters.parameters_of(i) for i, net in enumerate(self.networks)]
+        if optimizers is None or callable(optimizers):
+            factory = optimizers or default_optimizer
+            return [factory(params) for params in param_sets]
+        optimizers = list(optimizers)
+        if len(optimizers) != self.n:
+            raise ValueError(f"got {len(optimizers)} optimizers for {self.n} networks; pass one per network")
+        for i, opt in enumerate(optimizers):
+            extra = self.adapters.parameters_of(i)
+            if extra:
+                opt.add_param_group({"params": extra})
+        return optimizers
+
+    # ---- the step -------------------------------------------------------------
+    @staticmethod
+    def _split_output(i: int, out) -> tuple[Tensor, Tensor | None]:
+        if isinstance(out, Tensor):
+            return out, None
+        if isinstance(out, (tuple, list)) and len(out) == 2:
+            return out[0], out[1]
+        raise TypeError(f"network {i} must return logits or (logits, features), got {type(out).__name__}")
+
+    def _check_batch(self, x: Tensor, y: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected a batch of images [B, C, H, W], got shape {list(x.shape)}")
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"labels must be [B] = [{x.shape[0]}] class indices, got shape {list(y.shape)}")
+        for i, net in enumerate(self.networks):
+            want = getattr(net, "in_channels", None)
+            if want is not None and x.shape[1] != want:
+                raise ValueError(
+                    f"network {i} ({type(net).__name__}) expects {want}-channel images but the batch has shape "
+                    f"{list(x.shape)}; build the model with in_channels={x.shape[1]} or fix the data"
+                )
+
+    def _mutate(self, x: Tensor, y: Tensor):
+        """Inputs and targets per network: one random network gets a perturbed batch."""
+        n = self.n
+        inputs = [x] * n
+        targets, targets_b, lam = y, None, None
+        r = self.pool.choose_network(n, self.perturb_prob) if self.perturb else -1
+        op_name = None
+        if r >= 0:
+            out, op_name = self.pool.perturb(x, y)
+            inputs[r] = out.x
+            if out.lam < 1.0:
+                targets = torch.stack([out.y_a if i == r else y for i in range(n)])
+                targets_b = torch.stack([out.y_b if i == r else y for i in range(n)])
+                lam = torch.tensor([out.lam if i == r else 1.0 for i in range(n)], device=x.device)
+        return inputs, targets, targets_b, lam, r, op_name
+
+    def losses(self, x: Tensor, y: Tensor) -> GroupLosses:
+        """Forward the group on a batch and return every network's loss, attached to the graph.
+
+        Use this to drive the group from your own loop: ``out.loss.sum().backward()``
+        gives each network exactly the gradient of its own loss.
+        """
+        self._check_batch(x, y)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        inputs, targets, targets_b, lam, r, op_name = self._mutate(x, y)
+        autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else nullcontext())
+        with autocast:
+            outs = self.engine.forward(self.networks, inputs)
+        logits_list, feats_list = zip(*(self._split_output(i, o) for i, o in enumerate(outs)))
+        classes = [z.shape[-1] for z in logits_list]
+        if len(set(classes)) != 1:
+            raise ValueError(f"the networks predict different numbers of classes {classes}; every network must predict the same K")
+        logits = torch.stack(logits_list)
+        ce, teacher = CF.competitive_ce(logits, targets, targets_b, lam)
+        distill = self._distillation(logits, list(feats_list), ce, teacher)
+        own_targets = targets if targets.dim() == 2 else targets.expand(self.n, -1)
+        correct = (logits.detach().argmax(-1) == own_targets).float().mean(-1)
+        return GroupLosses(ce + distill, ce, distill, teacher, correct, r, op_name)
+
+    def _distillation(self, logits: Tensor, feats: list, ce: Tensor, teacher: Tensor) -> Tensor:
+        if self.mode == "independent":
+            return torch.zeros_like(ce)
+        kw = dict(temperature=self.temperature, alpha=self.alpha, beta=self.beta)
+        stacked = None
+        if self.feature_loss:
+            if any(f is None for f in feats):
+                missing = [i for i, f in enumerate(feats) if f is None]
+                raise ValueError(f"networks {missing} return only logits; return (logits, features) or set feature_loss=False")
+            shapes = [tuple(f.shape) for f in feats]
+            if len(set(shapes)) == 1:
+                stacked = torch.stack(feats)
+            elif not self.adapters.needed:
+                raise ValueError(
+                    f"the networks' features have different shapes {shapes}; pass input_shape=(C, H, W) so the "
+                    "group can build feature adapters, or set feature_loss=False"
+                )
+        if self.weight_mode == "best" and (stacked is not None or not self.feature_loss):
+            return CF.group_student_loss(logits, stacked, teacher, **kw)
+        weights = CF.distillation_weights(ce.detach(), self.weight_mode)
+        feature_l2 = None
+        if self.feature_loss:
+            feature_l2 = CF.pairwise_feature_l2(stacked if stacked is not None else feats,
+                                                None if stacked is not None else self.adapters.adapt)
+        return CF.weighted_student_loss(logits, feature_l2, weights, **kw)
+
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        """One full training iteration: mutation, forwards, election, losses, backward, N optimizer steps."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        out = self.losses(x, y)
+        out.loss.sum().backward()  # losses are decoupled: each network gets only its own gradient
+        for opt in self.optimizers:
+            opt.step()
+        return StepResult(out.loss.detach(), out.ce.detach(), out.distill.detach(), out.teacher,
+                          out.correct, out.perturbed, out.perturbation)

@@ -1,0 +1,222 @@
+"""The functional API: the competitive-distillation losses for your own training loop.
+
+Every function checks its arguments (clear errors, no host sync on GPU
+tensors) and then dispatches to the fastest implementation available for the
+tensors' device. Today that is the pure-PyTorch code of :mod:`cdfast.reference`
+everywhere; the custom C++/CUDA election op and the fused Triton student loss
+plug in here, behind the same signatures.
+
+Typical use inside an existing loop::
+
+    logits, feats = zip(*(net(x) for net in nets))
+    ce, teacher = cdfast.competitive_ce(torch.stack(logits), y)
+    distill = cdfast.group_student_loss(torch.stack(logits), torch.stack(feats), teacher)
+    (ce + distill).sum().backward()   # each network gets exactly its own gradient
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from cdfast import reference
+
+__all__ = [
+    "competitive_ce",
+    "elect_teacher",
+    "student_loss",
+    "group_student_loss",
+    "weighted_student_loss",
+    "pairwise_feature_l2",
+    "distillation_weights",
+    "DISTILLATION_MODES",
+]
+
+DISTILLATION_MODES = ("best", "all-better", "all", "none")
+
+
+def _stack(logits: Tensor | Sequence[Tensor]) -> Tensor:
+    if isinstance(logits, Tensor):
+        return logits
+    shapes = [tuple(z.shape) for z in logits]
+    if len(set(shapes)) != 1:
+        raise ValueError(
+            f"the networks' logits have different shapes {shapes}; every network of a group "
+            "must see the same batch and predict the same number of classes"
+        )
+    return torch.stack(list(logits))
+
+
+def _check_group_logits(logits: Tensor, name: str = "logits") -> None:
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {logits.dtype}")
+    if logits.dim() < 3:
+        raise ValueError(
+            f"{name} must be stacked per network as [N, B, K] (optionally with leading group "
+            f"dims), got shape {list(logits.shape)}; stack the N networks' [B, K] outputs with torch.stack"
+        )
+    if logits.shape[-3] < 2:
+        raise ValueError(f"a group needs N >= 2 networks, got N = {logits.shape[-3]} in {name} {list(logits.shape)}")
+
+
+def _check_labels(labels: Tensor, num_classes: int, name: str) -> None:
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{name} must hold int64 class indices, got {labels.dtype}; use {name}.long()")
+    # A range check needs the values; on an accelerator that would be a host
+    # sync inside the step, so it is only done for CPU tensors (data loaders
+    # check their labels once at load time).
+    if labels.device.type == "cpu" and labels.numel() > 0:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"{name} hold class indices in [{lo}, {hi}] but the networks predict "
+                f"{num_classes} classes; labels must lie in [0, {num_classes})"
+            )
+
+
+def _group_targets(targets: Tensor, shape: torch.Size, name: str) -> Tensor:
+    """Accept one label vector shared by the group ([B]) or one per network ([N, B])."""
+    want = shape[:-1]
+    if tuple(targets.shape) == tuple(want):
+        return targets
+    if tuple(targets.shape) == (shape[-2],):
+        return targets.expand(want)
+    raise ValueError(
+        f"{name} has shape {list(targets.shape)} but the logits {list(shape)} need "
+        f"{list(want)} (one label per network and sample) or [{shape[-2]}] (shared labels)"
+    )
+
+
+def competitive_ce(
+    logits: Tensor | Sequence[Tensor],
+    targets: Tensor,
+    targets_b: Tensor | None = None,
+    lam: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-network mean cross-entropy and the elected teacher, on the device.
+
+    Args:
+        logits: ``[N, B, K]`` stacked logits (or a list of N ``[B, K]`` tensors);
+            leading group dims ``[G, N, B, K]`` score several groups at once.
+        targets: int64 labels ``[N, B]``, or ``[B]`` shared by every network.
+        targets_b, lam: for mixed labels (mixup/cutmix): second label set like
+            ``targets`` and a per-network weight ``lam [N]`` of ``targets``.
+    Returns:
+        ``(ce [N] float32, teacher int64 0-d tensor)``; ties elect the lowest index.
+    """
+    logits = _stack(logits)
+    _check_group_logits(logits)
+    k = logits.shape[-1]
+    targets = _group_targets(targets, logits.shape, "targets")
+    _check_labels(targets, k, "targets")
+    if (targets_b is None) != (lam is None):
+        raise ValueError("mixed labels need both targets_b and lam (or neither)")
+    if targets_b is not None:
+        targets_b = _group_targets(targets_b, logits.shape, "targets_b")
+        _check_labels(targets_b, k, "targets_b")
+        if tuple(lam.shape) != tuple(logits.shape[:-2]):
+            raise ValueError(f"lam must have one weight per network, shape {list(logits.shape[:-2])}, got {list(lam.shape)}")
+    return reference.competitive_ce(logits, targets, targets_b, lam)
+
+
+def elect_teacher(ce_losses: Tensor | Sequence[Tensor]) -> Tensor:
+    """Index of the network with the lowest loss (ties: lowest index), as an int64 device tensor."""
+    ce = torch.stack(list(ce_losses)) if not isinstance(ce_losses, Tensor) else ce_losses
+    if ce.dim() == 0 or ce.shape[-1] < 2:
+        raise ValueError(f"elect_teacher needs the losses of N >= 2 networks, got shape {list(ce.shape)}")
+    return reference.elect_teacher(ce)
+
+
+def student_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_feats: Tensor | None = None,
+    teacher_feats: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> Tensor:
+    """``alpha*T^2*KL(p_t||p_s) + beta*mean((F_s-F_t)^2)`` for one student; teacher outputs are constants."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {list(student_logits.shape)} and teacher logits "
+            f"{list(teacher_logits.shape)} must have the same shape [B, K]"
+        )
+    _check_temperature(temperature)
+    if (student_feats is None) != (teacher_feats is None):
+        raise ValueError("pass both student_feats and teacher_feats, or neither")
+    if student_feats is not None and student_feats.shape != teacher_feats.shape:
+        raise ValueError(
+            f"student features {list(student_feats.shape)} and teacher features "
+            f"{list(teacher_feats.shape)} differ in shape; map the student's features with an "
+            "adapter first (cdfast.models.FeatureAdapters)"
+        )
+    return reference.student_loss(
+        student_logits, teacher_logits, student_feats, teacher_feats,
+        temperature=temperature, alpha=alpha, beta=beta,
+    )
+
+
+def group_student_loss(
+    logits: Tensor,
+    feats: Tensor | None,
+    teacher: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> Tensor:
+    """Student loss of every network towards the teacher ``[N]``; exactly 0 at the teacher.
+
+    ``teacher`` is the int64 device tensor from :func:`competitive_ce`: nothing
+    here reads it on the host, so the step stays free of syncs.
+    """
+    _check_group_logits(logits)
+    _check_temperature(temperature)
+    if feats is not None and tuple(feats.shape[:2]) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"feats {list(feats.shape)} must be stacked like the logits {list(logits.shape)}: [N, B, ...]"
+        )
+    if teacher.dim() != 0 or teacher.dtype != torch.int64:
+        raise ValueError(f"teacher must be a 0-d int64 tensor (from competitive_ce), got {teacher.dtype} {list(teacher.shape)}")
+    return reference.group_student_loss(
+        logits, feats, teacher, temperature=temperature, alpha=alpha, beta=beta
+    )
+
+
+def weighted_student_loss(
+    logits: Tensor,
+    feature_l2: Tensor | None,
+    weights: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> Tensor:
+    """Student loss when a network may learn from several others (all-better, DML). ``[N]``."""
+    _check_group_logits(logits)
+    _check_temperature(temperature)
+    n = logits.shape[0]
+    if tuple(weights.shape) != (n, n):
+        raise ValueError(f"weights must be [N, N] = [{n}, {n}], got {list(weights.shape)}")
+    return reference.weighted_student_loss(
+        logits, feature_l2, weights, temperature=temperature, alpha=alpha, beta=beta
+    )
+
+
+def distillation_weights(ce: Tensor, mode: str) -> Tensor:
+    """``W[i, j]``: weight of network j as a teacher of network i; see :func:`cdfast.reference.distillation_weights`."""
+    if mode not in DISTILLATION_MODES:
+        raise ValueError(f"unknown distillation mode {mode!r}; choose one of {DISTILLATION_MODES}")
+    return reference.distillation_weights(ce, mode)
+
+
+pairwise_feature_l2 = reference.pairwise_feature_l2
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")

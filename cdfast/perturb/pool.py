@@ -1,0 +1,84 @@
+"""The perturbation pool: which network is mutated this step, and with which op."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence, Union
+
+from torch import Tensor
+
+from cdfast.perturb.ops import (
+    CutMix,
+    ElasticWarp,
+    GaussianNoise,
+    Mixup,
+    Perturbed,
+    PerturbRNG,
+    RandomAffine,
+    RandomResizedCrop,
+)
+
+__all__ = ["PerturbationPool", "OPS", "DEFAULT_OPS", "PerturbOp"]
+
+PerturbOp = Callable[[Tensor, Tensor, PerturbRNG], Perturbed]
+
+OPS: dict[str, type] = {
+    op.name: op for op in (RandomResizedCrop, GaussianNoise, Mixup, CutMix, RandomAffine, ElasticWarp)
+}
+DEFAULT_OPS = ("crop", "noise", "mixup", "cutmix", "affine")
+
+
+def _op_name(op: PerturbOp) -> str:
+    return getattr(op, "name", getattr(op, "__name__", type(op).__name__))
+
+
+class PerturbationPool:
+    """A list of perturbation ops and the seeded randomness that drives them.
+
+    ``ops`` holds op names from :data:`OPS` or your own callables
+    ``op(x, y, rng) -> Perturbed``. Each step, :meth:`choose_network` picks the
+    network to mutate (host RNG, so it never waits on the device) and
+    :meth:`perturb` applies one op drawn uniformly from the pool.
+    """
+
+    def __init__(self, ops: Iterable[Union[str, PerturbOp]] | None = None, seed: int = 0):
+        ops = list(DEFAULT_OPS if ops is None else ops)
+        if not ops:
+            raise ValueError("the perturbation pool is empty; pass at least one op or disable perturbation")
+        self.ops: list[PerturbOp] = [self._resolve(op) for op in ops]
+        self.rng = PerturbRNG(seed)
+
+    @staticmethod
+    def _resolve(op: Union[str, PerturbOp]) -> PerturbOp:
+        if isinstance(op, str):
+            if op not in OPS:
+                raise ValueError(f"unknown perturbation {op!r}; available: {', '.join(OPS)}")
+            return OPS[op]()
+        if not callable(op):
+            raise TypeError(f"a perturbation op must be a name or a callable op(x, y, rng), got {op!r}")
+        return op
+
+    @property
+    def names(self) -> list[str]:
+        return [_op_name(op) for op in self.ops]
+
+    def choose_network(self, n_networks: int, prob: float = 1.0) -> int:
+        """Index of the network to mutate this step, or -1 for none (with probability 1 - prob)."""
+        if prob < 1.0 and self.rng.host.random() >= prob:
+            return -1
+        return self.rng.host.randrange(n_networks)
+
+    def perturb(self, x: Tensor, y: Tensor) -> tuple[Perturbed, str]:
+        """Apply one op drawn from the pool; returns the perturbed batch and the op's name."""
+        op = self.ops[self.rng.host.randrange(len(self.ops))]
+        out = op(x, y, self.rng)
+        if not isinstance(out, Perturbed):
+            raise TypeError(f"perturbation {_op_name(op)!r} returned {type(out).__name__}, expected cdfast.perturb.Perturbed")
+        if out.x.shape != x.shape:
+            raise ValueError(f"perturbation {_op_name(op)!r} changed the batch shape {list(x.shape)} -> {list(out.x.shape)}")
+        return out, _op_name(op)
+
+    def state_dict(self) -> dict:
+        return self.rng.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.load_state_dict(state)

@@ -1,0 +1,211 @@
+"""Pure-PyTorch reference of every cdfast op.
+
+This module is three things at once: the CPU path, the oracle that every fused
+kernel and custom op is tested against, and the baseline of the benchmarks.
+It does the math only; argument checking lives in :mod:`cdfast.functional`.
+
+Shapes: ``N`` networks in a group, ``B`` samples in the batch, ``K`` classes,
+``D`` feature elements per sample. All losses are accumulated in float32
+whatever the input dtype, and come back as float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "competitive_ce",
+    "elect_teacher",
+    "student_loss",
+    "group_student_loss",
+    "pairwise_kl",
+    "pairwise_feature_l2",
+    "weighted_student_loss",
+    "distillation_weights",
+]
+
+
+def elect_teacher(ce: Tensor) -> Tensor:
+    """Index of the lowest cross-entropy along the last dim; ties go to the lowest index.
+
+    ``torch.argmin`` returns the first minimal index, which is the tie rule the
+    method asks for. The result stays on ``ce``'s device (no host sync).
+    """
+    return torch.argmin(ce, dim=-1)
+
+
+def competitive_ce(
+    logits: Tensor,
+    targets: Tensor,
+    targets_b: Tensor | None = None,
+    lam: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of every network and the elected teacher.
+
+    logits ``[*G, N, B, K]``, targets ``[*G, N, B]`` (int64 class indices).
+    With mixed labels (mixup/cutmix perturbations), network ``i`` is scored by
+    ``lam[i] * CE(z_i, targets[i]) + (1 - lam[i]) * CE(z_i, targets_b[i])``
+    with ``lam`` of shape ``[*G, N]``. Returns ``ce [*G, N]`` (float32) and
+    ``teacher [*G]`` (int64).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(-1)
+    if targets_b is not None:
+        ce_b = -logp.gather(-1, targets_b.unsqueeze(-1)).squeeze(-1).mean(-1)
+        lam = lam.to(ce.dtype)
+        ce = lam * ce + (1.0 - lam) * ce_b
+    return ce, elect_teacher(ce)
+
+
+def _kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """KL(p_t || p_s) summed over classes, averaged over the batch dim (-2)."""
+    logp_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    logp_t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean(-1)
+
+
+def _feature_mse(student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+    """Mean squared difference over everything but the leading group dims."""
+    diff = student_feats.float() - teacher_feats.detach().float()
+    return diff.square().flatten(-2).mean(-1)
+
+
+def student_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_feats: Tensor | None = None,
+    teacher_feats: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> Tensor:
+    """Distillation loss of one student towards one teacher (a float32 scalar).
+
+    ``alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + beta * mean((F_s - F_t)^2)``.
+    The teacher's outputs are treated as constants.
+    """
+    loss = alpha * temperature**2 * _kl_to_teacher(student_logits, teacher_logits, temperature)
+    if student_feats is not None and beta != 0.0:
+        loss = loss + beta * _feature_mse(
+            student_feats.flatten(1), teacher_feats.flatten(1)
+        )
+    return loss
+
+
+def group_student_loss(
+    logits: Tensor,
+    feats: Tensor | None,
+    teacher: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> Tensor:
+    """Student loss of every network of a group towards the teacher, ``[N]`` float32.
+
+    logits ``[N, B, K]``, feats ``[N, B, ...]`` or None, teacher a 0-d int64
+    device tensor. Entry ``teacher`` is exactly 0 and sends no gradient; the
+    teacher's outputs are constants for the students. No host sync.
+    """
+    n = logits.shape[0]
+    t = teacher.reshape(1)
+    loss = alpha * temperature**2 * _kl_to_teacher(logits, logits.index_select(0, t), temperature)
+    if feats is not None and beta != 0.0:
+        flat = feats.flatten(2)
+        loss = loss + beta * _feature_mse(flat, flat.index_select(0, t))
+    is_student = torch.arange(n, device=logits.device) != teacher
+    return torch.where(is_student, loss, torch.zeros((), device=loss.device))
+
+
+def pairwise_kl(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``M[i, j] = KL(p_j || p_i)`` for a group ``[N, B, K]``, with p_j constant. ``[N, N]``."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp_const = logp.detach()
+    p_const = logp_const.exp()
+    batch = logits.shape[1]
+    neg_entropy = (p_const * logp_const).sum(-1).mean(-1)  # [N], indexed by j
+    cross = torch.einsum("jbk,ibk->ij", p_const, logp) / batch
+    return neg_entropy.unsqueeze(0) - cross
+
+
+def pairwise_feature_l2(
+    feats: Tensor | Sequence[Tensor],
+    adapt: Callable[[int, int, Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``L[i, j] = mean((A_ij(F_i) - F_j)^2)`` with F_j constant. ``[N, N]`` float32.
+
+    ``feats`` is a stacked ``[N, B, ...]`` tensor or a list of per-network
+    tensors (shapes may differ). ``adapt(i, j, F_i)`` maps student i's
+    features to network j's shape; None means the shapes already agree.
+    The diagonal is 0.
+    """
+    n = len(feats)
+    if adapt is None and isinstance(feats, Tensor):
+        flat = feats.flatten(2).float()
+        diff = flat.unsqueeze(1) - flat.detach().unsqueeze(0)  # [i, j, B, D]
+        return diff.square().flatten(2).mean(-1)
+    rows = []
+    for i in range(n):
+        row = []
+        for j in range(n):
+            if i == j:
+                row.append(torch.zeros((), device=feats[i].device))
+                continue
+            student = adapt(i, j, feats[i]) if adapt is not None else feats[i]
+            row.append(_feature_mse(student.flatten(1), feats[j].flatten(1)))
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def weighted_student_loss(
+    logits: Tensor,
+    feature_l2: Tensor | None,
+    weights: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> Tensor:
+    """Student loss of every network when it may learn from several teachers. ``[N]``.
+
+    ``loss_i = sum_j weights[i, j] * (alpha * T^2 * KL(p_j || p_i) + beta * L[i, j])``
+    where ``feature_l2`` is the ``[N, N]`` matrix of :func:`pairwise_feature_l2`
+    (or None for no feature term) and ``weights`` comes from
+    :func:`distillation_weights`. A row of zero weights gives exactly 0.
+    """
+    pair = alpha * temperature**2 * pairwise_kl(logits, temperature)
+    if feature_l2 is not None and beta != 0.0:
+        pair = pair + beta * feature_l2
+    return (weights.to(pair.dtype) * pair).sum(1)
+
+
+def distillation_weights(ce: Tensor, mode: str) -> Tensor:
+    """Who learns from whom: ``W[i, j]`` is the weight of teacher j in student i's loss.
+
+    modes: ``"best"`` (the competitive rule: everybody learns from the argmin,
+    which learns from nobody), ``"all-better"`` (each network learns from every
+    better one, averaged; ties ordered by index like the election), ``"all"``
+    (deep mutual learning: from every other network, averaged) and ``"none"``
+    (independent training). Computed on the device from ``ce [N]``.
+    """
+    n = ce.shape[-1]
+    idx = torch.arange(n, device=ce.device)
+    if mode == "best":
+        teacher = elect_teacher(ce)
+        w = (idx.unsqueeze(0) == teacher) & (idx.unsqueeze(1) != teacher)
+        return w.float()
+    if mode == "all-better":
+        lower = ce.unsqueeze(0) < ce.unsqueeze(1)  # [i, j]: ce_j < ce_i
+        tie_first = (ce.unsqueeze(0) == ce.unsqueeze(1)) & (idx.unsqueeze(0) < idx.unsqueeze(1))
+        better = (lower | tie_first).float()
+        return better / better.sum(1, keepdim=True).clamp(min=1.0)
+    if mode == "all":
+        return (1.0 - torch.eye(n, device=ce.device)) / (n - 1)
+    if mode == "none":
+        return torch.zeros(n, n, device=ce.device)
+    raise ValueError(f"unknown distillation mode {mode!r}; use 'best', 'all-better', 'all' or 'none'")

@@ -1,0 +1,152 @@
+"""Run records: per-step rows (CSV), per-epoch records (JSONL) and TensorBoard.
+
+Per-step values come out of the training step as device tensors; they are
+buffered and read in one transfer every ``log_interval`` steps, so the step
+itself never waits for the host. Reading them is also where non-finite losses
+are caught, before any checkpoint could store the damage.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdfast.algorithm import StepResult
+
+STEPS_FILE, EPOCHS_FILE = "steps.csv", "epochs.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A network's loss became NaN or infinite; training stopped."""
+
+
+def step_columns(n: int) -> list[str]:
+    return (["step", "epoch", "teacher", "perturbed", "perturbation"]
+            + [f"ce_{i}" for i in range(n)] + [f"loss_{i}" for i in range(n)] + [f"train_acc_{i}" for i in range(n)])
+
+
+class StepBuffer:
+    """Device-side results of the last few steps, read in one host transfer."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.pending: list[tuple[int, int, StepResult]] = []
+
+    def add(self, step: int, epoch: int, result: StepResult) -> None:
+        self.pending.append((step, epoch, result))
+
+    def drain(self, names: list[str]) -> list[dict[str, Any]]:
+        """Rows of the buffered steps; raises :class:`NonFiniteLossError` naming the first bad one."""
+        if not self.pending:
+            return []
+        packed = torch.stack([
+            torch.cat([r.teacher.reshape(1).float(), r.ce, r.loss, r.correct]) for _, _, r in self.pending
+        ]).cpu()
+        rows = []
+        n = self.n
+        for (step, epoch, r), values in zip(self.pending, packed.tolist()):
+            ce, loss, acc = values[1:1 + n], values[1 + n:1 + 2 * n], values[1 + 2 * n:]
+            bad_ce = [i for i in range(n) if not math.isfinite(ce[i])]
+            bad = bad_ce or [i for i in range(n) if not math.isfinite(loss[i])]
+            if bad:
+                self.pending.clear()
+                i = bad[0]  # a network whose own CE broke is the cause; others may follow through distillation
+                others = [j for j in range(n) if j != i and not (math.isfinite(ce[j]) and math.isfinite(loss[j]))]
+                also = f" (also non-finite: networks {others})" if others else ""
+                raise NonFiniteLossError(
+                    f"non-finite loss for network {i} ({names[i]}) at step {step} (epoch {epoch}): "
+                    f"ce={ce[i]}, loss={loss[i]}{also}. Training stopped; try a lower --lr, or turn off --amp"
+                )
+            row = {"step": step, "epoch": epoch, "teacher": int(values[0]), "perturbed": r.perturbed,
+                   "perturbation": r.perturbation or ""}
+            row.update({f"ce_{i}": ce[i] for i in range(n)})
+            row.update({f"loss_{i}": loss[i] for i in range(n)})
+            row.update({f"train_acc_{i}": acc[i] for i in range(n)})
+            rows.append(row)
+        self.pending.clear()
+        return rows
+
+
+class RunLogger:
+    """Writes ``steps.csv``, ``epochs.jsonl`` and (optionally) TensorBoard events in ``out``."""
+
+    def __init__(self, out: Path, n: int, tensorboard: bool):
+        self.out, self.n = out, n
+        self.steps_path, self.epochs_path = out / STEPS_FILE, out / EPOCHS_FILE
+        new = not self.steps_path.exists()
+        self._steps_file = open(self.steps_path, "a", newline="")
+        self._steps = csv.DictWriter(self._steps_file, fieldnames=step_columns(n))
+        if new:
+            self._steps.writeheader()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                print("cdfast: tensorboard is not installed; skipping TensorBoard logs (pip install tensorboard)")
+
+    def write_steps(self, rows: list[dict[str, Any]]) -> None:
+        self._steps.writerows(rows)
+        self._steps_file.flush()
+        if self.tb is not None:
+            for row in rows:
+                for i in range(self.n):
+                    self.tb.add_scalar(f"train/loss_{i}", row[f"loss_{i}"], row["step"])
+                    self.tb.add_scalar(f"train/ce_{i}", row[f"ce_{i}"], row["step"])
+                self.tb.add_scalar("train/teacher", row["teacher"], row["step"])
+
+    def write_epoch(self, record: dict[str, Any]) -> None:
+        with open(self.epochs_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for i, acc in enumerate(record["test_acc"]):
+                self.tb.add_scalar(f"test/acc_{i}", acc, record["epoch"])
+                self.tb.add_scalar(f"teacher_share/{i}", record["teacher_share"][i], record["epoch"])
+            self.tb.add_scalar("test/acc_ensemble", record["ensemble_acc"], record["epoch"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        self._steps_file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def truncate_records(out: Path, step: int, epoch: int) -> None:
+    """Drop rows written after the checkpoint being resumed (a crash may have left some)."""
+    steps_path, epochs_path = out / STEPS_FILE, out / EPOCHS_FILE
+    if steps_path.exists():
+        with open(steps_path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames
+            rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        tmp = steps_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(steps_path)
+    if epochs_path.exists():
+        keep = []
+        for line in epochs_path.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] <= epoch:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by a crash
+        tmp = epochs_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(epochs_path)
+
+
+def read_epochs(out: Path) -> list[dict[str, Any]]:
+    path = out / EPOCHS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

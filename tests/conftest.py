@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdfast.data import FASHION_MNIST_ROOT
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def fmnist_root() -> Path:
+    root = Path(os.environ.get("CDFAST_FASHION_MNIST", FASHION_MNIST_ROOT))
+    if not (root / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real Fashion-MNIST not found in {root} (make data installs it)")
+    return root
+
+
+@pytest.fixture
+def tiny_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)

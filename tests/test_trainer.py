@@ -1,0 +1,140 @@
+"""The trainer: real-data learning, exact resume, atomic checkpoints, records, and bad runs."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from cdfast.train import NonFiniteLossError, Trainer, TrainConfig, load_checkpoint, save_atomic
+
+
+def small_config(tmp_path, fmnist_root, name="run", **kw):
+    values = dict(data_dir=str(fmnist_root), train_subset=512, test_subset=256, batch_size=64,
+                  eval_batch_size=256, epochs=2, out=str(tmp_path / name), progress=False,
+                  tensorboard=False, plots=False, log_interval=3, device="cpu")
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in trainer.group.state_dict().items()}
+
+
+def test_resume_gives_identical_weights(tmp_path, fmnist_root):
+    straight = Trainer(small_config(tmp_path, fmnist_root, "straight"))
+    straight.fit()
+    first = Trainer(small_config(tmp_path, fmnist_root, "split"))
+    first.fit(until_epoch=1)
+    assert first.epoch == 1
+    resumed = Trainer(small_config(tmp_path, fmnist_root, "split"), resume=tmp_path / "split")
+    assert resumed.epoch == 1 and resumed.step == first.step
+    resumed.fit()
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    lines = (tmp_path / "split" / "epochs.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    steps = (tmp_path / "split" / "steps.csv").read_text().splitlines()
+    assert len(steps) == 1 + 2 * straight.steps_per_epoch
+
+
+@pytest.mark.slow
+def test_short_real_training_learns(tmp_path, fmnist_root):
+    cfg = small_config(tmp_path, fmnist_root, train_subset=4000, test_subset=1000, batch_size=128,
+                       epochs=2, plots=True, tensorboard=True)
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert min(summary["final_acc"]) > 0.6  # chance is 0.1
+    assert summary["ensemble_acc"] > 0.6
+    assert sum(summary["teacher_share"]) == pytest.approx(1.0)
+    out = tmp_path / "run"
+    for name in ("config.yaml", "epochs.jsonl", "steps.csv", "checkpoint.pt", "summary.txt",
+                 "accuracy.png", "teacher_timeline.png"):
+        assert (out / name).exists(), name
+    assert any((out / "tensorboard").iterdir())
+    record = json.loads((out / "epochs.jsonl").read_text().splitlines()[-1])
+    assert {"test_acc", "ensemble_acc", "teacher_share", "train_loss", "lr"} <= record.keys()
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fmnist_root):
+    trainer = Trainer(small_config(tmp_path, fmnist_root, epochs=3))
+    trainer.fit(until_epoch=1)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    net = trainer.group.networks[1]
+    original = net.forward
+    calls = {"n": 0}
+
+    def poisoned(x):
+        calls["n"] += 1
+        logits, feats = original(x)
+        return (logits * float("nan") if calls["n"] >= 3 else logits), feats
+
+    net.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"network 1 \(resnet8\) at step 11"):
+        trainer.fit()
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
+    assert load_checkpoint(ckpt)["epoch"] == 1
+
+
+def test_atomic_save_survives_a_crash_while_writing(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_atomic({"epoch": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, fmnist_root):
+    Trainer(small_config(tmp_path, fmnist_root, epochs=1)).fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(small_config(tmp_path, fmnist_root, epochs=1))
+
+
+def test_resume_with_mismatched_or_broken_checkpoint(tmp_path, fmnist_root):
+    Trainer(small_config(tmp_path, fmnist_root)).fit(until_epoch=1)
+    with pytest.raises(ValueError, match="models: checkpoint has"):
+        Trainer(small_config(tmp_path, fmnist_root, models=["resnet8", "resnet14"]), resume=tmp_path / "run")
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable"):
+        Trainer(small_config(tmp_path, fmnist_root), resume=tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(small_config(tmp_path, fmnist_root), resume=tmp_path / "elsewhere")
+
+
+def test_heterogeneous_group_with_adapters_trains_and_resumes(tmp_path, fmnist_root):
+    cfg = small_config(tmp_path, fmnist_root, models=["resnet8", "resnet8x4"], train_subset=256, epochs=2)
+    trainer = Trainer(cfg)
+    assert trainer.group.adapters.needed
+    trainer.fit(until_epoch=1)
+    resumed = Trainer(cfg, resume=tmp_path / "run")
+    torch.testing.assert_close(weights(resumed), weights(trainer))
+
+
+@pytest.mark.parametrize("mode,teachers", [("dml", "best"), ("independent", "best"), ("competitive", "all-better")])
+def test_other_modes_run(tmp_path, fmnist_root, mode, teachers):
+    cfg = small_config(tmp_path, fmnist_root, mode=mode, teachers=teachers, epochs=1, train_subset=256,
+                       models=["resnet8", "resnet8", "resnet8"] if mode == "dml" else ["resnet8", "resnet8"])
+    summary = Trainer(cfg).fit()
+    assert summary["epochs"] == 1
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="at least 2 models"):
+        TrainConfig(models=["resnet8"]).validate()
+    with pytest.raises(ValueError, match="mode="):
+        TrainConfig(mode="solo").validate()
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        TrainConfig(perturb_ops=["crop", "zoom"]).validate()
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.from_dict({"epochz": 3})
