@@ -10,7 +10,7 @@ later engines can capture the step in a CUDA graph; metrics are read after it.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -23,7 +23,7 @@ from cdfast.engines import get_engine
 from cdfast.models.adapters import FeatureAdapters
 from cdfast.perturb import PerturbationPool, PerturbOp
 
-__all__ = ["CompetitiveDistillation", "GroupLosses", "StepResult", "MODES", "TEACHER_RULES"]
+__all__ = ["CompetitiveDistillation", "GroupLosses", "StepResult", "MODES", "TEACHER_RULES", "split_output"]
 
 MODES = ("competitive", "dml", "independent")
 TEACHER_RULES = ("best", "all-better")
@@ -57,6 +57,33 @@ class StepResult:
     perturbation: str | None
 
 
+def split_output(i: int, out) -> tuple[Tensor, Tensor | None]:
+    """``(logits, features)`` of network i's output; features are None for a logits-only network."""
+    if isinstance(out, Tensor):
+        return out, None
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return out[0], out[1]
+    raise TypeError(f"network {i} must return logits or (logits, features), got {type(out).__name__}")
+
+
+@contextmanager
+def frozen_batchnorm_stats(net: nn.Module):
+    """BatchNorm still normalizes with batch statistics, but its running statistics stay put.
+
+    Used for the mutated network's forward: evaluation sees clean images, so the
+    running statistics should describe clean images, not noise or mixed batches.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+
 def default_optimizer(params: list) -> torch.optim.Optimizer:
     """The paper's optimizer: SGD, Nesterov momentum 0.9, lr 0.1, weight decay 5e-4."""
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -83,6 +110,9 @@ class CompetitiveDistillation(nn.Module):
         perturb_ops: op names or callables for the pool (default: crop, noise, mixup,
             cutmix, affine), or a ready :class:`~cdfast.perturb.PerturbationPool`.
         seed: seed of the pool's randomness.
+        perturb_bn_stats: let the mutated network's perturbed batch update its BatchNorm
+            running statistics. Off by default: evaluation sees clean images, and
+            statistics of noisy or mixed batches degrade test accuracy.
         input_shape: ``(C, H, W)`` of one image. Needed when the networks' features have
             different shapes: the group then probes them once and builds adapters.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the forwards under autocast.
@@ -105,6 +135,7 @@ class CompetitiveDistillation(nn.Module):
         perturb_prob: float = 1.0,
         perturb_ops: Union[None, PerturbationPool, Sequence[Union[str, PerturbOp]]] = None,
         seed: int = 0,
+        perturb_bn_stats: bool = False,
         input_shape: Sequence[int] | None = None,
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
@@ -134,6 +165,7 @@ class CompetitiveDistillation(nn.Module):
         self.feature_loss = feature_loss and beta != 0.0 and mode != "independent"
         self.perturb = (mode == "competitive") if perturb is None else perturb
         self.perturb_prob = perturb_prob
+        self.perturb_bn_stats = perturb_bn_stats
         self.pool = perturb_ops if isinstance(perturb_ops, PerturbationPool) else PerturbationPool(perturb_ops, seed=seed)
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
         self.engine = get_engine(engine)
@@ -174,7 +206,7 @@ class CompetitiveDistillation(nn.Module):
                 ) from e
             finally:
                 net.train(was_training)
-            logits, feats = self._split_output(i, out)
+            logits, feats = split_output(i, out)
             shapes.append(tuple(feats.shape[1:]) if feats is not None else None)
         if any(s is None for s in shapes):
             return None
@@ -195,14 +227,6 @@ class CompetitiveDistillation(nn.Module):
         return optimizers
 
     # ---- the step -------------------------------------------------------------
-    @staticmethod
-    def _split_output(i: int, out) -> tuple[Tensor, Tensor | None]:
-        if isinstance(out, Tensor):
-            return out, None
-        if isinstance(out, (tuple, list)) and len(out) == 2:
-            return out[0], out[1]
-        raise TypeError(f"network {i} must return logits or (logits, features), got {type(out).__name__}")
-
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(f"expected a batch of images [B, C, H, W], got shape {list(x.shape)}")
@@ -244,9 +268,11 @@ class CompetitiveDistillation(nn.Module):
         inputs, targets, targets_b, lam, r, op_name = self._mutate(x, y)
         autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else nullcontext())
-        with autocast:
+        keep_stats = (frozen_batchnorm_stats(self.networks[r]) if r >= 0 and not self.perturb_bn_stats
+                      else nullcontext())
+        with autocast, keep_stats:
             outs = self.engine.forward(self.networks, inputs)
-        logits_list, feats_list = zip(*(self._split_output(i, o) for i, o in enumerate(outs)))
+        logits_list, feats_list = zip(*(split_output(i, o) for i, o in enumerate(outs)))
         classes = [z.shape[-1] for z in logits_list]
         if len(set(classes)) != 1:
             raise ValueError(f"the networks predict different numbers of classes {classes}; every network must predict the same K")

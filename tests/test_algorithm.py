@@ -227,3 +227,26 @@ def test_step_makes_no_host_sync_on_cuda():
         group.step(x, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class BNNet(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1)
+
+    def forward(self, x):
+        return super().forward(self.bn(x))
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_perturbed_batch_and_batchnorm_running_stats(tiny_batch, update):
+    x, y = tiny_batch
+    nets = [BNNet(), BNNet()]
+    group = cdfast.CompetitiveDistillation(nets, perturb=True, perturb_bn_stats=update,
+                                           perturb_ops=PerturbationPool([FixedMix()], seed=0))
+    before = [n.bn.running_mean.clone() for n in nets]
+    out = group.losses(x, y)
+    r = out.perturbed
+    assert not torch.equal(nets[1 - r].bn.running_mean, before[1 - r])  # the clean network always updates
+    assert torch.equal(nets[r].bn.running_mean, before[r]) is (not update)
+    assert nets[r].bn.momentum == 0.1  # restored after the step

@@ -42,8 +42,8 @@ def test_resume_gives_identical_weights(tmp_path, fmnist_root):
 
 @pytest.mark.slow
 def test_short_real_training_learns(tmp_path, fmnist_root):
-    cfg = small_config(tmp_path, fmnist_root, train_subset=4000, test_subset=1000, batch_size=128,
-                       epochs=2, plots=True, tensorboard=True)
+    cfg = small_config(tmp_path, fmnist_root, train_subset=8000, test_subset=1000, batch_size=128,
+                       epochs=2, plots=True, tensorboard=True, channels_last=True)
     trainer = Trainer(cfg)
     summary = trainer.fit()
     assert min(summary["final_acc"]) > 0.6  # chance is 0.1
@@ -138,3 +138,24 @@ def test_config_validation():
         TrainConfig(perturb_ops=["crop", "zoom"]).validate()
     with pytest.raises(ValueError, match="unknown config keys"):
         TrainConfig.from_dict({"epochz": 3})
+
+
+def test_bf16_autocast_and_channels_last_run(tmp_path, fmnist_root):
+    cfg = small_config(tmp_path, fmnist_root, epochs=1, train_subset=128, test_subset=128, amp=True, channels_last=True)
+    trainer = Trainer(cfg)
+    assert trainer.group.autocast_dtype == torch.bfloat16
+    summary = trainer.fit()
+    assert summary["epochs"] == 1 and all(0.0 <= a <= 1.0 for a in summary["final_acc"])
+
+
+def test_lr_schedules():
+    from cdfast.train.trainer import lr_factor
+
+    cos = TrainConfig(epochs=2, schedule="cosine")
+    assert lr_factor(cos, 0, 10) == pytest.approx(1.0)
+    assert lr_factor(cos, 10, 10) == pytest.approx(0.5)
+    assert lr_factor(cos, 20, 10) == pytest.approx(0.0, abs=1e-12)
+    step = TrainConfig(epochs=4, schedule="step", lr_milestones=[0.5, 0.75], lr_gamma=0.1)
+    assert [lr_factor(step, s, 10) for s in (0, 19, 20, 30, 39)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    warm = TrainConfig(epochs=2, schedule="constant", warmup_epochs=1)
+    assert lr_factor(warm, 0, 10) == pytest.approx(0.1) and lr_factor(warm, 10, 10) == 1.0

@@ -37,6 +37,14 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Replace a small text file (config, summary) without ever leaving it half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_atomic`, with a clear error if it is not one."""
     path = Path(path)

@@ -16,8 +16,10 @@ import yaml
 
 from cdfast.algorithm import MODES, TEACHER_RULES
 from cdfast.data import DATASETS
+from cdfast.engines import ENGINES
 from cdfast.models import FEATURE_MODES, check_model_name
 from cdfast.perturb import DEFAULT_OPS, OPS
+from cdfast.train.checkpoint import write_text_atomic
 
 
 def _f(default, help: str, **kw):
@@ -47,7 +49,8 @@ class TrainConfig:
     perturb: bool | None = _f(None, "mutate one random network's batch per step (default: on for competitive, off otherwise)")
     perturb_prob: float = _f(1.0, "probability of a mutation in a step")
     perturb_ops: list[str] = _f(list(DEFAULT_OPS), f"perturbation pool, comma-separated from: {', '.join(OPS)}")
-    engine: str = _f("sequential", "how the networks execute: sequential")
+    perturb_bn_stats: bool = _f(False, "let perturbed batches update the mutated network's BatchNorm running statistics")
+    engine: str = _f("sequential", "how the networks execute", choices=tuple(ENGINES))
     # optimisation
     epochs: int = _f(5, "number of epochs")
     batch_size: int = _f(128, "training batch size")
@@ -120,7 +123,7 @@ class TrainConfig:
         return cls.from_dict(values)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text_atomic(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
 
 
 # Fields that define what a checkpoint holds; a resume must not change them.

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cdfast.algorithm import CompetitiveDistillation
+from cdfast.algorithm import CompetitiveDistillation, split_output
 from cdfast.data import load_data
 from cdfast.models import build_model
-from cdfast.train.checkpoint import load_checkpoint, save_atomic
+from cdfast.train.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from cdfast.train.config import STRUCTURAL_FIELDS, TrainConfig
 from cdfast.train.metrics import RunLogger, StepBuffer, read_epochs, truncate_records
 
@@ -86,6 +86,7 @@ class Trainer:
             mode=cfg.mode, teachers=cfg.teachers, alpha=cfg.alpha, beta=cfg.beta,
             temperature=cfg.temperature, feature_loss=cfg.feature_loss, perturb=cfg.perturb,
             perturb_prob=cfg.perturb_prob, perturb_ops=cfg.perturb_ops, seed=cfg.seed,
+            perturb_bn_stats=cfg.perturb_bn_stats,
             input_shape=self.data.input_shape, autocast_dtype=torch.bfloat16 if cfg.amp else None,
             channels_last=cfg.channels_last, engine=cfg.engine,
         ).to(self.device)
@@ -100,7 +101,6 @@ class Trainer:
             self._load(checkpoint)
         else:
             cfg.save(self.out / CONFIG_FILE)
-        self.logger = RunLogger(self.out, self.group.n, cfg.tensorboard)
 
     # ---- output folder, checkpoints ---------------------------------------------
     def _prepare_out(self, resume) -> tuple[Path, dict | None]:
@@ -176,7 +176,7 @@ class Trainer:
             if self.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
-                logits = torch.stack([group._split_output(i, net(x))[0] for i, net in enumerate(group.networks)]).float()
+                logits = torch.stack([split_output(i, net(x))[0] for i, net in enumerate(group.networks)]).float()
             probs = logits.softmax(-1)
             preds = torch.cat([logits.argmax(-1), probs.mean(0).argmax(-1).unsqueeze(0)])  # [n + 1, B]
             correct += (preds == y).sum(-1)
@@ -192,6 +192,7 @@ class Trainer:
         cfg, group = self.cfg, self.group
         last = min(cfg.epochs, until_epoch or cfg.epochs)
         buffer = StepBuffer(group.n)
+        self.logger = RunLogger(self.out, group.n, cfg.tensorboard)
         try:
             while self.epoch < last:
                 epoch = self.epoch + 1
@@ -281,7 +282,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         s = self.summary()
         table = self.summary_table(s)
-        (self.out / SUMMARY_FILE).write_text(table + "\n")
+        write_text_atomic(table + "\n", self.out / SUMMARY_FILE)
         if self.cfg.plots:
             from cdfast.train.plots import plot_run
 
