@@ -43,9 +43,13 @@ def plot_run(out: Path, names: list[str]) -> list[Path]:
             window = max(1, len(rows) // 50)
             fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), sharex=True,
                                               gridspec_kw={"height_ratios": [1, 2]})
-            top.scatter(steps, teacher, s=2, c=teacher, cmap="tab10", vmin=0, vmax=9)
-            top.set_yticks(range(n))
+            # one column per step, coloured by the teacher's index: switches show as stripes
+            cmap = matplotlib.colors.ListedColormap([f"C{i % 10}" for i in range(n)])
+            top.imshow([teacher], aspect="auto", cmap=cmap, vmin=-0.5, vmax=n - 0.5, interpolation="nearest",
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, 0, 1))
+            top.set_yticks([])
             top.set_ylabel("teacher")
+            top.set_title("teacher per step (colour = network)")
             for i, name in enumerate(names):
                 share = [sum(t == i for t in teacher[max(0, k - window + 1):k + 1]) / min(window, k + 1)
                          for k in range(len(teacher))]
