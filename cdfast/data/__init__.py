@@ -1,0 +1,96 @@
+"""Data sets: Fashion-MNIST (default, from Debian's package), CIFAR-10/100 and ImageNet-layout folders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cdfast.data.cifar import load_cifar
+from cdfast.data.folder import FolderLoader, image_folder_splits
+from cdfast.data.idx import DEFAULT_ROOT as FASHION_MNIST_ROOT
+from cdfast.data.idx import load_fashion_mnist
+from cdfast.data.loader import TensorLoader
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+
+# name: (classes, channels, mean, std, crop padding of the standard augmentation)
+IN_MEMORY = {
+    "fashion-mnist": (10, 1, (0.2860,), (0.3530,), 2),
+    "cifar10": (10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4),
+    "cifar100": (100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4),
+}
+
+
+@dataclass
+class DataBundle:
+    """What the trainer needs to know about a data set."""
+
+    name: str
+    train: Any           # iterable of (x float [B, C, H, W] normalized, y int64 [B]); has state_dict()
+    test: Any
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    train_size: int
+    test_size: int
+
+
+def _check_labels(name: str, split: str, labels: torch.Tensor, num_classes: int) -> None:
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{name} {split} labels lie in [{lo}, {hi}], outside [0, {num_classes}); the files are corrupt or mislabelled")
+
+
+def _subset(images: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int):
+    if n is None or n >= images.shape[0]:
+        return images, labels
+    if n < 1:
+        raise ValueError(f"a subset needs at least 1 image, got {n}")
+    pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return images[pick], labels[pick]
+
+
+def load_data(
+    name: str,
+    root: str | None = None,
+    *,
+    batch_size: int = 128,
+    eval_batch_size: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    augment: bool = True,
+    workers: int = 4,
+    image_size: int = 224,
+    in_channels: int = 3,
+) -> DataBundle:
+    """Load a data set by name with its standard augmentation.
+
+    Fashion-MNIST and CIFAR are held in memory (on ``device``) and batched by
+    :class:`TensorLoader`; ``imagefolder`` streams JPEGs through torchvision.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "imagefolder":
+        train_dir, val_dir, classes = image_folder_splits(root)
+        train = FolderLoader(train_dir, True, batch_size, workers, image_size, in_channels, seed, train_subset)
+        test = FolderLoader(val_dir, False, eval_batch_size, workers, image_size, in_channels, seed, test_subset)
+        return DataBundle(name, train, test, len(classes), (in_channels, image_size, image_size),
+                          len(train.loader.dataset), len(test.loader.dataset))
+    num_classes, channels, mean, std, pad = IN_MEMORY[name]
+    splits = load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, num_classes)
+    for split, (_, labels) in splits.items():
+        _check_labels(name, split, labels, num_classes)
+    train_x, train_y = _subset(*splits["train"], train_subset, seed)
+    test_x, test_y = _subset(*splits["test"], test_subset, seed)
+    common = dict(mean=mean, std=std, device=device)
+    train = TensorLoader(train_x, train_y, batch_size, shuffle=True, drop_last=True,
+                         augment_pad=pad if augment else None, seed=seed, **common)
+    test = TensorLoader(test_x, test_y, eval_batch_size, **common)
+    return DataBundle(name, train, test, num_classes, tuple(train_x.shape[1:]), train_x.shape[0], test_x.shape[0])
+
+
+__all__ = ["load_data", "DataBundle", "DATASETS", "TensorLoader", "FolderLoader",
+           "load_fashion_mnist", "load_cifar", "FASHION_MNIST_ROOT"]

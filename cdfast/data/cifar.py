@@ -1,0 +1,51 @@
+"""CIFAR-10/100 in the official python-pickle format, from a local folder."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAYOUT = {
+    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    100: ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+
+
+def _how_to_get(num_classes: int) -> str:
+    folder = LAYOUT[num_classes][0]
+    return (f"Download cifar-{num_classes}-python.tar.gz from the CIFAR site, extract it, and pass "
+            f"--data-dir pointing at the extracted '{folder}' folder (or the folder that contains it)")
+
+
+def _read(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    try:
+        data, labels = batch[b"data"], batch[label_key]
+    except KeyError as e:
+        raise ValueError(f"{path} is not a CIFAR python batch (missing key {e})") from e
+    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def load_cifar(root: str | Path | None, num_classes: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"train": (images uint8 [50000, 3, 32, 32], labels int64), "test": ...}``."""
+    if num_classes not in LAYOUT:
+        raise ValueError(f"CIFAR comes with 10 or 100 classes, not {num_classes}")
+    folder, train_files, test_files, label_key = LAYOUT[num_classes]
+    if root is None:
+        raise FileNotFoundError(f"CIFAR-{num_classes} needs a local path. {_how_to_get(num_classes)}")
+    root = Path(root)
+    base = root / folder if (root / folder).is_dir() else root
+    out = {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        paths = [base / name for name in files]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"CIFAR-{num_classes} files missing: {', '.join(missing)}. {_how_to_get(num_classes)}")
+        parts = [_read(p, label_key) for p in paths]
+        out[split] = (torch.from_numpy(np.concatenate([p[0] for p in parts])),
+                      torch.from_numpy(np.concatenate([p[1] for p in parts])))
+    return out
