@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cdfast-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+# The compiled ops build with their CUDA kernels whenever a toolkit is there (no GPU needed).
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export MAX_JOBS ?= 2
 
 .PHONY: help setup data train test test-all bench clean
 
@@ -15,8 +19,9 @@ help:
 	@echo "make setup   only create/refresh the virtualenv $(VENV)"
 	@echo "make data    only install Debian's dataset-fashion-mnist (as root) or say how"
 
-# The virtualenv: pinned torch/torchvision (CUDA 13 builds; they run on the CPU too), then cdfast itself.
-$(STAMP): pyproject.toml setup.py
+# The virtualenv: pinned torch/torchvision (CUDA 13 builds; they run on the CPU too), then cdfast
+# itself, which compiles cdfast._C (csrc/: CPU kernels, and CUDA kernels when CUDA_HOME is set).
+$(STAMP): pyproject.toml setup.py $(CSRC)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "setuptools>=64" wheel
 	$(PY) -m pip install --quiet $(TORCH_PIN)

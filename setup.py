@@ -1,16 +1,66 @@
 """Build script for cdfast.
 
 The Python package lives in cdfast/; the Triton kernels in kernels/ are
-installed as ``cdfast.kernels``. The C++/CUDA extension ``cdfast._C`` (csrc/)
-is added here by the issue that brings the custom op; until then this is a
-pure-Python package.
+installed as ``cdfast.kernels``; the C++/CUDA ops in csrc/ are compiled into
+``cdfast._C`` (torch.library namespace ``cdfast``).
+
+Environment flags:
+    CDFAST_BUILD_EXT=0    skip the compiled extension entirely (cdfast then uses its PyTorch reference)
+    CDFAST_BUILD_CUDA=0/1 skip / force the CUDA kernels (default: build them when a CUDA toolkit is found)
+    TORCH_CUDA_ARCH_LIST  GPU targets (default here: "8.0;9.0", i.e. A100 and H100, when no GPU is visible)
+    MAX_JOBS              parallel compile jobs (ninja)
 """
+
+import glob
+import os
 
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["cdfast", "cdfast.*"]) + ["cdfast.kernels"]
+
+def env_flag(name: str):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def extension_modules():
+    if env_flag("CDFAST_BUILD_EXT") is False:
+        print("cdfast: CDFAST_BUILD_EXT=0, not building the compiled ops (the PyTorch reference will be used)")
+        return [], {}
+    # torch looks for the toolkit in CUDA_HOME; the usual location is a safe default.
+    if "CUDA_HOME" not in os.environ and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    want_cuda = env_flag("CDFAST_BUILD_CUDA")
+    with_cuda = (CUDA_HOME is not None and torch.version.cuda is not None) if want_cuda is None else want_cuda
+    if with_cuda and CUDA_HOME is None:
+        raise RuntimeError("CDFAST_BUILD_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to it")
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no GPU to ask: target A100 and H100
+
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3"]  # the C++ standard comes from torch (C++20 for torch >= 2.13)
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        ext = CUDAExtension("cdfast._C", sources, extra_compile_args={
+            "cxx": cxx + ["-DCDFAST_WITH_CUDA"], "nvcc": ["-O3", "-DCDFAST_WITH_CUDA"]})
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU")
+        print(f"cdfast: building cdfast._C with CPU and CUDA kernels (CUDA {torch.version.cuda}, arch {arch}, "
+              f"toolkit {CUDA_HOME})")
+    else:
+        ext = CppExtension("cdfast._C", sources, extra_compile_args={"cxx": cxx})
+        print("cdfast: building cdfast._C with CPU kernels only (no CUDA toolkit found or CDFAST_BUILD_CUDA=0)")
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=packages,
+    packages=find_packages(include=["cdfast", "cdfast.*"]) + ["cdfast.kernels"],
     package_dir={"cdfast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

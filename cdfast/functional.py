@@ -2,9 +2,10 @@
 
 Every function checks its arguments (clear errors, no host sync on GPU
 tensors) and then dispatches to the fastest implementation available for the
-tensors' device. Today that is the pure-PyTorch code of :mod:`cdfast.reference`
-everywhere; the custom C++/CUDA election op and the fused Triton student loss
-plug in here, behind the same signatures.
+tensors' device: :func:`competitive_ce` runs the compiled op
+``torch.ops.cdfast.competitive_ce`` (C++ on CPU, CUDA on GPU) when
+``cdfast._C`` is built, and everything else the pure-PyTorch code of
+:mod:`cdfast.reference`; the fused Triton student loss plugs in here too.
 
 Typical use inside an existing loop::
 
@@ -21,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from cdfast import reference
+from cdfast import _ops, reference
 
 __all__ = [
     "competitive_ce",
@@ -66,8 +67,9 @@ def _check_labels(labels: Tensor, num_classes: int, name: str) -> None:
         raise TypeError(f"{name} must hold int64 class indices, got {labels.dtype}; use {name}.long()")
     # A range check needs the values; on an accelerator that would be a host
     # sync inside the step, so it is only done for CPU tensors (data loaders
-    # check their labels once at load time).
-    if labels.device.type == "cpu" and labels.numel() > 0:
+    # check their labels once at load time), and not while torch.compile traces
+    # (the compiled op checks its labels itself).
+    if labels.device.type == "cpu" and labels.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(
@@ -118,6 +120,10 @@ def competitive_ce(
         _check_labels(targets_b, k, "targets_b")
         if tuple(lam.shape) != tuple(logits.shape[:-2]):
             raise ValueError(f"lam must have one weight per network, shape {list(logits.shape[:-2])}, got {list(lam.shape)}")
+    if _ops.op_available(logits.device):
+        # One fused op: CE of every network + election, no host sync (csrc/).
+        ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets.expand(logits.shape[:-1]), targets_b, lam)
+        return ce, teacher
     return reference.competitive_ce(logits, targets, targets_b, lam)
 
 

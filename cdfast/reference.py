@@ -6,7 +6,8 @@ It does the math only; argument checking lives in :mod:`cdfast.functional`.
 
 Shapes: ``N`` networks in a group, ``B`` samples in the batch, ``K`` classes,
 ``D`` feature elements per sample. All losses are accumulated in float32
-whatever the input dtype, and come back as float32.
+for float32/float16/bfloat16 inputs (float64 stays float64) and come back in
+that precision.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ __all__ = [
     "weighted_student_loss",
     "distillation_weights",
 ]
+
+
+def _acc(x: Tensor) -> Tensor:
+    """The accumulation precision: float64 stays float64, everything else computes in float32."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def elect_teacher(ce: Tensor) -> Tensor:
@@ -52,7 +58,7 @@ def competitive_ce(
     with ``lam`` of shape ``[*G, N]``. Returns ``ce [*G, N]`` (float32) and
     ``teacher [*G]`` (int64).
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(_acc(logits), dim=-1)
     ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(-1)
     if targets_b is not None:
         ce_b = -logp.gather(-1, targets_b.unsqueeze(-1)).squeeze(-1).mean(-1)

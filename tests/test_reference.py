@@ -27,10 +27,11 @@ def kl_hand(zt, zs, T=1.0):
 Z0, Z1 = [1.0, 2.0, 3.0], [0.0, 0.5, -1.0]
 
 
-def test_competitive_ce_hand_values():
+@pytest.mark.parametrize("fn", [R.competitive_ce, cdfast.competitive_ce], ids=["reference", "dispatched"])
+def test_competitive_ce_hand_values(fn):
     logits = torch.tensor([[Z0, Z1], [Z1, Z0]])  # N=2, B=2, K=3
     y = torch.tensor([2, 0])
-    ce, teacher = cdfast.competitive_ce(logits, y)
+    ce, teacher = fn(logits, y.expand(2, 2))
     want0 = (ce_hand(Z0, 2) + ce_hand(Z1, 0)) / 2
     want1 = (ce_hand(Z1, 2) + ce_hand(Z0, 0)) / 2
     assert ce.dtype == torch.float32
@@ -39,11 +40,12 @@ def test_competitive_ce_hand_values():
     assert teacher.dtype == torch.int64
 
 
-def test_competitive_ce_mixed_labels():
+@pytest.mark.parametrize("fn", [R.competitive_ce, cdfast.competitive_ce], ids=["reference", "dispatched"])
+def test_competitive_ce_mixed_labels(fn):
     logits = torch.tensor([[Z0], [Z1]])  # N=2, B=1
     ya, yb = torch.tensor([[2], [0]]), torch.tensor([[1], [0]])
     lam = torch.tensor([0.25, 1.0])
-    ce, _ = cdfast.competitive_ce(logits, ya, yb, lam)
+    ce, _ = fn(logits, ya, yb, lam)
     assert ce[0].item() == pytest.approx(0.25 * ce_hand(Z0, 2) + 0.75 * ce_hand(Z0, 1), rel=1e-6)
     assert ce[1].item() == pytest.approx(ce_hand(Z1, 0), rel=1e-6)
 

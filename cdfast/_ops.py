@@ -1,0 +1,67 @@
+"""The compiled ops of ``cdfast._C``: loading, fake (meta) implementations and autograd.
+
+The schemas and kernels live in csrc/ (torch.library namespace ``cdfast``).
+When the compiled library is missing (a CDFAST_BUILD_EXT=0 install, or a
+build for another torch), cdfast still imports, logs one line, and
+:mod:`cdfast.functional` uses the PyTorch reference instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("cdfast")
+
+HAS_EXTENSION = False
+WITH_CUDA = False
+
+if os.environ.get("CDFAST_DISABLE_OPS", "").strip().lower() in ("1", "true", "yes", "on"):
+    log.info("cdfast: CDFAST_DISABLE_OPS is set; using the PyTorch reference ops")
+else:
+    try:
+        from cdfast import _C  # noqa: F401  (loading the library registers torch.ops.cdfast.*)
+
+        HAS_EXTENSION = True
+        WITH_CUDA = bool(_C.WITH_CUDA)
+    except ImportError as e:  # missing or built against another torch
+        log.warning("cdfast: compiled ops unavailable (%s); using the PyTorch reference. "
+                    "Rebuild with `pip install --no-build-isolation -e .`", e)
+
+
+def op_available(device: torch.device) -> bool:
+    """Whether ``torch.ops.cdfast.competitive_ce`` has a kernel for tensors on ``device``."""
+    if not HAS_EXTENSION:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and WITH_CUDA)
+
+
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("cdfast::competitive_ce")
+    def _competitive_ce_fake(logits, targets, targets_b, lam):
+        acc = _acc_dtype(logits)
+        return (logits.new_empty(logits.shape[:-2], dtype=acc),
+                logits.new_empty(logits.shape[:-3], dtype=torch.int64),
+                logits.new_empty(logits.shape[:-1], dtype=acc))
+
+    @torch.library.register_fake("cdfast::competitive_ce_backward")
+    def _competitive_ce_backward_fake(grad_ce, grad_lse, logits, targets, targets_b, lam, lse):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def _setup_context(ctx, inputs, output):
+        logits, targets, targets_b, lam = inputs
+        ctx.save_for_backward(logits, targets, targets_b, lam, output[2])
+
+    def _backward(ctx, grad_ce, grad_teacher, grad_lse):
+        logits, targets, targets_b, lam, lse = ctx.saved_tensors
+        grad = torch.ops.cdfast.competitive_ce_backward(grad_ce, grad_lse, logits, targets, targets_b, lam, lse)
+        return grad, None, None, None  # labels and the mixing weights get no gradient
+
+    torch.library.register_autograd("cdfast::competitive_ce", _backward, setup_context=_setup_context)

@@ -1,0 +1,62 @@
+// Shared declarations and argument checks of the cdfast::competitive_ce op.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <optional>
+
+namespace cdfast {
+
+// Shapes of a call: logits [*G, N, B, K] flattened to groups x N x B x K.
+struct CeShape {
+  int64_t groups, n, batch, classes;
+};
+
+// Checks everything that does not need the tensors' values; returns the flattened shape.
+inline CeShape check_competitive_ce_args(const at::Tensor& logits, const at::Tensor& targets,
+                                         const std::optional<at::Tensor>& targets_b,
+                                         const std::optional<at::Tensor>& lam) {
+  TORCH_CHECK(logits.dim() >= 3,
+              "cdfast::competitive_ce: logits must be [N, B, K] (optionally with leading group dims), got ",
+              logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
+              "cdfast::competitive_ce: logits must be float32, float16, bfloat16 or float64, got ",
+              logits.scalar_type());
+  const int64_t d = logits.dim();
+  const int64_t n = logits.size(d - 3), batch = logits.size(d - 2), classes = logits.size(d - 1);
+  TORCH_CHECK(n >= 2, "cdfast::competitive_ce: a group needs N >= 2 networks, got N = ", n);
+  TORCH_CHECK(batch >= 1 && classes >= 1, "cdfast::competitive_ce: empty batch or class dim in logits ",
+              logits.sizes());
+  auto label_shape = logits.sizes().slice(0, d - 1);
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "cdfast::competitive_ce: targets must be int64 class indices, got ",
+              targets.scalar_type());
+  TORCH_CHECK(targets.sizes() == label_shape, "cdfast::competitive_ce: targets must have shape ", label_shape,
+              " (one label per network and sample), got ", targets.sizes());
+  TORCH_CHECK(targets.device() == logits.device(), "cdfast::competitive_ce: targets are on ", targets.device(),
+              " but logits on ", logits.device());
+  TORCH_CHECK(targets_b.has_value() == lam.has_value(),
+              "cdfast::competitive_ce: mixed labels need both targets_b and lam (or neither)");
+  if (targets_b.has_value()) {
+    TORCH_CHECK(targets_b->scalar_type() == at::kLong && targets_b->sizes() == label_shape,
+                "cdfast::competitive_ce: targets_b must be int64 of shape ", label_shape, ", got ",
+                targets_b->scalar_type(), " ", targets_b->sizes());
+    TORCH_CHECK(targets_b->device() == logits.device(), "cdfast::competitive_ce: targets_b is on ",
+                targets_b->device(), " but logits on ", logits.device());
+    TORCH_CHECK(lam->sizes() == logits.sizes().slice(0, d - 2),
+                "cdfast::competitive_ce: lam must hold one weight per network, shape ",
+                logits.sizes().slice(0, d - 2), ", got ", lam->sizes());
+    TORCH_CHECK(at::isFloatingType(lam->scalar_type()), "cdfast::competitive_ce: lam must be floating point, got ",
+                lam->scalar_type());
+    TORCH_CHECK(lam->device() == logits.device(), "cdfast::competitive_ce: lam is on ", lam->device(),
+                " but logits on ", logits.device());
+  }
+  const int64_t groups = logits.numel() / (n * batch * classes);
+  return {groups, n, batch, classes};
+}
+
+// Output shapes: ce [*G, N], teacher [*G], lse [*G, N, B].
+inline std::vector<int64_t> lead_shape(const at::Tensor& logits, int64_t drop) {
+  auto s = logits.sizes();
+  return std::vector<int64_t>(s.begin(), s.end() - drop);
+}
+
+}  // namespace cdfast

@@ -1,0 +1,162 @@
+"""The compiled election op torch.ops.cdfast.competitive_ce against the PyTorch reference."""
+
+import pytest
+import torch
+
+import cdfast
+from cdfast import _ops
+from cdfast import reference as R
+
+pytestmark = pytest.mark.skipif(not _ops.HAS_EXTENSION, reason="cdfast._C is not built (CDFAST_BUILD_EXT=0?)")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 2e-3),
+       torch.bfloat16: (2e-3, 2e-3)}
+
+
+def op(logits, targets, targets_b=None, lam=None):
+    return torch.ops.cdfast.competitive_ce(logits, targets, targets_b, lam)
+
+
+def make(shape, k, device, dtype, seed=0, mixed=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(*shape, k, generator=g)).to(device=device, dtype=dtype)
+    targets = torch.randint(0, k, shape, generator=g).to(device)
+    if not mixed:
+        return logits, targets, None, None
+    targets_b = torch.randint(0, k, shape, generator=g).to(device)
+    lam = torch.rand(shape[:-1], generator=g).to(device)
+    return logits, targets, targets_b, lam
+
+
+def check_against_reference(logits, targets, targets_b, lam):
+    atol, rtol = TOL[logits.dtype]
+    x = logits.detach().clone().requires_grad_()
+    ce, teacher, lse = op(x, targets, targets_b, lam)
+    xr = logits.detach().clone().requires_grad_()
+    ce_ref, teacher_ref = R.competitive_ce(xr, targets, targets_b, lam)
+    assert ce.dtype == ce_ref.dtype and teacher.dtype == torch.int64
+    torch.testing.assert_close(ce, ce_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse, torch.logsumexp(xr.detach().to(ce.dtype), -1), atol=atol, rtol=rtol)
+    # the election must agree with argmin of the op's own CE (the reference's may differ only on near-ties)
+    torch.testing.assert_close(teacher, torch.argmin(ce, -1))
+    weights = torch.randn(ce.shape, generator=torch.Generator().manual_seed(1)).to(ce)
+    (ce * weights).sum().backward()
+    (ce_ref * weights).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [2, 3, 5])
+@pytest.mark.parametrize("b,k", [(1, 1), (7, 7), (7, 1000), (1000, 7), (3, 1001)])
+def test_matches_reference_fp32(device, n, b, k):
+    check_against_reference(*make((n, b), k, device, torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("b,k", [(7, 1001), (33, 10)])
+def test_matches_reference_dtypes(device, dtype, b, k):
+    check_against_reference(*make((3, b), k, device, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b,k", [(5, 7), (64, 100)])
+def test_mixed_labels(device, b, k):
+    check_against_reference(*make((4, b), k, device, torch.float32, mixed=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_leading_group_dims(device):
+    logits, targets, targets_b, lam = make((3, 2, 4, 9), 11, device, torch.float32, mixed=True)
+    ce, teacher, lse = op(logits, targets, targets_b, lam)
+    assert ce.shape == (3, 2, 4) and teacher.shape == (3, 2) and lse.shape == (3, 2, 4, 9)
+    check_against_reference(logits, targets, targets_b, lam)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_elect_lowest_index(device):
+    logits = torch.randn(1, 6, 5).expand(4, 6, 5).contiguous().to(device)
+    targets = torch.randint(0, 5, (6,)).expand(4, 6).contiguous().to(device)
+    assert op(logits, targets)[1].item() == 0
+    logits[0] += torch.nn.functional.one_hot(targets[0], 5).to(logits) * -1.0  # make network 0 worse
+    assert op(logits, targets)[1].item() == 1
+
+
+def test_functional_uses_the_op():
+    logits, targets, _, _ = make((2, 8), 10, "cpu", torch.float32)
+    ce, teacher = cdfast.competitive_ce(logits.requires_grad_(), targets[0])
+    assert "cdfast_competitive_ce" in type(ce.grad_fn).__name__
+
+
+def test_opcheck():
+    for args in (make((2, 5), 7, "cpu", torch.float32), make((3, 4), 6, "cpu", torch.float32, mixed=True),
+                 make((2, 2, 3), 5, "cpu", torch.float64)):
+        logits = args[0].requires_grad_()
+        torch.library.opcheck(torch.ops.cdfast.competitive_ce.default, (logits, *args[1:]))
+
+
+def test_gradcheck_float64():
+    logits, targets, targets_b, lam = make((3, 4), 6, "cpu", torch.float64, mixed=True)
+    logits.requires_grad_()
+    # ce and lse both differentiable; the teacher index is an integer output
+    assert torch.autograd.gradcheck(lambda z: op(z, targets, targets_b, lam)[0::2], (logits,))
+
+
+def test_torch_compile_fullgraph():
+    logits, targets, _, _ = make((2, 6), 10, "cpu", torch.float32)
+
+    def step(z):
+        ce, teacher = cdfast.competitive_ce(z, targets)
+        return ce.sum(), teacher
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # inductor adds minutes on 2 cores
+    z = logits.clone().requires_grad_()
+    loss, teacher = compiled(z)
+    loss.backward()
+    z2 = logits.clone().requires_grad_()
+    loss2, teacher2 = step(z2)
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(z.grad, z2.grad)
+    assert teacher == teacher2
+
+
+def test_bad_input_errors_come_from_the_op():
+    logits, targets, targets_b, lam = make((2, 4), 5, "cpu", torch.float32, mixed=True)
+    cases = [
+        ((logits[:1], targets[:1], None, None), "N >= 2"),
+        ((logits, targets[:, :3], None, None), "targets must have shape"),
+        ((logits, targets.int(), None, None), "int64"),
+        ((logits, targets + 5, None, None), r"\[0, 5\)"),
+        ((logits, targets, targets_b, None), "both targets_b and lam"),
+        ((logits, targets, targets_b, lam[:1]), "one weight per network"),
+        ((logits.long(), targets, None, None), "float32, float16"),
+        ((logits[0], targets[0], None, None), r"\[N, B, K\]"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+
+
+@pytest.mark.cuda
+def test_cuda_op_makes_no_host_sync_and_captures_in_a_graph():
+    logits, targets, _, _ = make((4, 256), 1000, "cuda", torch.float32)
+    op(logits, targets)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        op(logits, targets)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        op(logits, targets)  # warm up on the capture stream
+        with torch.cuda.graph(graph):
+            ce, teacher, _ = op(logits, targets)
+    logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    ce_ref, teacher_ref = R.competitive_ce(logits, targets)
+    torch.testing.assert_close(ce, ce_ref, atol=1e-5, rtol=1e-5)
+    assert teacher.item() == teacher_ref.item()
