@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 	$(PY) -m pip install --quiet "setuptools>=64" wheel
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	@$(PY) -c "from cdfast import _ops; print('cdfast: compiled ops', 'built (CPU' + (' + CUDA' if _ops.WITH_CUDA else '') + ' kernels)' if _ops.HAS_EXTENSION else 'missing: using the PyTorch reference')"
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -49,7 +50,8 @@ test: setup data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup data
-	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/cpu-$$(date +%Y%m%d).json $(PYTEST_ARGS)
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=mean,median,stddev,rounds \
+		--benchmark-json=bench/results/$$($(PY) -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else 'cpu')")-$$(date +%Y%m%d).json $(PYTEST_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks
