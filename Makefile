@@ -10,11 +10,12 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 
-.PHONY: help setup data train test test-all bench clean
+.PHONY: help setup data train test test-interpret bench clean
 
 help:
 	@echo "make train   set up, then train the default group on real Fashion-MNIST (configs/fashion_mnist.yaml)"
 	@echo "make test    set up, then run the test suite (CPU; CUDA tests skip without a GPU)"
+	@echo "make test-interpret   only the Triton kernel tests, under Triton's CPU interpreter"
 	@echo "make bench   set up, then run the pytest-benchmark suites in bench/"
 	@echo "make setup   only create/refresh the virtualenv $(VENV)"
 	@echo "make data    only install Debian's dataset-fashion-mnist (as root) or say how"
@@ -48,6 +49,10 @@ train: setup data
 
 test: setup data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The Triton kernels on CPU tensors (Triton's interpreter); part of `make test` on machines without a GPU.
+test-interpret: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_student_loss_kernels.py $(PYTEST_ARGS)
 
 bench: setup data
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=mean,median,stddev,rounds \

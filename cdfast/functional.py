@@ -4,8 +4,10 @@ Every function checks its arguments (clear errors, no host sync on GPU
 tensors) and then dispatches to the fastest implementation available for the
 tensors' device: :func:`competitive_ce` runs the compiled op
 ``torch.ops.cdfast.competitive_ce`` (C++ on CPU, CUDA on GPU) when
-``cdfast._C`` is built, and everything else the pure-PyTorch code of
-:mod:`cdfast.reference`; the fused Triton student loss plugs in here too.
+``cdfast._C`` is built; :func:`group_student_loss` runs the fused Triton
+kernels (``torch.ops.cdfast.group_student_loss``) on CUDA tensors; everything
+else, and every CPU path without the compiled library, is the pure-PyTorch
+code of :mod:`cdfast.reference`.
 
 Typical use inside an existing loop::
 
@@ -22,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from cdfast import _ops, reference
+from cdfast import _ops, _student_loss_op, reference
 
 __all__ = [
     "competitive_ce",
@@ -188,6 +190,12 @@ def group_student_loss(
         )
     if teacher.dim() != 0 or teacher.dtype != torch.int64:
         raise ValueError(f"teacher must be a 0-d int64 tensor (from competitive_ce), got {teacher.dtype} {list(teacher.shape)}")
+    if _student_loss_op.fused_available(logits.device) and logits.dim() == 3:
+        # Fused Triton kernels: all students in one launch, the teacher read on the device (kernels/).
+        flat = feats.flatten(2) if (feats is not None and beta != 0.0) else logits.new_zeros(*logits.shape[:2], 0)
+        loss, _ = torch.ops.cdfast.group_student_loss(logits, flat, teacher, float(temperature), float(alpha),
+                                                      float(beta))
+        return loss
     return reference.group_student_loss(
         logits, feats, teacher, temperature=temperature, alpha=alpha, beta=beta
     )

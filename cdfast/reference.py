@@ -23,6 +23,7 @@ __all__ = [
     "elect_teacher",
     "student_loss",
     "group_student_loss",
+    "group_student_loss_backward",
     "pairwise_kl",
     "pairwise_feature_l2",
     "weighted_student_loss",
@@ -126,6 +127,37 @@ def group_student_loss(
         loss = loss + beta * _feature_mse(flat, flat.index_select(0, t))
     is_student = torch.arange(n, device=logits.device) != teacher
     return torch.where(is_student, loss, torch.zeros((), device=loss.device))
+
+
+def group_student_loss_backward(
+    grad: Tensor,
+    logits: Tensor,
+    feats: Tensor | None,
+    teacher: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> tuple[Tensor, Tensor | None]:
+    """Closed-form gradients of :func:`group_student_loss` weighted by ``grad [N]``.
+
+    ``d/dz_i = grad_i * alpha*T/B * (p_i - p_t)`` and
+    ``d/dF_i = grad_i * 2*beta/(B*D) * (F_i - F_t)`` for students; the teacher's
+    rows are 0 (its outputs are constants). The twin of the fused backward kernel.
+    """
+    n, b = logits.shape[:2]
+    is_student = (torch.arange(n, device=logits.device) != teacher).float()
+    g = grad.float() * is_student
+    t = teacher.reshape(1)
+    p = torch.softmax(logits.float() / temperature, dim=-1)
+    grad_logits = (g * alpha * temperature / b).view(n, 1, 1) * (p - p.index_select(0, t))
+    grad_feats = None
+    if feats is not None:
+        flat = feats.flatten(2).float()
+        d = flat.shape[-1]
+        scale = (g * 2.0 * beta / (b * d)) if (d > 0 and beta != 0.0) else torch.zeros_like(g)
+        grad_feats = (scale.view(n, 1, 1) * (flat - flat.index_select(0, t))).view(feats.shape).to(feats.dtype)
+    return grad_logits.to(logits.dtype), grad_feats
 
 
 def pairwise_kl(logits: Tensor, temperature: float = 1.0) -> Tensor:

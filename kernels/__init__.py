@@ -1,8 +1,11 @@
 """Triton kernels of cdfast, installed as ``cdfast.kernels``.
 
-Empty for now: the fused student loss (softmax + KL + feature L2 for the whole
-group) lands here, behind :func:`cdfast.functional.group_student_loss`.
-Importing cdfast never requires Triton.
+``student_loss``: the fused group student loss (softmax + KL + feature L2 for
+all students, teacher index read on the device), forward and backward; served
+through the ``cdfast::group_student_loss`` op (``cdfast/_student_loss_op.py``).
+Importing cdfast never requires Triton: without it, ``HAS_TRITON`` is False and
+cdfast uses its PyTorch reference. Set ``TRITON_INTERPRET=1`` before importing
+to run the kernels on CPU tensors (the tests do so on machines without a GPU).
 """
 
 try:  # Triton is optional: CPU-only installs work without it.

@@ -4,7 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdfast.data import FASHION_MNIST_ROOT
+# Without a GPU, the Triton kernels run under Triton's CPU interpreter. It is
+# chosen when a kernel is defined, so this must come before cdfast is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from cdfast.data import FASHION_MNIST_ROOT  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

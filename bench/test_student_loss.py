@@ -1,0 +1,56 @@
+"""The fused student loss vs the eager reference and torch.compile of the reference.
+
+Forward and forward+backward at the sizes of the issue. The fused Triton
+kernels run on CUDA only, so on a CPU machine this file measures nothing
+(every test skips); run it on the GPU machine.
+"""
+
+import pytest
+import torch
+
+from cdfast import _student_loss_op
+from cdfast import reference as R
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = [(2, 128, 10, 64), (2, 128, 100, 256), (4, 256, 1000, 2048), (8, 1024, 1000, 2048)]
+
+pytestmark = pytest.mark.skipif(not _student_loss_op.fused_available(torch.device(DEVICE)),
+                                reason="the fused kernels need CUDA and Triton")
+
+
+def eager(logits, feats, teacher):
+    return R.group_student_loss(logits, feats, teacher)
+
+
+compiled = torch.compile(eager, fullgraph=True)
+
+
+def fused(logits, feats, teacher):
+    return torch.ops.cdfast.group_student_loss(logits, feats, teacher, 1.0, 1.0, 1.0)[0]
+
+
+@pytest.mark.parametrize("impl", [eager, compiled, fused], ids=["eager", "compiled", "fused"])
+@pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
+@pytest.mark.parametrize("size", SIZES, ids=[f"N{n}-B{b}-K{k}-D{d}" for n, b, k, d in SIZES])
+def test_student_loss(benchmark, impl, pass_, size):
+    n, b, k, d = size
+    torch.manual_seed(0)
+    backward = pass_ == "forward_backward"
+    logits = torch.randn(n, b, k, device=DEVICE, requires_grad=backward)
+    feats = torch.randn(n, b, d, device=DEVICE, requires_grad=backward)
+    teacher = torch.tensor(1, device=DEVICE)
+    benchmark.group = f"student loss {pass_} N={n} B={b} K={k} D={d}"
+
+    def run():
+        loss = impl(logits, feats, teacher)
+        if backward:
+            loss.sum().backward()
+            logits.grad = feats.grad = None
+        torch.cuda.synchronize()
+
+    for _ in range(5):  # includes torch.compile's compilation
+        run()
+    torch.cuda.reset_peak_memory_stats()
+    benchmark(run)
+    benchmark.extra_info.update(n=n, b=b, k=k, d=d, impl=getattr(impl, "__name__", "compiled"), pass_=pass_,
+                                peak_memory_bytes=torch.cuda.max_memory_allocated())

@@ -1,0 +1,93 @@
+"""The torch.library op ``cdfast::group_student_loss``: fused Triton kernels on CUDA, the reference elsewhere.
+
+``group_student_loss(logits [N, B, K], feats [N, B, D], teacher, T, alpha, beta)
+-> (loss [N] float32, lse [N, B] float32)``; D may be 0 (no feature term). It
+has a fake implementation and autograd (gradients to the students only), so
+``torch.compile(fullgraph=True)`` and CUDA-graph capture see one opaque op
+with no host sync. The kernels live in ``kernels/`` (``cdfast.kernels``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from cdfast import reference
+from cdfast.kernels import HAS_TRITON
+
+log = logging.getLogger("cdfast")
+
+if HAS_TRITON:
+    from cdfast.kernels.student_loss import student_loss_backward, student_loss_forward
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether the Triton kernels serve tensors on ``device`` (CUDA with Triton installed)."""
+    return HAS_TRITON and device.type == "cuda"
+
+
+def _feats_or_none(feats: Tensor) -> Tensor | None:
+    return feats if feats.shape[-1] > 0 else None
+
+
+def _forward_reference(logits, feats, teacher, temperature, alpha, beta):
+    loss = reference.group_student_loss(logits, _feats_or_none(feats), teacher, temperature=temperature,
+                                        alpha=alpha, beta=beta)
+    return loss, torch.logsumexp(logits.float() / temperature, dim=-1)
+
+
+def _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, beta):
+    return reference.group_student_loss_backward(grad, logits, feats, teacher, temperature=temperature,
+                                                 alpha=alpha, beta=beta)
+
+
+@torch.library.custom_op("cdfast::group_student_loss", mutates_args=())
+def group_student_loss(logits: Tensor, feats: Tensor, teacher: Tensor, temperature: float, alpha: float,
+                       beta: float) -> tuple[Tensor, Tensor]:
+    return _forward_reference(logits, feats, teacher, temperature, alpha, beta)  # devices without Triton
+
+
+@group_student_loss.register_kernel("cuda")
+def _group_student_loss_cuda(logits, feats, teacher, temperature, alpha, beta):
+    impl = student_loss_forward if HAS_TRITON else _forward_reference
+    return impl(logits, feats, teacher, temperature, alpha, beta)
+
+
+@group_student_loss.register_fake
+def _group_student_loss_fake(logits, feats, teacher, temperature, alpha, beta):
+    n, b = logits.shape[:2]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, b, dtype=torch.float32)
+
+
+@torch.library.custom_op("cdfast::group_student_loss_backward", mutates_args=())
+def group_student_loss_backward(grad: Tensor, logits: Tensor, feats: Tensor, teacher: Tensor, lse: Tensor,
+                                temperature: float, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
+    return _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, beta)
+
+
+@group_student_loss_backward.register_kernel("cuda")
+def _group_student_loss_backward_cuda(grad, logits, feats, teacher, lse, temperature, alpha, beta):
+    impl = student_loss_backward if HAS_TRITON else _backward_reference
+    return impl(grad, logits, feats, teacher, lse, temperature, alpha, beta)
+
+
+@group_student_loss_backward.register_fake
+def _group_student_loss_backward_fake(grad, logits, feats, teacher, lse, temperature, alpha, beta):
+    return torch.empty_like(logits), torch.empty_like(feats)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, feats, teacher, temperature, alpha, beta = inputs
+    ctx.save_for_backward(logits, feats, teacher, output[1])
+    ctx.hyper = (temperature, alpha, beta)
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    logits, feats, teacher, lse = ctx.saved_tensors
+    grad_logits, grad_feats = group_student_loss_backward(grad_loss, logits, feats, teacher, lse, *ctx.hyper)
+    return grad_logits, grad_feats, None, None, None, None  # lse is an auxiliary output: no gradient
+
+
+group_student_loss.register_autograd(_backward, setup_context=_setup_context)
