@@ -1,7 +1,7 @@
 // CUDA kernels of cdfast::competitive_ce.
 //
-// Forward: one launch (plus a 4-byte-per-group memset). Blocks tile (group x network, rows of the
-// batch); a warp computes a row's log-sum-exp in one online pass over K; each block writes a
+// Forward: one kernel launch (after a 4-byte-per-group cudaMemsetAsync of the completion counters).
+// Blocks tile (group x network, rows of the batch); a warp computes a row's log-sum-exp in one online pass over K; each block writes a
 // partial CE sum; the last block of a group to finish (atomic counter) sums the partials in a
 // fixed order (deterministic), writes ce and elects the teacher. Nothing is read on the host.
 // Backward: one elementwise launch, softmax minus the (mixed) one-hot target.
@@ -176,8 +176,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cuda(const at::Ten
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(max_chunks, (target_blocks + pairs - 1) / pairs));
   const int64_t rows_per_block = (s.batch + chunks - 1) / chunks;
   TORCH_CHECK(pairs <= 65535, "cdfast::competitive_ce: at most 65535 groups x networks per call, got ", pairs);
+  TORCH_CHECK(s.n <= kThreads, "cdfast::competitive_ce: at most ", kThreads, " networks per group on CUDA, got ", s.n);
   auto partial = at::empty({pairs * chunks}, acc_opts);
-  auto counter = at::zeros({s.groups}, logits.options().dtype(at::kInt));
+  // Zeroed with a memset (no kernel); the kernel's last block leaves it at zero again.
+  auto counter = at::empty({s.groups}, logits.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(counter.data_ptr(), 0, s.groups * sizeof(int), stream));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "competitive_ce_cuda", [&] {
     using acc = typename Acc<scalar_t>::type;
