@@ -10,7 +10,7 @@ later engines can capture the step in a CUDA graph; metrics are read after it.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from cdfast import functional as CF
-from cdfast.engines import get_engine
+from cdfast.engines import ENGINE_CHOICES, get_engine
 from cdfast.models.adapters import FeatureAdapters
 from cdfast.perturb import PerturbationPool, PerturbOp
 
@@ -66,24 +66,6 @@ def split_output(i: int, out) -> tuple[Tensor, Tensor | None]:
     raise TypeError(f"network {i} must return logits or (logits, features), got {type(out).__name__}")
 
 
-@contextmanager
-def frozen_batchnorm_stats(net: nn.Module):
-    """BatchNorm still normalizes with batch statistics, but its running statistics stay put.
-
-    Used for the mutated network's forward: evaluation sees clean images, so the
-    running statistics should describe clean images, not noise or mixed batches.
-    """
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
-
-
 def default_optimizer(params: list) -> torch.optim.Optimizer:
     """The paper's optimizer: SGD, Nesterov momentum 0.9, lr 0.1, weight decay 5e-4."""
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -117,7 +99,9 @@ class CompetitiveDistillation(nn.Module):
             different shapes: the group then probes them once and builds adapters.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the forwards under autocast.
         channels_last: feed the networks channels-last batches.
-        engine: how the N networks execute (``"sequential"`` today).
+        engine: how the N networks execute: ``"sequential"``, ``"fused"`` (identical networks
+            as one vmapped network) or ``"auto"`` (fused on a GPU when possible); see
+            :mod:`cdfast.engines`.
     """
 
     def __init__(
@@ -168,7 +152,10 @@ class CompetitiveDistillation(nn.Module):
         self.perturb_bn_stats = perturb_bn_stats
         self.pool = perturb_ops if isinstance(perturb_ops, PerturbationPool) else PerturbationPool(perturb_ops, seed=seed)
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
-        self.engine = get_engine(engine)
+        self.engine_name = engine
+        self._engine, self._engine_device = None, None
+        if engine not in ENGINE_CHOICES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_CHOICES)}")
         self.input_shape = tuple(input_shape) if input_shape is not None else None
 
         shapes = self._probe_feature_shapes() if self.input_shape is not None else None
@@ -178,6 +165,15 @@ class CompetitiveDistillation(nn.Module):
     @property
     def n(self) -> int:
         return len(self.networks)
+
+    @property
+    def engine(self):
+        """The engine for the networks' current device (resolved again after ``.to(device)``)."""
+        param = next(self.networks[0].parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        if self._engine is None or self._engine_device != device:
+            self._engine, self._engine_device = get_engine(self.engine_name, self.networks), device
+        return self._engine
 
     @property
     def weight_mode(self) -> str:
@@ -195,11 +191,12 @@ class CompetitiveDistillation(nn.Module):
         for i, net in enumerate(self.networks):
             param = next(net.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
+            dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
             was_training = net.training
             net.eval()  # keeps BatchNorm statistics untouched
             try:
                 with torch.no_grad():
-                    out = net(torch.zeros(2, *self.input_shape, device=device))
+                    out = net(torch.zeros(2, *self.input_shape, device=device, dtype=dtype))
             except Exception as e:  # noqa: BLE001 - re-raised with the context users need
                 raise ValueError(
                     f"network {i} ({type(net).__name__}) cannot take images of shape {list(self.input_shape)}: {e}"
@@ -268,10 +265,9 @@ class CompetitiveDistillation(nn.Module):
         inputs, targets, targets_b, lam, r, op_name = self._mutate(x, y)
         autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else nullcontext())
-        keep_stats = (frozen_batchnorm_stats(self.networks[r]) if r >= 0 and not self.perturb_bn_stats
-                      else nullcontext())
-        with autocast, keep_stats:
-            outs = self.engine.forward(self.networks, inputs)
+        frozen_bn = r if not self.perturb_bn_stats else -1
+        with autocast:
+            outs = self.engine.forward(self.networks, inputs, frozen_bn=frozen_bn)
         logits_list, feats_list = zip(*(split_output(i, o) for i, o in enumerate(outs)))
         classes = [z.shape[-1] for z in logits_list]
         if len(set(classes)) != 1:

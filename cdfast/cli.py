@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"features {'on' if g.feature_loss else 'off'}, perturbation {'on: ' + ','.join(g.pool.names) if g.perturb else 'off'}) "
           f"of {len(cfg.models)} networks [{', '.join(cfg.models)}] on {cfg.data} "
           f"({trainer.data.train_size} train / {trainer.data.test_size} test images, {trainer.data.num_classes} classes) "
-          f"for {cfg.epochs} epochs on {trainer.device}, engine {cfg.engine}; outputs in {trainer.out}")
+          f"for {cfg.epochs} epochs on {trainer.device}, engine {g.engine.name}; outputs in {trainer.out}")
     if trainer.epoch:
         print(f"cdfast: resumed from epoch {trainer.epoch} (step {trainer.step})")
     summary = trainer.fit()

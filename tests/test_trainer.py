@@ -159,3 +159,14 @@ def test_lr_schedules():
     assert [lr_factor(step, s, 10) for s in (0, 19, 20, 30, 39)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
     warm = TrainConfig(epochs=2, schedule="constant", warmup_epochs=1)
     assert lr_factor(warm, 0, 10) == pytest.approx(0.1) and lr_factor(warm, 10, 10) == 1.0
+
+
+def test_fused_engine_trains_and_resumes_like_any_engine(tmp_path, fmnist_root):
+    cfg = small_config(tmp_path, fmnist_root, engine="fused", epochs=2, train_subset=256)
+    trainer = Trainer(cfg)
+    assert trainer.group.engine.name == "fused"
+    trainer.fit(until_epoch=1)
+    resumed = Trainer(small_config(tmp_path, fmnist_root, engine="sequential", epochs=2, train_subset=256),
+                      resume=tmp_path / "run")  # checkpoints are per network: engines are interchangeable
+    assert resumed.group.engine.name == "sequential"
+    assert resumed.fit()["epochs"] == 2

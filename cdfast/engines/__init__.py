@@ -1,21 +1,56 @@
 """Engines decide how the N networks of a group are executed; the algorithm does not care.
 
-Only ``sequential`` exists today (one network after another, the reference).
-The CUDA-stream, CUDA-graph and fused (vmap) engines plug in here with the
-same ``forward(networks, inputs)`` contract.
+- ``sequential``: one network after another (the reference; what public code does).
+- ``streams``: each network on its own CUDA stream (forward and backward overlap).
+- ``fused``: identical networks stacked and run as one with ``torch.func.vmap``.
+- ``auto``: on a GPU, ``fused`` for identical networks and ``streams`` otherwise; on the
+  CPU ``sequential`` (fused is slower there, streams do not exist).
+
+Contract: ``forward(networks, inputs, frozen_bn=-1) -> [output of each network]``,
+where network ``frozen_bn`` must not update its BatchNorm running statistics.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from cdfast.engines.fused import FusedEngine, why_not_fusable
 from cdfast.engines.sequential import SequentialEngine
+from cdfast.engines.streams import StreamsEngine
 
-ENGINES = {"sequential": SequentialEngine}
+log = logging.getLogger("cdfast")
+
+ENGINES = {"sequential": SequentialEngine, "streams": StreamsEngine, "fused": FusedEngine}
+ENGINE_CHOICES = ("auto", *ENGINES)
 
 
-def get_engine(name: str):
-    if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
+def _device(networks: Sequence[nn.Module]) -> torch.device:
+    param = next(networks[0].parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def get_engine(name: str, networks: Sequence[nn.Module]):
+    """The engine ``name`` for this group; falls back to sequential (with a message) where it cannot run."""
+    if name not in ENGINE_CHOICES:
+        raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_CHOICES)}")
+    reason = why_not_fusable(networks)
+    on_gpu = _device(networks).type == "cuda"
+    if name == "auto":
+        name = ("fused" if reason is None else "streams") if on_gpu else "sequential"
+        log.info("cdfast: engine auto -> %s", name)
+    elif name == "fused" and reason is not None:
+        fallback = "streams" if on_gpu else "sequential"
+        log.warning("cdfast: the fused engine needs identical networks (%s); using the %s engine", reason, fallback)
+        name = fallback
+    elif name == "streams" and not on_gpu:
+        log.warning("cdfast: the streams engine needs CUDA; using the sequential engine on %s", _device(networks))
+        name = "sequential"
     return ENGINES[name]()
 
 
-__all__ = ["get_engine", "ENGINES", "SequentialEngine"]
+__all__ = ["get_engine", "ENGINES", "ENGINE_CHOICES", "SequentialEngine", "StreamsEngine", "FusedEngine",
+           "why_not_fusable"]

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch.nn as nn
 from torch import Tensor
 
+from cdfast.engines.batchnorm import frozen_batchnorm_stats
+
 
 class SequentialEngine:
     name = "sequential"
 
-    def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor]) -> list:
-        """One forward per network on its own input; returns each network's raw output."""
-        return [net(x) for net, x in zip(networks, inputs)]
+    def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor], frozen_bn: int = -1) -> list:
+        """One forward per network on its own input; network ``frozen_bn`` keeps its BatchNorm running stats."""
+        outs = []
+        for i, (net, x) in enumerate(zip(networks, inputs)):
+            with frozen_batchnorm_stats(net) if i == frozen_bn else nullcontext():
+                outs.append(net(x))
+        return outs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 FEATURE_MODES = ("pooled", "map")
@@ -30,7 +29,7 @@ class FeatureClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         fmap = self.feature_map(x)
-        pooled = F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+        pooled = fmap.mean((2, 3))  # global average pool (vmap-friendly, unlike adaptive_avg_pool2d)
         return self.fc(pooled), (pooled if self.features == "pooled" else fmap)
 
 

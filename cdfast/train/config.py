@@ -16,7 +16,7 @@ import yaml
 
 from cdfast.algorithm import MODES, TEACHER_RULES
 from cdfast.data import DATASETS
-from cdfast.engines import ENGINES
+from cdfast.engines import ENGINE_CHOICES
 from cdfast.models import FEATURE_MODES, check_model_name
 from cdfast.perturb import DEFAULT_OPS, OPS
 from cdfast.train.checkpoint import write_text_atomic
@@ -50,7 +50,9 @@ class TrainConfig:
     perturb_prob: float = _f(1.0, "probability of a mutation in a step")
     perturb_ops: list[str] = _f(list(DEFAULT_OPS), f"perturbation pool, comma-separated from: {', '.join(OPS)}")
     perturb_bn_stats: bool = _f(False, "let perturbed batches update the mutated network's BatchNorm running statistics")
-    engine: str = _f("sequential", "how the networks execute", choices=tuple(ENGINES))
+    engine: str = _f("auto", "how the networks execute: auto (GPU: fused for identical networks, else streams; "
+                     "CPU: sequential), sequential, streams, fused",
+                     choices=ENGINE_CHOICES)
     # optimisation
     epochs: int = _f(5, "number of epochs")
     batch_size: int = _f(128, "training batch size")

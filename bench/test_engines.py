@@ -1,0 +1,65 @@
+"""Group-step throughput per engine, precision and mode (pytest-benchmark).
+
+Each group runs in ``independent`` mode (the same networks trained separately,
+same engine, same process) and in ``competitive`` mode, so the cost of
+Competitive Distillation reads as a ratio of the two means. images/s per
+network is in each benchmark's extra_info. On the CPU only the small groups in
+fp32 run (the GPU groups and bf16 would take minutes per round there).
+"""
+
+import pytest
+import torch
+
+import cdfast
+from cdfast.models import build_model
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# name: (models, image shape, batch, classes, GPU only)
+GROUPS = {
+    "2xresnet20-fmnist": (("resnet20", "resnet20"), (1, 28, 28), 128, 10, False),
+    "2xresnet32-cifar": (("resnet32", "resnet32"), (3, 32, 32), 128, 100, False),
+    "resnet56+resnet110-cifar": (("resnet56", "resnet110"), (3, 32, 32), 128, 100, True),
+    "4xresnet32-cifar": (("resnet32",) * 4, (3, 32, 32), 128, 100, True),
+    "2xresnet50-224": (("resnet50", "resnet50"), (3, 224, 224), 128, 1000, True),
+}
+ENGINES = ["sequential", "fused"] + (["streams"] if ON_GPU else [])
+PRECISIONS = ["fp32"] + (["bf16"] if ON_GPU else [])
+
+
+def _sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("mode", ["independent", "competitive"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("group_name", list(GROUPS))
+def test_group_step(benchmark, group_name, engine, precision, mode):
+    models, shape, batch, classes, gpu_only = GROUPS[group_name]
+    if gpu_only and not ON_GPU:
+        pytest.skip("GPU-sized group")
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if ON_GPU else torch.preserve_format
+    nets = [build_model(m, classes, shape[0]).to(DEVICE, memory_format=memory_format) for m in models]
+    group = cdfast.CompetitiveDistillation(
+        nets, mode=mode, perturb=True, engine=engine, input_shape=shape, channels_last=ON_GPU,
+        autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+        optimizers=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                             foreach=True))
+    x = torch.randn(batch, *shape, device=DEVICE)
+    y = torch.randint(0, classes, (batch,), device=DEVICE)
+    for _ in range(3):
+        group.step(x, y)
+    _sync()
+
+    def step():
+        group.step(x, y)
+        _sync()
+
+    benchmark.group = f"{group_name} {precision} ({DEVICE})"
+    benchmark.pedantic(step, rounds=20 if ON_GPU else 5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(group=group_name, engine=group.engine.name, precision=precision, mode=mode,
+                                device=DEVICE, images_per_second_per_network=batch / benchmark.stats["mean"])

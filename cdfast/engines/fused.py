@@ -1,0 +1,70 @@
+"""The fused engine: N identical networks run as one, each kernel doing all N networks' work.
+
+The networks' parameters and buffers are stacked every step (``torch.stack``,
+differentiable, so each network's own parameters still receive their own
+gradients and its own optimizer steps them) and one ``torch.func.vmap`` of
+``functional_call`` runs the group: a convolution becomes one grouped
+convolution, BatchNorm keeps statistics per network. The updated running
+statistics are copied back to each network. Parameters, optimizers and
+checkpoints stay per network, so engines are interchangeable mid-run.
+
+It pays off where kernel launches dominate (small networks on a GPU); on the
+CPU, grouped convolutions are slower than N separate ones (measured: 2x
+ResNet-8, B=128: 127 ms fused vs 83 ms sequential per forward+backward).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+
+def why_not_fusable(networks: Sequence[nn.Module]) -> str | None:
+    """None when the networks are identical in structure; otherwise the reason, for the user."""
+    first = networks[0]
+    shapes = [(n, tuple(p.shape)) for n, p in first.named_parameters()]
+    bufs = [(n, tuple(b.shape)) for n, b in first.named_buffers()]
+    for i, net in enumerate(networks[1:], start=1):
+        if type(net) is not type(first):
+            return f"network {i} is a {type(net).__name__}, network 0 a {type(first).__name__}"
+        if [(n, tuple(p.shape)) for n, p in net.named_parameters()] != shapes or \
+                [(n, tuple(b.shape)) for n, b in net.named_buffers()] != bufs:
+            return f"network {i} has other parameter or buffer shapes than network 0"
+    return None
+
+
+class FusedEngine:
+    name = "fused"
+
+    def __init__(self):
+        self._base: nn.Module | None = None
+
+    def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor], frozen_bn: int = -1) -> list:
+        if self._base is None:
+            reason = why_not_fusable(networks)
+            if reason is not None:
+                raise ValueError(f"the fused engine needs identical networks: {reason}; use engine='sequential'")
+            self._base = copy.deepcopy(networks[0]).to("meta")  # structure only; weights come from the stack
+        self._base.train(networks[0].training)
+        named = [dict(net.named_parameters()) for net in networks]
+        named_buffers = [dict(net.named_buffers()) for net in networks]
+        params = {k: torch.stack([p[k] for p in named]) for k in named[0]}
+        buffers = {k: torch.stack([b[k] for b in named_buffers]) for k in named_buffers[0]}
+        base = self._base
+
+        def one(p, b, x):
+            return functional_call(base, (p, b), (x,))
+
+        out = vmap(one, in_dims=(0, 0, 0), randomness="different")(params, buffers, torch.stack(list(inputs)))
+        with torch.no_grad():  # buffers back to each network; the frozen one keeps its running statistics
+            for k, stacked in buffers.items():
+                keep = [i for i in range(len(networks)) if i != frozen_bn or not stacked.is_floating_point()]
+                torch._foreach_copy_([named_buffers[i][k] for i in keep], [stacked[i] for i in keep])
+        if isinstance(out, Tensor):
+            return list(out.unbind(0))
+        return list(zip(*(o.unbind(0) for o in out)))

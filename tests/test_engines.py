@@ -1,0 +1,98 @@
+"""Engines: every engine that runs on the CPU trains exactly like the sequential reference."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import cdfast
+from cdfast.engines import FusedEngine, SequentialEngine, get_engine
+from cdfast.models import build_model
+
+
+def group(engine, models=("resnet8", "resnet8"), dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    nets = [build_model(m, 10, 1).to(dtype) for m in models]
+    return cdfast.CompetitiveDistillation(nets, engine=engine, input_shape=(1, 12, 12), seed=3, **kw)
+
+
+# float64: the engines do the same arithmetic, so they agree to rounding. (In float32 the CPU's
+# grouped-convolution backward rounds differently, and SGD amplifies it over steps: ~5e-3 after 4.)
+@pytest.mark.parametrize("mode", ["competitive", "dml"])
+def test_fused_matches_sequential_after_several_steps(mode):
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 1, 12, 12, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g))
+               for _ in range(4)]
+    seq = group("sequential", mode=mode, perturb=True, dtype=torch.float64)
+    fused = group("fused", mode=mode, perturb=True, dtype=torch.float64)
+    assert isinstance(fused.engine, FusedEngine) and isinstance(seq.engine, SequentialEngine)
+    for x, y in batches:
+        a, b = seq.step(x, y), fused.step(x, y)
+        assert a.perturbed == b.perturbed and int(a.teacher) == int(b.teacher)
+        torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-6)
+    sa, sb = seq.state_dict(), fused.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_keeps_running_stats_of_the_mutated_network():
+    x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    fused = group("fused", perturb=True)
+    before = [copy.deepcopy(n.stem[1].running_mean) for n in fused.networks]
+    r = fused.step(x, y).perturbed
+    assert torch.equal(fused.networks[r].stem[1].running_mean, before[r])
+    assert not torch.equal(fused.networks[1 - r].stem[1].running_mean, before[1 - r])
+
+
+def test_fused_falls_back_for_different_networks():
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("cdfast").addHandler(handler)
+    try:
+        engine = group("fused", models=("resnet8", "resnet14")).engine  # resolved for the networks' device
+    finally:
+        logging.getLogger("cdfast").removeHandler(handler)
+    assert isinstance(engine, SequentialEngine)
+    assert any("identical networks" in r.getMessage() for r in records)
+
+
+def test_auto_and_unknown_engines():
+    nets = [build_model("resnet8", 10, 1) for _ in range(2)]
+    assert isinstance(get_engine("auto", nets), SequentialEngine)  # CPU: sequential is faster
+    with pytest.raises(ValueError, match="unknown engine"):
+        get_engine("warp-drive", nets)
+    with pytest.raises(ValueError, match="unknown engine"):
+        cdfast.CompetitiveDistillation(nets, engine="warp-drive")
+
+
+@pytest.mark.cuda
+def test_auto_picks_fused_on_gpu():
+    nets = [build_model("resnet8", 10, 1).cuda() for _ in range(2)]
+    assert isinstance(get_engine("auto", nets), FusedEngine)
+
+
+def test_streams_engine_falls_back_on_cpu():
+    assert isinstance(group("streams").engine, SequentialEngine)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("engine", ["streams", "fused"])
+def test_gpu_engines_match_sequential(engine):
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 1, 12, 12, generator=g, dtype=torch.float64).cuda(),
+                torch.randint(0, 10, (32,), generator=g).cuda()) for _ in range(4)]
+    ref = group("sequential", models=("resnet8", "resnet14"), dtype=torch.float64, perturb=True).cuda()
+    other = group(engine, models=("resnet8", "resnet14") if engine == "streams" else ("resnet8", "resnet8"),
+                  dtype=torch.float64, perturb=True).cuda()
+    if engine == "fused":
+        ref = group("sequential", dtype=torch.float64, perturb=True).cuda()
+    assert other.engine.name == engine
+    for x, y in batches:
+        ref.step(x, y)
+        other.step(x, y)
+    torch.cuda.synchronize()
+    for (name, p), q in zip(ref.state_dict().items(), other.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-8, rtol=1e-8, msg=lambda m: f"{name}: {m}")
