@@ -1,4 +1,5 @@
-"""The ``cdfast`` command: ``cdfast train`` runs a group; ``cdfast models`` lists the model names."""
+"""The ``cdfast`` command: ``train`` runs a group, ``experiment`` a comparison grid, ``report`` writes
+a grid's report, ``models`` lists the model names."""
 
 from __future__ import annotations
 
@@ -93,6 +94,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from cdfast.experiment import Grid, run_grid
+    from cdfast.report import write_report
+
+    grid = Grid.from_yaml(args.config)
+    out = Path(args.out or f"runs/experiment-{Path(args.config).stem}")
+    overrides = {"progress": args.progress, **({"device": args.device} if args.device else {})}
+    print(f"cdfast experiment: {len(grid.runs())} runs ({len(grid.groups)} groups x {len(grid.methods)} methods x "
+          f"{len(grid.seeds)} seeds) in {out}; finished runs are skipped, interrupted ones resumed")
+    results = run_grid(grid, out, overrides)
+    report = write_report(out)
+    print(f"cdfast experiment: results in {results}, report in {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cdfast.report import write_report
+
+    print(f"cdfast report: {write_report(args.grid_dir, args.out, args.title)}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from cdfast.models import available_models
 
@@ -109,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
+    experiment = sub.add_parser(
+        "experiment", help="run a comparison grid (methods x ablations x groups x seeds), then its report",
+        description="Run every (group, method, seed) of a grid file; rerunning skips finished runs and resumes "
+                    "interrupted ones. See configs/experiments/ for presets and cdfast/experiment.py for the format.")
+    experiment.add_argument("--config", required=True, help="grid YAML file (base, groups, methods, seeds, report)")
+    experiment.add_argument("--out", help="grid folder (default: runs/experiment-<config name>)")
+    experiment.add_argument("--device", help="override the device of every run (cpu, cuda, auto)")
+    experiment.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
+                            help="per-epoch progress bars (default: off; one line per run and epoch)")
+    experiment.set_defaults(func=cmd_experiment)
+    report = sub.add_parser("report", help="write report.md and plots from a grid folder's results.jsonl")
+    report.add_argument("grid_dir", help="the folder cdfast experiment wrote")
+    report.add_argument("--out", help="where report.md and the PNGs go (default: the grid folder)")
+    report.add_argument("--title", help="report title")
+    report.set_defaults(func=cmd_report)
     models = sub.add_parser("models", help="list the model names build_model accepts")
     models.set_defaults(func=cmd_models)
     return parser

@@ -1,0 +1,150 @@
+"""Comparison grids: methods x ablations x groups x seeds from one YAML file, resumable.
+
+A grid file holds
+
+    base:    TrainConfig settings shared by every run (data, epochs, lr, ...)
+    groups:  name -> list of models
+    methods: name -> TrainConfig overrides (mode, teachers, feature_loss, perturb, ...)
+    seeds:   [0, 1, 2]
+    report:  which methods fill the paper-style tables (see cdfast.report)
+
+Every (group, method, seed) run lives in ``<out>/<group>/<method>/seed-<n>/``
+as an ordinary cdfast run folder. Running the grid again skips finished runs
+and resumes interrupted ones from their checkpoints, so a grid can be stopped
+at any time. ``<out>/results.jsonl`` (one record per finished run) is rebuilt
+from the run folders after every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cdfast.train.checkpoint import write_text_atomic
+from cdfast.train.config import TrainConfig
+from cdfast.train.metrics import read_epochs
+
+RESULTS_FILE = "results.jsonl"
+GRID_FILE = "grid.yaml"
+
+
+@dataclass
+class Grid:
+    base: dict[str, Any]
+    groups: dict[str, list[str]]
+    methods: dict[str, dict[str, Any]]
+    seeds: list[int]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Grid":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"grid file {path} not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+        missing = [k for k in ("groups", "methods", "seeds") if k not in raw]
+        if missing:
+            raise ValueError(f"grid file {path} lacks {missing}; it needs base, groups, methods and seeds")
+        unknown = sorted(set(raw) - {"base", "groups", "methods", "seeds", "report"})
+        if unknown:
+            raise ValueError(f"grid file {path} has unknown keys {unknown}")
+        grid = cls(base=raw.get("base") or {}, groups=raw["groups"], methods=raw["methods"],
+                   seeds=list(raw["seeds"]), report=raw.get("report") or {})
+        grid.validate()
+        return grid
+
+    def config(self, group: str, method: str, seed: int, out: Path) -> TrainConfig:
+        values = {k.replace("-", "_"): v for k, v in self.base.items()}
+        values.update({k.replace("-", "_"): v for k, v in (self.methods[method] or {}).items()})
+        values.update(models=list(self.groups[group]), seed=seed, out=str(run_dir(out, group, method, seed)))
+        return TrainConfig.from_dict(values)
+
+    def validate(self) -> None:
+        if not self.groups or not self.methods or not self.seeds:
+            raise ValueError("a grid needs at least one group, one method and one seed")
+        for group in self.groups:
+            for method in self.methods:
+                self.config(group, method, self.seeds[0], Path(".")).validate()
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        return [(g, m, s) for g in self.groups for m in self.methods for s in self.seeds]
+
+
+def run_dir(out: Path, group: str, method: str, seed: int) -> Path:
+    return Path(out) / group / method / f"seed-{seed}"
+
+
+def run_state(path: Path, epochs: int) -> str:
+    """'done', 'partial' (has a checkpoint) or 'new'."""
+    finished = read_epochs(path)
+    if finished and finished[-1]["epoch"] >= epochs and (path / "checkpoint.pt").exists():
+        return "done"
+    return "partial" if (path / "checkpoint.pt").exists() else "new"
+
+
+def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
+    """One record per finished run, read back from the run folders."""
+    records = []
+    for group, method, seed in grid.runs():
+        path = run_dir(out, group, method, seed)
+        cfg = grid.config(group, method, seed, out)
+        if run_state(path, cfg.epochs) != "done":
+            continue
+        epochs = read_epochs(path)
+        n = len(cfg.models)
+        records.append({
+            "group": group, "method": method, "seed": seed, "models": cfg.models,
+            "final_acc": epochs[-1]["test_acc"],
+            "best_acc": [max(e["test_acc"][i] for e in epochs) for i in range(n)],
+            "ensemble_acc": epochs[-1]["ensemble_acc"],
+            "teacher_share": [sum(e["teacher_share"][i] for e in epochs) / len(epochs) for i in range(n)],
+            "curves": [e["test_acc"] for e in epochs],
+            "train_seconds": sum(e["train_seconds"] for e in epochs),
+            "run_dir": str(path),
+            "config": {k: v for k, v in cfg.to_dict().items() if k != "out"},
+        })
+    return records
+
+
+def write_results(grid: Grid, out: Path) -> Path:
+    records = collect_results(grid, out)
+    path = out / RESULTS_FILE
+    write_text_atomic("".join(json.dumps(r) + "\n" for r in records), path)
+    return path
+
+
+def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Run every missing or unfinished run of the grid; returns the results file."""
+    from cdfast.train import Trainer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / GRID_FILE
+    description = yaml.safe_dump(dataclasses.asdict(grid), sort_keys=False)
+    if saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(description):
+        raise ValueError(f"{out} holds another grid ({saved} differs); use another --out folder, "
+                         "or restore the original grid file to resume it")
+    write_text_atomic(description, saved)
+    runs = grid.runs()
+    for k, (group, method, seed) in enumerate(runs, start=1):
+        cfg = dataclasses.replace(grid.config(group, method, seed, out), **(overrides or {}))
+        path = run_dir(out, group, method, seed)
+        state = run_state(path, cfg.epochs)
+        print(f"cdfast experiment [{k}/{len(runs)}] {group} / {method} / seed {seed}: "
+              + {"done": "finished earlier, skipped", "partial": "resuming", "new": "training"}[state], flush=True)
+        if state == "done":
+            continue
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, resume=path if state == "partial" else None)
+        summary = trainer.fit()
+        accs = ", ".join(f"{100 * a:.2f}%" for a in summary["final_acc"])
+        print(f"cdfast experiment [{k}/{len(runs)}] final test accuracy {accs} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        write_results(grid, out)
+    return write_results(grid, out)

@@ -1,0 +1,214 @@
+"""The report of a comparison grid: paper-style tables, learning curves, a teacher timeline.
+
+Reads ``<grid out>/results.jsonl`` and ``grid.yaml``; writes ``report.md`` and
+PNG plots. Accuracies are test accuracies in percent, mean ± sample standard
+deviation over seeds, taken at the **last epoch** (the best epoch is shown in
+a second table, for comparison with papers that report it).
+
+The grid's ``report`` section names the methods of the tables (defaults shown)::
+
+    report:
+      independent: ind          # Table 2 columns
+      dml: dml
+      cd: cd
+      ablation:                 # Table 4: backbone / +feature loss / +perturbation / +both
+        cd: [cd-backbone, cd+feat, cd+perturb, cd]
+        dml: [dml, dml+feat, dml+perturb, dml+both]
+      timeline: {group: resnet8+resnet32, method: cd}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cdfast.experiment import GRID_FILE, RESULTS_FILE
+from cdfast.train.checkpoint import write_text_atomic
+
+DEFAULT_ABLATION = {"cd": ["cd-backbone", "cd+feat", "cd+perturb", "cd"],
+                    "dml": ["dml", "dml+feat", "dml+perturb", "dml+both"]}
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    values = [100 * v for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), sd, len(values)
+
+
+def _fmt(values: list[float] | None) -> str:
+    if not values:
+        return "—"
+    mean, sd, n = _stats(values)
+    return f"{mean:.2f} ± {sd:.2f}" + ("" if n > 1 else " (1 seed)")
+
+
+class Results:
+    def __init__(self, records: list[dict[str, Any]]):
+        self.records = records
+        self.groups = list(dict.fromkeys(r["group"] for r in records))
+        self.methods = list(dict.fromkeys(r["method"] for r in records))
+
+    def values(self, group: str, method: str, net: int, key: str = "final_acc") -> list[float]:
+        return [r[key][net] if isinstance(r[key], list) else r[key]
+                for r in self.records if r["group"] == group and r["method"] == method]
+
+    def models(self, group: str) -> list[str]:
+        return next(r["models"] for r in self.records if r["group"] == group)
+
+
+def load(grid_dir: Path) -> tuple[Results, dict[str, Any]]:
+    path = grid_dir / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {RESULTS_FILE} in {grid_dir}; run `cdfast experiment` first")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{path} holds no finished runs yet")
+    grid = yaml.safe_load((grid_dir / GRID_FILE).read_text()) if (grid_dir / GRID_FILE).exists() else {}
+    return Results(records), (grid.get("report") or {})
+
+
+def accuracy_table(res: Results, spec: dict[str, Any], key: str) -> list[str]:
+    ind, dml, cd = spec.get("independent", "ind"), spec.get("dml", "dml"), spec.get("cd", "cd")
+    methods = res.methods
+    head = "| group | network | " + " | ".join(methods) + " | Imp-Ind | Imp-DML |"
+    lines = [head, "|" + "---|" * (len(methods) + 4)]
+    for group in res.groups:
+        for i, model in enumerate(res.models(group)):
+            cells = [_fmt(res.values(group, m, i, key)) for m in methods]
+            imp = []
+            for base in (ind, dml):
+                a, b = res.values(group, cd, i, key), res.values(group, base, i, key)
+                imp.append(f"{_stats(a)[0] - _stats(b)[0]:+.2f}" if a and b else "—")
+            lines.append(f"| {group} | net {i + 1}: {model} | " + " | ".join(cells) + " | " + " | ".join(imp) + " |")
+    return lines
+
+
+def ablation_table(res: Results, spec: dict[str, Any]) -> list[str]:
+    ablation = spec.get("ablation", DEFAULT_ABLATION)
+    group = spec.get("ablation_group", res.groups[0])
+    lines = [f"Group {group}, net 1, last epoch:", "",
+             "| method | backbone | + feature loss | + perturbation | + both |", "|---|---|---|---|---|"]
+    for name, methods in ablation.items():
+        lines.append(f"| {name.upper()} | " + " | ".join(_fmt(res.values(group, m, 0)) for m in methods) + " |")
+    return lines
+
+
+def claims(res: Results, spec: dict[str, Any]) -> list[str]:
+    """Plain statements computed from the numbers: which of the paper's claims held here."""
+    ind, dml, cd = spec.get("independent", "ind"), spec.get("dml", "dml"), spec.get("cd", "cd")
+    out = []
+    for base, label in ((ind, "independent training"), (dml, "DML")):
+        wins, total, diffs = 0, 0, []
+        for group in res.groups:
+            for i in range(len(res.models(group))):
+                a, b = res.values(group, cd, i), res.values(group, base, i)
+                if a and b:
+                    total += 1
+                    diff = _stats(a)[0] - _stats(b)[0]
+                    diffs.append(diff)
+                    wins += diff > 0
+        if total:
+            out.append(f"- CD vs {label}: CD's mean final accuracy is higher for {wins} of {total} networks "
+                       f"(mean difference {statistics.fmean(diffs):+.2f} points).")
+    ablation = spec.get("ablation", DEFAULT_ABLATION)
+    group = spec.get("ablation_group", res.groups[0])
+    for name, methods in ablation.items():
+        vals = [res.values(group, m, 0) for m in methods]
+        if vals[0] and vals[2]:
+            out.append(f"- Perturbation in {name.upper()} ({group}, net 1): "
+                       f"{_stats(vals[2])[0] - _stats(vals[0])[0]:+.2f} points over the backbone.")
+        if vals[0] and vals[1]:
+            out.append(f"- Feature loss in {name.upper()} ({group}, net 1): "
+                       f"{_stats(vals[1])[0] - _stats(vals[0])[0]:+.2f} points over the backbone.")
+    return out
+
+
+def plot_curves(res: Results, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for group in res.groups:
+        n = len(res.models(group))
+        fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6), squeeze=False)
+        for i, ax in enumerate(axes[0]):
+            for method in res.methods:
+                curves = [r["curves"] for r in res.records if r["group"] == group and r["method"] == method]
+                if not curves:
+                    continue
+                length = min(len(c) for c in curves)
+                mean = [statistics.fmean(100 * c[e][i] for c in curves) for e in range(length)]
+                ax.plot(range(1, length + 1), mean, marker=".", label=method)
+            ax.set_title(f"{group}: net {i + 1} ({res.models(group)[i]})")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("test accuracy (%), mean over seeds")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"curves-{group}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_timeline(res: Results, spec: dict[str, Any], out: Path) -> Path | None:
+    """The teacher per step of one run of a heterogeneous pair (like the paper's Fig. 3a)."""
+    from cdfast.train.plots import plot_run
+
+    timeline = spec.get("timeline") or {}
+    group = timeline.get("group") or next((g for g in res.groups if len(set(res.models(g))) > 1), None)
+    method = timeline.get("method", spec.get("cd", "cd"))
+    run = next((r for r in res.records if r["group"] == group and r["method"] == method), None)
+    if run is None or not Path(run["run_dir"], "steps.csv").exists():
+        return None
+    plot_run(Path(run["run_dir"]), run["models"])
+    source = Path(run["run_dir"]) / "teacher_timeline.png"
+    target = out / f"teacher-timeline-{group}-{method}.png"
+    target.write_bytes(source.read_bytes())
+    with open(Path(run["run_dir"]) / "steps.csv", newline="") as f:
+        teachers = [int(row["teacher"]) for row in csv.DictReader(f)]
+    switches = sum(a != b for a, b in zip(teachers, teachers[1:]))
+    share = [teachers.count(i) / len(teachers) for i in range(len(run["models"]))]
+    spec["_timeline_text"] = (f"{group} / {method} / seed {run['seed']}: {switches} teacher switches in "
+                              f"{len(teachers)} steps; teacher share " +
+                              ", ".join(f"{m} {100 * s:.1f}%" for m, s in zip(run["models"], share)))
+    return target
+
+
+def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
+    grid_dir = Path(grid_dir)
+    out = Path(out) if out else grid_dir
+    out.mkdir(parents=True, exist_ok=True)
+    res, spec = load(grid_dir)
+    spec = dict(spec)
+    seeds = sorted({r["seed"] for r in res.records})
+    example = res.records[0]["config"]
+    lines = [f"# {title or 'Competitive Distillation: comparison grid'}", "",
+             f"Data: {example['data']}; {example['epochs']} epochs, batch {example['batch_size']}, lr {example['lr']} "
+             f"({example['schedule']}), seeds {seeds}; {len(res.records)} finished runs. Test accuracy in %, "
+             "mean ± sample standard deviation over seeds. **Last epoch** reported (best epoch in the second table).",
+             "", "## Accuracy (like the paper's Table 2), last epoch", ""]
+    lines += accuracy_table(res, spec, "final_acc")
+    lines += ["", "## Accuracy, best epoch (for comparison only)", ""]
+    lines += accuracy_table(res, spec, "best_acc")
+    lines += ["", "## Ablation (like the paper's Table 4)", ""]
+    lines += ablation_table(res, spec)
+    lines += ["", "## What the numbers say", ""]
+    lines += claims(res, spec)
+    lines += ["", "## Learning curves", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plot_curves(res, out)]
+    timeline = plot_timeline(res, spec, out)
+    if timeline is not None:
+        lines += ["", "## Teacher timeline of a heterogeneous pair (like the paper's Fig. 3a)", "",
+                  spec["_timeline_text"] + ".", "", f"![teacher timeline]({timeline.name})"]
+    path = out / "report.md"
+    write_text_atomic("\n".join(lines) + "\n", path)
+    return path

@@ -1,0 +1,94 @@
+"""The comparison-grid tool and its report, on a tiny grid of real Fashion-MNIST."""
+
+import json
+
+import pytest
+import yaml
+
+from cdfast.cli import main
+from cdfast.experiment import Grid, run_dir, run_grid
+from cdfast.report import write_report
+from cdfast.train import Trainer
+
+
+def grid_file(tmp_path, fmnist_root, epochs=1):
+    spec = {
+        "base": {"data_dir": str(fmnist_root), "train_subset": 128, "test_subset": 100, "batch_size": 64,
+                 "eval_batch_size": 100, "epochs": epochs, "device": "cpu", "tensorboard": False,
+                 "plots": False, "progress": False, "log_interval": 1},
+        "groups": {"pair": ["resnet8", "resnet14"]},
+        "methods": {"ind": {"mode": "independent"}, "dml": {"mode": "dml", "feature_loss": False},
+                    "cd": {"mode": "competitive"}},
+        "seeds": [0, 1],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_grid_runs_reports_and_skips_finished_runs(tmp_path, fmnist_root, monkeypatch):
+    grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root))
+    out = tmp_path / "grid"
+    results = run_grid(grid, out)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(records) == 6
+    assert {(r["method"], r["seed"]) for r in records} == {(m, s) for m in ("ind", "dml", "cd") for s in (0, 1)}
+    assert all(len(r["final_acc"]) == 2 and len(r["curves"]) == 1 for r in records)
+
+    report = write_report(out)
+    text = report.read_text()
+    assert "Last epoch" in text and "Imp-Ind" in text and "Imp-DML" in text
+    assert "| pair | net 1: resnet8 |" in text and "teacher switches" in text
+    assert (out / "curves-pair.png").exists() and (out / "teacher-timeline-pair-cd.png").exists()
+
+    def must_not_train(self, *a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(Trainer, "fit", must_not_train)
+    run_grid(grid, out)  # everything is finished: nothing trains
+
+
+def test_grid_resumes_an_interrupted_run(tmp_path, fmnist_root):
+    grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root, epochs=2))
+    grid.methods = {"cd": grid.methods["cd"]}
+    grid.seeds = [0]
+    out = tmp_path / "grid"
+    cfg = grid.config("pair", "cd", 0, out)
+    Trainer(cfg).fit(until_epoch=1)  # "crash" after epoch 1
+    results = run_grid(grid, out)
+    record = json.loads(results.read_text())
+    assert len(record["curves"]) == 2
+    epochs = (run_dir(out, "pair", "cd", 0) / "epochs.jsonl").read_text().splitlines()
+    assert [json.loads(e)["epoch"] for e in epochs] == [1, 2]
+
+
+def test_grid_errors(tmp_path, fmnist_root):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("groups: {a: [resnet8]}\nmethods: {x: {}}\nseeds: [0]\n")
+    with pytest.raises(ValueError, match="at least 2 models"):
+        Grid.from_yaml(bad)
+    bad.write_text("groups: {a: [resnet8, resnet8]}\nmethods: {x: {mode: solo}}\nseeds: [0]\n")
+    with pytest.raises(ValueError, match="mode"):
+        Grid.from_yaml(bad)
+    bad.write_text("groups: {a: [resnet8, resnet8]}\n")
+    with pytest.raises(ValueError, match="lacks"):
+        Grid.from_yaml(bad)
+    grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root))
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "grid.yaml").write_text("groups: {}\n")
+    with pytest.raises(ValueError, match="holds another grid"):
+        run_grid(grid, out)
+
+
+def test_experiment_cli(tmp_path, fmnist_root, capsys):
+    path = grid_file(tmp_path, fmnist_root)
+    spec = yaml.safe_load(path.read_text())
+    spec["methods"] = {"cd": {"mode": "competitive"}}
+    spec["seeds"] = [0]
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["experiment", "--config", str(path), "--out", str(tmp_path / "exp")]) == 0
+    assert "report in" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "exp"), "--out", str(tmp_path / "rep"), "--title", "Tiny"]) == 0
+    assert (tmp_path / "rep" / "report.md").read_text().startswith("# Tiny")
+    assert main(["report", str(tmp_path / "nothing")]) == 2
