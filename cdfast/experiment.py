@@ -127,9 +127,13 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
     out.mkdir(parents=True, exist_ok=True)
     saved = out / GRID_FILE
     description = yaml.safe_dump(dataclasses.asdict(grid), sort_keys=False)
-    if saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(description):
-        raise ValueError(f"{out} holds another grid ({saved} differs); use another --out folder, "
-                         "or restore the original grid file to resume it")
+
+    def runs_part(spec: dict) -> dict:  # the report section may change; what is trained may not
+        return {k: v for k, v in spec.items() if k != "report"}
+
+    if saved.exists() and runs_part(yaml.safe_load(saved.read_text())) != runs_part(yaml.safe_load(description)):
+        raise ValueError(f"{out} holds another grid ({saved} differs in base, groups, methods or seeds); "
+                         "use another --out folder, or restore the original grid file to resume it")
     write_text_atomic(description, saved)
     runs = grid.runs()
     for k, (group, method, seed) in enumerate(runs, start=1):

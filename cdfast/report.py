@@ -11,7 +11,7 @@ The grid's ``report`` section names the methods of the tables (defaults shown)::
       independent: ind          # Table 2 columns
       dml: dml
       cd: cd
-      ablation:                 # Table 4: backbone / +feature loss / +perturbation / +both
+      ablation:                 # Table 4: backbone / +feature loss / +perturbation / +both (null: not run)
         cd: [cd-backbone, cd+feat, cd+perturb, cd]
         dml: [dml, dml+feat, dml+perturb, dml+both]
       timeline: {group: resnet8+resnet32, method: cd}
@@ -94,7 +94,8 @@ def ablation_table(res: Results, spec: dict[str, Any]) -> list[str]:
     lines = [f"Group {group}, net 1, last epoch:", "",
              "| method | backbone | + feature loss | + perturbation | + both |", "|---|---|---|---|---|"]
     for name, methods in ablation.items():
-        lines.append(f"| {name.upper()} | " + " | ".join(_fmt(res.values(group, m, 0)) for m in methods) + " |")
+        lines.append(f"| {name.upper()} | " + " | ".join(_fmt(res.values(group, m, 0) if m else None)
+                                                         for m in methods) + " |")
     return lines
 
 
@@ -118,7 +119,7 @@ def claims(res: Results, spec: dict[str, Any]) -> list[str]:
     ablation = spec.get("ablation", DEFAULT_ABLATION)
     group = spec.get("ablation_group", res.groups[0])
     for name, methods in ablation.items():
-        vals = [res.values(group, m, 0) for m in methods]
+        vals = [res.values(group, m, 0) if m else [] for m in methods]
         if vals[0] and vals[2]:
             out.append(f"- Perturbation in {name.upper()} ({group}, net 1): "
                        f"{_stats(vals[2])[0] - _stats(vals[0])[0]:+.2f} points over the backbone.")

@@ -46,6 +46,9 @@ def test_grid_runs_reports_and_skips_finished_runs(tmp_path, fmnist_root, monkey
 
     monkeypatch.setattr(Trainer, "fit", must_not_train)
     run_grid(grid, out)  # everything is finished: nothing trains
+    grid.report = {"ablation": {"cd": ["cd", None, None, "cd"]}}  # the report section may change
+    run_grid(grid, out)
+    assert "| CD | " in write_report(out).read_text() and "| — |" in write_report(out).read_text()
 
 
 def test_grid_resumes_an_interrupted_run(tmp_path, fmnist_root):
