@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from cdfast.train.checkpoint import write_text_atomic
-from cdfast.train.config import TrainConfig
+from cdfast.train.config import TrainConfig, read_yaml_mapping
 from cdfast.train.metrics import read_epochs
 
 RESULTS_FILE = "results.jsonl"
@@ -44,10 +44,7 @@ class Grid:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Grid":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"grid file {path} not found")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml_mapping(path, "grid file")
         missing = [k for k in ("groups", "methods", "seeds") if k not in raw]
         if missing:
             raise ValueError(f"grid file {path} lacks {missing}; it needs base, groups, methods and seeds")

@@ -12,41 +12,42 @@ struct CeShape {
 };
 
 // Checks everything that does not need the tensors' values; returns the flattened shape.
+// Bad shapes raise ValueError in Python, bad dtypes TypeError.
 inline CeShape check_competitive_ce_args(const at::Tensor& logits, const at::Tensor& targets,
                                          const std::optional<at::Tensor>& targets_b,
                                          const std::optional<at::Tensor>& lam) {
-  TORCH_CHECK(logits.dim() >= 3,
+  TORCH_CHECK_VALUE(logits.dim() >= 3,
               "cdfast::competitive_ce: logits must be [N, B, K] (optionally with leading group dims), got ",
               logits.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()),
               "cdfast::competitive_ce: logits must be float32, float16, bfloat16 or float64, got ",
               logits.scalar_type());
   const int64_t d = logits.dim();
   const int64_t n = logits.size(d - 3), batch = logits.size(d - 2), classes = logits.size(d - 1);
-  TORCH_CHECK(n >= 2, "cdfast::competitive_ce: a group needs N >= 2 networks, got N = ", n);
-  TORCH_CHECK(batch >= 1 && classes >= 1, "cdfast::competitive_ce: empty batch or class dim in logits ",
+  TORCH_CHECK_VALUE(n >= 2, "cdfast::competitive_ce: a group needs N >= 2 networks, got N = ", n);
+  TORCH_CHECK_VALUE(batch >= 1 && classes >= 1, "cdfast::competitive_ce: empty batch or class dim in logits ",
               logits.sizes());
   auto label_shape = logits.sizes().slice(0, d - 1);
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "cdfast::competitive_ce: targets must be int64 class indices, got ",
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, "cdfast::competitive_ce: targets must be int64 class indices, got ",
               targets.scalar_type());
-  TORCH_CHECK(targets.sizes() == label_shape, "cdfast::competitive_ce: targets must have shape ", label_shape,
+  TORCH_CHECK_VALUE(targets.sizes() == label_shape, "cdfast::competitive_ce: targets must have shape ", label_shape,
               " (one label per network and sample), got ", targets.sizes());
-  TORCH_CHECK(targets.device() == logits.device(), "cdfast::competitive_ce: targets are on ", targets.device(),
+  TORCH_CHECK_VALUE(targets.device() == logits.device(), "cdfast::competitive_ce: targets are on ", targets.device(),
               " but logits on ", logits.device());
-  TORCH_CHECK(targets_b.has_value() == lam.has_value(),
+  TORCH_CHECK_VALUE(targets_b.has_value() == lam.has_value(),
               "cdfast::competitive_ce: mixed labels need both targets_b and lam (or neither)");
   if (targets_b.has_value()) {
-    TORCH_CHECK(targets_b->scalar_type() == at::kLong && targets_b->sizes() == label_shape,
+    TORCH_CHECK_VALUE(targets_b->scalar_type() == at::kLong && targets_b->sizes() == label_shape,
                 "cdfast::competitive_ce: targets_b must be int64 of shape ", label_shape, ", got ",
                 targets_b->scalar_type(), " ", targets_b->sizes());
-    TORCH_CHECK(targets_b->device() == logits.device(), "cdfast::competitive_ce: targets_b is on ",
+    TORCH_CHECK_VALUE(targets_b->device() == logits.device(), "cdfast::competitive_ce: targets_b is on ",
                 targets_b->device(), " but logits on ", logits.device());
-    TORCH_CHECK(lam->sizes() == logits.sizes().slice(0, d - 2),
+    TORCH_CHECK_VALUE(lam->sizes() == logits.sizes().slice(0, d - 2),
                 "cdfast::competitive_ce: lam must hold one weight per network, shape ",
                 logits.sizes().slice(0, d - 2), ", got ", lam->sizes());
-    TORCH_CHECK(at::isFloatingType(lam->scalar_type()), "cdfast::competitive_ce: lam must be floating point, got ",
+    TORCH_CHECK_TYPE(at::isFloatingType(lam->scalar_type()), "cdfast::competitive_ce: lam must be floating point, got ",
                 lam->scalar_type());
-    TORCH_CHECK(lam->device() == logits.device(), "cdfast::competitive_ce: lam is on ", lam->device(),
+    TORCH_CHECK_VALUE(lam->device() == logits.device(), "cdfast::competitive_ce: lam is on ", lam->device(),
                 " but logits on ", logits.device());
   }
   const int64_t groups = logits.numel() / (n * batch * classes);

@@ -21,6 +21,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _feature_diff(fs_row, ft_row, offs, mask):
+    """F_i - F_t for one block of a sample's features, in fp32."""
+    return tl.load(fs_row + offs, mask=mask, other=0.0).to(tl.float32) - \
+        tl.load(ft_row + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
                     B, K, D, inv_t, kl_scale, fl_scale,
                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FEATS: tl.constexpr):
@@ -67,8 +74,7 @@ def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
         for d0 in range(0, D, BLOCK_D):
             offs = d0 + tl.arange(0, BLOCK_D)
             mask = offs < D
-            diff = tl.load(fs_row + offs, mask=mask, other=0.0).to(tl.float32) - \
-                tl.load(ft_row + offs, mask=mask, other=0.0).to(tl.float32)
+            diff = _feature_diff(fs_row, ft_row, offs, mask)
             sq += tl.sum(diff * diff, axis=0)
         loss += sq * fl_scale
 
@@ -103,8 +109,7 @@ def _backward_kernel(grad_ptr, logits_ptr, feats_ptr, teacher_ptr, lse_ptr, grad
         for d0 in range(0, D, BLOCK_D):
             offs = d0 + tl.arange(0, BLOCK_D)
             mask = offs < D
-            diff = tl.load(fs_row + offs, mask=mask, other=0.0).to(tl.float32) - \
-                tl.load(ft_row + offs, mask=mask, other=0.0).to(tl.float32)
+            diff = _feature_diff(fs_row, ft_row, offs, mask)
             tl.store(out_f + offs, (g * fl_grad_scale * diff).to(grad_feats_ptr.dtype.element_ty), mask=mask)
 
 

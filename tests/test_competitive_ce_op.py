@@ -125,17 +125,17 @@ def test_torch_compile_fullgraph():
 def test_bad_input_errors_come_from_the_op():
     logits, targets, targets_b, lam = make((2, 4), 5, "cpu", torch.float32, mixed=True)
     cases = [
-        ((logits[:1], targets[:1], None, None), "N >= 2"),
-        ((logits, targets[:, :3], None, None), "targets must have shape"),
-        ((logits, targets.int(), None, None), "int64"),
-        ((logits, targets + 5, None, None), r"\[0, 5\)"),
-        ((logits, targets, targets_b, None), "both targets_b and lam"),
-        ((logits, targets, targets_b, lam[:1]), "one weight per network"),
-        ((logits.long(), targets, None, None), "float32, float16"),
-        ((logits[0], targets[0], None, None), r"\[N, B, K\]"),
+        ((logits[:1], targets[:1], None, None), ValueError, "N >= 2"),
+        ((logits, targets[:, :3], None, None), ValueError, "targets must have shape"),
+        ((logits, targets.int(), None, None), TypeError, "int64"),
+        ((logits, targets + 5, None, None), ValueError, r"\[0, 5\)"),
+        ((logits, targets, targets_b, None), ValueError, "both targets_b and lam"),
+        ((logits, targets, targets_b, lam[:1]), ValueError, "one weight per network"),
+        ((logits.long(), targets, None, None), TypeError, "float32, float16"),
+        ((logits[0], targets[0], None, None), ValueError, r"\[N, B, K\]"),
     ]
-    for args, match in cases:
-        with pytest.raises(RuntimeError, match=match):
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
             op(*args)
 
 

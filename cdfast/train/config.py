@@ -115,17 +115,22 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of keys to values")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        return cls.from_dict(values)
+        values = read_yaml_mapping(path, "config file")
+        return cls.from_dict({k.replace("-", "_"): v for k, v in values.items()})
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping, with clear errors for a missing file or another shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} {path} must hold a mapping of keys to values")
+    return values
 
 
 # Fields that define what a checkpoint holds; a resume must not change them.

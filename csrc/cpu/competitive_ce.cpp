@@ -19,7 +19,7 @@ at::ScalarType acc_dtype(const at::Tensor& logits) {
 
 void check_label_range(const at::Tensor& labels, int64_t classes, const char* name) {
   const auto lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < classes, "cdfast::competitive_ce: ", name, " hold class indices in [", lo, ", ", hi,
+  TORCH_CHECK_VALUE(lo >= 0 && hi < classes, "cdfast::competitive_ce: ", name, " hold class indices in [", lo, ", ", hi,
               "] but the logits have ", classes, " classes; labels must lie in [0, ", classes, ")");
 }
 
