@@ -28,6 +28,12 @@ def _feature_diff(fs_row, ft_row, offs, mask):
 
 
 @triton.jit
+def _scaled_logits(row, offs, mask, inv_t, other: tl.constexpr):
+    """z/T for one block of a row, in fp32; masked lanes hold ``other``."""
+    return tl.load(row + offs, mask=mask, other=other).to(tl.float32) * inv_t
+
+
+@triton.jit
 def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
                     B, K, D, inv_t, kl_scale, fl_scale,
                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FEATS: tl.constexpr):
@@ -45,8 +51,8 @@ def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
-        zs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        zt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        zs = _scaled_logits(s_row, offs, mask, inv_t, float("-inf"))
+        zt = _scaled_logits(t_row, offs, mask, inv_t, float("-inf"))
         new_s = tl.maximum(m_s, tl.max(zs, axis=0))
         new_t = tl.maximum(m_t, tl.max(zt, axis=0))
         d_s = d_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(zs - new_s), axis=0)
@@ -61,8 +67,8 @@ def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
-        zs = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
-        zt = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+        zs = _scaled_logits(s_row, offs, mask, inv_t, 0.0)
+        zt = _scaled_logits(t_row, offs, mask, inv_t, 0.0)
         pt = tl.where(mask, tl.exp(zt - lse_t), 0.0)
         acc += tl.sum(pt * (zt - zs), axis=0)
     loss = (acc - lse_t + lse_s) * kl_scale
@@ -98,8 +104,8 @@ def _backward_kernel(grad_ptr, logits_ptr, feats_ptr, teacher_ptr, lse_ptr, grad
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
-        zs = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
-        zt = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+        zs = _scaled_logits(s_row, offs, mask, inv_t, 0.0)
+        zt = _scaled_logits(t_row, offs, mask, inv_t, 0.0)
         value = g * kl_grad_scale * (tl.exp(zs - lse_s) - tl.exp(zt - lse_t))
         tl.store(out_row + offs, value.to(grad_logits_ptr.dtype.element_ty), mask=mask)
     if HAS_FEATS:
