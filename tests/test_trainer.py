@@ -170,3 +170,14 @@ def test_fused_engine_trains_and_resumes_like_any_engine(tmp_path, fmnist_root):
                       resume=tmp_path / "run")  # checkpoints are per network: engines are interchangeable
     assert resumed.group.engine.name == "sequential"
     assert resumed.fit()["epochs"] == 2
+
+
+def test_fused_sgd_trains_like_the_default(tmp_path, fmnist_root):
+    runs = []
+    for name, fused in (("plain", False), ("fused", True)):
+        trainer = Trainer(small_config(tmp_path, fmnist_root, name=name, epochs=1, train_subset=192, fused_sgd=fused))
+        assert trainer.group.optimizers[0].defaults["fused"] is (True if fused else None)
+        trainer.fit()
+        runs.append(weights(trainer))
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k].float(), runs[1][k].float(), atol=1e-4, rtol=1e-4)

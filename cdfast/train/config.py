@@ -65,6 +65,8 @@ class TrainConfig:
     lr_milestones: list[float] = _f([0.5, 0.75], "step schedule: fractions of training where the lr drops")
     lr_gamma: float = _f(0.1, "step schedule: lr factor at each milestone")
     warmup_epochs: float = _f(0.0, "linear learning-rate warm-up, in epochs")
+    fused_sgd: bool = _f(False, "PyTorch's fused SGD kernel (all parameters of a network in one step kernel); "
+                                "default: foreach on CUDA, per-parameter on the CPU")
     # execution
     seed: int = _f(0, "random seed (models, data order, augmentation, perturbations)")
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")

@@ -82,7 +82,7 @@ class Trainer:
             networks,
             optimizers=lambda params: torch.optim.SGD(
                 params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                weight_decay=cfg.weight_decay),
+                weight_decay=cfg.weight_decay, fused=True if cfg.fused_sgd else None),
             mode=cfg.mode, teachers=cfg.teachers, alpha=cfg.alpha, beta=cfg.beta,
             temperature=cfg.temperature, feature_loss=cfg.feature_loss, perturb=cfg.perturb,
             perturb_prob=cfg.perturb_prob, perturb_ops=cfg.perturb_ops, seed=cfg.seed,
