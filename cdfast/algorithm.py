@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from cdfast import functional as CF
-from cdfast.engines import ENGINE_CHOICES, get_engine
+from cdfast.engines import check_engine_name, get_engine, network_device
 from cdfast.models.adapters import FeatureAdapters
 from cdfast.perturb import PerturbationPool, PerturbOp
 
@@ -99,8 +99,9 @@ class CompetitiveDistillation(nn.Module):
             different shapes: the group then probes them once and builds adapters.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the forwards under autocast.
         channels_last: feed the networks channels-last batches.
-        engine: how the N networks execute: ``"sequential"``, ``"fused"`` (identical networks
-            as one vmapped network) or ``"auto"`` (fused on a GPU when possible); see
+        engine: how the N networks execute: ``"sequential"``, ``"streams"`` (CUDA),
+            ``"fused"`` (identical networks as one vmapped network) or ``"auto"`` (on a GPU
+            fused for identical networks, else streams; sequential on the CPU); see
             :mod:`cdfast.engines`.
     """
 
@@ -154,8 +155,7 @@ class CompetitiveDistillation(nn.Module):
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
         self.engine_name = engine
         self._engine, self._engine_device = None, None
-        if engine not in ENGINE_CHOICES:
-            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_CHOICES)}")
+        check_engine_name(engine)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
 
         shapes = self._probe_feature_shapes() if self.input_shape is not None else None
@@ -169,8 +169,7 @@ class CompetitiveDistillation(nn.Module):
     @property
     def engine(self):
         """The engine for the networks' current device (resolved again after ``.to(device)``)."""
-        param = next(self.networks[0].parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+        device = network_device(self.networks)
         if self._engine is None or self._engine_device != device:
             self._engine, self._engine_device = get_engine(self.engine_name, self.networks), device
         return self._engine

@@ -28,17 +28,22 @@ ENGINES = {"sequential": SequentialEngine, "streams": StreamsEngine, "fused": Fu
 ENGINE_CHOICES = ("auto", *ENGINES)
 
 
-def _device(networks: Sequence[nn.Module]) -> torch.device:
+def network_device(networks: Sequence[nn.Module]) -> torch.device:
+    """Where the group's parameters live (the first network's), CPU for parameter-free networks."""
     param = next(networks[0].parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
-def get_engine(name: str, networks: Sequence[nn.Module]):
-    """The engine ``name`` for this group; falls back to sequential (with a message) where it cannot run."""
+def check_engine_name(name: str) -> None:
     if name not in ENGINE_CHOICES:
         raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_CHOICES)}")
+
+
+def get_engine(name: str, networks: Sequence[nn.Module]):
+    """The engine ``name`` for this group; falls back to sequential (with a message) where it cannot run."""
+    check_engine_name(name)
     reason = why_not_fusable(networks)
-    on_gpu = _device(networks).type == "cuda"
+    on_gpu = network_device(networks).type == "cuda"
     if name == "auto":
         name = ("fused" if reason is None else "streams") if on_gpu else "sequential"
         log.info("cdfast: engine auto -> %s", name)
@@ -47,10 +52,11 @@ def get_engine(name: str, networks: Sequence[nn.Module]):
         log.warning("cdfast: the fused engine needs identical networks (%s); using the %s engine", reason, fallback)
         name = fallback
     elif name == "streams" and not on_gpu:
-        log.warning("cdfast: the streams engine needs CUDA; using the sequential engine on %s", _device(networks))
+        log.warning("cdfast: the streams engine needs CUDA; using the sequential engine on %s",
+                    network_device(networks))
         name = "sequential"
     return ENGINES[name]()
 
 
-__all__ = ["get_engine", "ENGINES", "ENGINE_CHOICES", "SequentialEngine", "StreamsEngine", "FusedEngine",
-           "why_not_fusable"]
+__all__ = ["get_engine", "check_engine_name", "network_device", "ENGINES", "ENGINE_CHOICES",
+           "SequentialEngine", "StreamsEngine", "FusedEngine", "why_not_fusable"]
