@@ -160,8 +160,8 @@ def plot_curves(res: Results, out: Path) -> list[Path]:
     return written
 
 
-def plot_timeline(res: Results, spec: dict[str, Any], out: Path) -> Path | None:
-    """The teacher per step of one run of a heterogeneous pair (like the paper's Fig. 3a)."""
+def plot_timeline(res: Results, spec: dict[str, Any], out: Path) -> tuple[Path, str] | None:
+    """The teacher per step of one run of a heterogeneous pair (like the paper's Fig. 3a): plot and summary."""
     from cdfast.train.plots import plot_run
 
     timeline = spec.get("timeline") or {}
@@ -178,10 +178,9 @@ def plot_timeline(res: Results, spec: dict[str, Any], out: Path) -> Path | None:
         teachers = [int(row["teacher"]) for row in csv.DictReader(f)]
     switches = sum(a != b for a, b in zip(teachers, teachers[1:]))
     share = [teachers.count(i) / len(teachers) for i in range(len(run["models"]))]
-    spec["_timeline_text"] = (f"{group} / {method} / seed {run['seed']}: {switches} teacher switches in "
-                              f"{len(teachers)} steps; teacher share " +
-                              ", ".join(f"{m} {100 * s:.1f}%" for m, s in zip(run["models"], share)))
-    return target
+    text = (f"{group} / {method} / seed {run['seed']}: {switches} teacher switches in {len(teachers)} steps; "
+            "teacher share " + ", ".join(f"{m} {100 * s:.1f}%" for m, s in zip(run["models"], share)))
+    return target, text
 
 
 def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
@@ -189,7 +188,6 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     out = Path(out) if out else grid_dir
     out.mkdir(parents=True, exist_ok=True)
     res, spec = load(grid_dir)
-    spec = dict(spec)
     seeds = sorted({r["seed"] for r in res.records})
     example = res.records[0]["config"]
     lines = [f"# {title or 'Competitive Distillation: comparison grid'}", "",
@@ -208,8 +206,9 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     lines += [f"![{p.stem}]({p.name})" for p in plot_curves(res, out)]
     timeline = plot_timeline(res, spec, out)
     if timeline is not None:
+        image, text = timeline
         lines += ["", "## Teacher timeline of a heterogeneous pair (like the paper's Fig. 3a)", "",
-                  spec["_timeline_text"] + ".", "", f"![teacher timeline]({timeline.name})"]
+                  text + ".", "", f"![teacher timeline]({image.name})"]
     path = out / "report.md"
     write_text_atomic("\n".join(lines) + "\n", path)
     return path
