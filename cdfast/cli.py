@@ -101,7 +101,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     grid = Grid.from_yaml(args.config)
     out = Path(args.out or f"runs/experiment-{Path(args.config).stem}")
     overrides = {"progress": args.progress, **({"device": args.device} if args.device else {})}
-    print(f"cdfast experiment: {len(grid.runs())} runs ({len(grid.groups)} groups x {len(grid.methods)} methods x "
+    print(f"cdfast experiment: {len(grid.runs())} runs ({len(grid.groups)} groups, {len(grid.methods)} methods, "
           f"{len(grid.seeds)} seeds) in {out}; finished runs are skipped, interrupted ones resumed")
     results = run_grid(grid, out, overrides)
     report = write_report(out)

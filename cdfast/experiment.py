@@ -3,7 +3,8 @@
 A grid file holds
 
     base:    TrainConfig settings shared by every run (data, epochs, lr, ...)
-    groups:  name -> list of models
+    groups:  name -> list of models, or name -> {models: [...], methods: [...]} to run
+             only some of the methods on that group (an expensive group, say)
     methods: name -> TrainConfig overrides (mode, teachers, feature_loss, perturb, ...)
     seeds:   [0, 1, 2]
     report:  which methods fill the paper-style tables (see cdfast.report)
@@ -59,18 +60,36 @@ class Grid:
     def config(self, group: str, method: str, seed: int, out: Path) -> TrainConfig:
         values = {k.replace("-", "_"): v for k, v in self.base.items()}
         values.update({k.replace("-", "_"): v for k, v in (self.methods[method] or {}).items()})
-        values.update(models=list(self.groups[group]), seed=seed, out=str(run_dir(out, group, method, seed)))
+        values.update(models=self.models(group), seed=seed, out=str(run_dir(out, group, method, seed)))
         return TrainConfig.from_dict(values)
+
+    def models(self, group: str) -> list[str]:
+        spec = self.groups[group]
+        return list(spec["models"] if isinstance(spec, dict) else spec)
+
+    def methods_of(self, group: str) -> list[str]:
+        """The methods run on ``group``: all of them unless the group lists its own."""
+        spec = self.groups[group]
+        return list(spec.get("methods") or self.methods) if isinstance(spec, dict) else list(self.methods)
 
     def validate(self) -> None:
         if not self.groups or not self.methods or not self.seeds:
             raise ValueError("a grid needs at least one group, one method and one seed")
-        for group in self.groups:
-            for method in self.methods:
+        for group, spec in self.groups.items():
+            if isinstance(spec, dict):
+                unknown = sorted(set(spec) - {"models", "methods"})
+                if unknown or "models" not in spec:
+                    raise ValueError(f"group {group!r}: a mapping needs 'models' (and may have 'methods'); "
+                                     f"got keys {sorted(spec)}")
+                missing = [m for m in spec.get("methods") or [] if m not in self.methods]
+                if missing:
+                    raise ValueError(f"group {group!r} lists methods {missing} that the grid's 'methods' "
+                                     f"does not define (defined: {list(self.methods)})")
+            for method in self.methods_of(group):
                 self.config(group, method, self.seeds[0], Path(".")).validate()
 
     def runs(self) -> list[tuple[str, str, int]]:
-        return [(g, m, s) for g in self.groups for m in self.methods for s in self.seeds]
+        return [(g, m, s) for g in self.groups for m in self.methods_of(g) for s in self.seeds]
 
 
 def run_dir(out: Path, group: str, method: str, seed: int) -> Path:

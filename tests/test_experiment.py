@@ -65,6 +65,27 @@ def test_grid_resumes_an_interrupted_run(tmp_path, fmnist_root):
     assert [json.loads(e)["epoch"] for e in epochs] == [1, 2]
 
 
+def test_a_group_may_run_a_subset_of_the_methods(tmp_path, fmnist_root):
+    spec = yaml.safe_load(grid_file(tmp_path, fmnist_root).read_text())
+    spec["groups"]["big"] = {"models": ["resnet8", "resnet20"], "methods": ["cd"]}
+    path = tmp_path / "subset.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    grid = Grid.from_yaml(path)
+    runs = grid.runs()
+    assert len(runs) == 8 and set(runs) == {(g, m, s) for g, m in [("pair", "ind"), ("pair", "dml"), ("pair", "cd"),
+                                                                  ("big", "cd")] for s in (0, 1)}
+    assert grid.config("big", "cd", 1, tmp_path).models == ["resnet8", "resnet20"]
+
+    spec["groups"]["big"]["methods"] = ["cd", "kd"]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"lists methods \['kd'\]"):
+        Grid.from_yaml(path)
+    spec["groups"]["big"] = {"nets": ["resnet8", "resnet20"]}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="needs 'models'"):
+        Grid.from_yaml(path)
+
+
 def test_grid_errors(tmp_path, fmnist_root):
     bad = tmp_path / "bad.yaml"
     bad.write_text("groups: {a: [resnet8]}\nmethods: {x: {}}\nseeds: [0]\n")
