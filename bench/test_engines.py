@@ -24,7 +24,9 @@ GROUPS = {
     "4xresnet32-cifar": (("resnet32",) * 4, (3, 32, 32), 128, 100, True),
     "2xresnet50-224": (("resnet50", "resnet50"), (3, 224, 224), 128, 1000, True),
 }
-ENGINES = ["sequential", "fused"] + (["streams"] if ON_GPU else [])
+# "+compile": the networks' forwards under torch.compile (inductor), GPU only: on 2 CPU cores the
+# compilation alone takes minutes per group.
+ENGINES = ["sequential", "fused"] + (["streams", "sequential+compile", "fused+compile"] if ON_GPU else [])
 PRECISIONS = ["fp32"] + (["bf16"] if ON_GPU else [])
 
 
@@ -44,14 +46,16 @@ def test_group_step(benchmark, group_name, engine, precision, mode):
     torch.manual_seed(0)
     memory_format = torch.channels_last if ON_GPU else torch.preserve_format
     nets = [build_model(m, classes, shape[0]).to(DEVICE, memory_format=memory_format) for m in models]
+    engine_name, _, compiled = engine.partition("+")
     group = cdfast.CompetitiveDistillation(
-        nets, mode=mode, perturb=True, engine=engine, input_shape=shape, channels_last=ON_GPU,
+        nets, mode=mode, perturb=True, engine=engine_name, compile=bool(compiled), input_shape=shape,
+        channels_last=ON_GPU,
         autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
         optimizers=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                                              foreach=True))
     x = torch.randn(batch, *shape, device=DEVICE)
     y = torch.randint(0, classes, (batch,), device=DEVICE)
-    for _ in range(3):
+    for _ in range(10 if compiled else 3):  # compiled: every network frozen and not (BatchNorm) seen
         group.step(x, y)
     _sync()
 
@@ -61,5 +65,6 @@ def test_group_step(benchmark, group_name, engine, precision, mode):
 
     benchmark.group = f"{group_name} {precision} ({DEVICE})"
     benchmark.pedantic(step, rounds=20 if ON_GPU else 5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update(group=group_name, engine=group.engine.name, precision=precision, mode=mode,
+    benchmark.extra_info.update(group=group_name, engine=group.engine.name, compiled=bool(compiled),
+                                precision=precision, mode=mode,
                                 device=DEVICE, images_per_second_per_network=batch / benchmark.stats["mean"])

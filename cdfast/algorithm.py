@@ -103,6 +103,9 @@ class CompetitiveDistillation(nn.Module):
             ``"fused"`` (identical networks as one vmapped network) or ``"auto"`` (on a GPU
             fused for identical networks, else streams; sequential on the CPU); see
             :mod:`cdfast.engines`.
+        compile: ``torch.compile`` the networks' forwards inside the engine: ``True`` for the
+            defaults, or a dict of ``torch.compile`` keyword arguments (e.g.
+            ``{"mode": "max-autotune"}``). The losses and optimizer steps stay eager.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class CompetitiveDistillation(nn.Module):
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         engine: str = "sequential",
+        compile: bool | dict = False,
     ):
         super().__init__()
         networks = list(networks)
@@ -154,6 +158,9 @@ class CompetitiveDistillation(nn.Module):
         self.pool = perturb_ops if isinstance(perturb_ops, PerturbationPool) else PerturbationPool(perturb_ops, seed=seed)
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
         self.engine_name = engine
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile must be True/False or a dict of torch.compile options, got {compile!r}")
+        self.compile_options = (dict(compile) if isinstance(compile, dict) else {}) if compile else None
         self._engine, self._engine_device = None, None
         check_engine_name(engine)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
@@ -171,7 +178,7 @@ class CompetitiveDistillation(nn.Module):
         """The engine for the networks' current device (resolved again after ``.to(device)``)."""
         device = network_device(self.networks)
         if self._engine is None or self._engine_device != device:
-            self._engine, self._engine_device = get_engine(self.engine_name, self.networks), device
+            self._engine, self._engine_device = get_engine(self.engine_name, self.networks, self.compile_options), device
         return self._engine
 
     @property

@@ -37,6 +37,32 @@ def test_fused_matches_sequential_after_several_steps(mode):
         torch.testing.assert_close(sa[name], sb[name], atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
+# aot_eager: dynamo + AOT autograd tracing without code generation, so the test stays fast on
+# 2 cores; inductor is exercised by the GPU tests and benchmarks.
+@pytest.mark.parametrize("engine", ["sequential", "fused"])
+def test_compiled_engines_train_like_eager(engine):
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 1, 12, 12, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g))
+               for _ in range(3)]
+    eager = group("sequential", perturb=True, dtype=torch.float64)
+    compiled = group(engine, perturb=True, dtype=torch.float64, compile={"backend": "aot_eager"})
+    assert compiled.engine.compile_options == {"backend": "aot_eager"}
+    for x, y in batches:
+        a, b = eager.step(x, y), compiled.step(x, y)
+        assert a.perturbed == b.perturbed and int(a.teacher) == int(b.teacher)
+    sa, sb = eager.state_dict(), compiled.state_dict()
+    assert sa.keys() == sb.keys()  # the compiled wrappers stay out of the module tree
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def test_compile_option_is_checked():
+    with pytest.raises(TypeError, match="compile must be"):
+        group("sequential", compile="max-autotune")
+    assert group("sequential", compile=True).compile_options == {}
+    assert group("sequential").compile_options is None
+
+
 def test_fused_keeps_running_stats_of_the_mutated_network():
     x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
     fused = group("fused", perturb=True)

@@ -138,6 +138,15 @@ def test_config_validation():
         TrainConfig(perturb_ops=["crop", "zoom"]).validate()
     with pytest.raises(ValueError, match="unknown config keys"):
         TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TrainConfig(compile_mode="fastest").validate()
+
+
+def test_compile_settings_reach_the_engine(tmp_path, fmnist_root):
+    trainer = Trainer(small_config(tmp_path, fmnist_root, compile_mode="max-autotune"))
+    assert trainer.group.engine.compile_options == {"mode": "max-autotune"}
+    trainer = Trainer(small_config(tmp_path, fmnist_root, name="plain"))
+    assert trainer.group.engine.compile_options is None
 
 
 def test_bf16_autocast_and_channels_last_run(tmp_path, fmnist_root):

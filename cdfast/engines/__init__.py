@@ -8,6 +8,9 @@
 
 Contract: ``forward(networks, inputs, frozen_bn=-1) -> [output of each network]``,
 where network ``frozen_bn`` must not update its BatchNorm running statistics.
+Every engine takes ``compile_options`` (None, or keyword arguments of
+``torch.compile``): sequential and streams compile each network's forward,
+fused compiles the vmapped forward of the whole group.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ def check_engine_name(name: str) -> None:
         raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_CHOICES)}")
 
 
-def get_engine(name: str, networks: Sequence[nn.Module]):
-    """The engine ``name`` for this group; falls back to sequential (with a message) where it cannot run."""
+def get_engine(name: str, networks: Sequence[nn.Module], compile_options: dict | None = None):
+    """The engine ``name`` for this group; falls back (with a message) where it cannot run.
+
+    ``compile_options``: None for eager execution, else keyword arguments of ``torch.compile``.
+    """
     check_engine_name(name)
     reason = why_not_fusable(networks)
     on_gpu = network_device(networks).type == "cuda"
@@ -55,7 +61,7 @@ def get_engine(name: str, networks: Sequence[nn.Module]):
         log.warning("cdfast: the streams engine needs CUDA; using the sequential engine on %s",
                     network_device(networks))
         name = "sequential"
-    return ENGINES[name]()
+    return ENGINES[name](compile_options)
 
 
 __all__ = ["get_engine", "check_engine_name", "network_device", "ENGINES", "ENGINE_CHOICES",

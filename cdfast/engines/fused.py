@@ -41,8 +41,10 @@ def why_not_fusable(networks: Sequence[nn.Module]) -> str | None:
 class FusedEngine:
     name = "fused"
 
-    def __init__(self):
+    def __init__(self, compile_options: dict | None = None):
+        self.compile_options = compile_options
         self._base: nn.Module | None = None
+        self._group_forward = None
 
     def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor], frozen_bn: int = -1) -> list:
         if self._base is None:
@@ -50,17 +52,20 @@ class FusedEngine:
             if reason is not None:
                 raise ValueError(f"the fused engine needs identical networks: {reason}; use engine='sequential'")
             self._base = copy.deepcopy(networks[0]).to("meta")  # structure only; weights come from the stack
+            base = self._base
+
+            def one(p, b, x):
+                return functional_call(base, (p, b), (x,))
+
+            self._group_forward = vmap(one, in_dims=(0, 0, 0), randomness="different")
+            if self.compile_options is not None:  # one compiled program for the whole group's forward
+                self._group_forward = torch.compile(self._group_forward, **self.compile_options)
         self._base.train(networks[0].training)
         named = [dict(net.named_parameters()) for net in networks]
         named_buffers = [dict(net.named_buffers()) for net in networks]
         params = {k: torch.stack([p[k] for p in named]) for k in named[0]}
         buffers = {k: torch.stack([b[k] for b in named_buffers]) for k in named_buffers[0]}
-        base = self._base
-
-        def one(p, b, x):
-            return functional_call(base, (p, b), (x,))
-
-        out = vmap(one, in_dims=(0, 0, 0), randomness="different")(params, buffers, torch.stack(list(inputs)))
+        out = self._group_forward(params, buffers, torch.stack(list(inputs)))
         with torch.no_grad():  # buffers back to each network; the frozen one keeps its running statistics
             for k, stacked in buffers.items():
                 keep = [i for i in range(len(networks)) if i != frozen_bn or not stacked.is_floating_point()]

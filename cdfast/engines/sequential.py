@@ -9,9 +9,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from cdfast.engines.batchnorm import frozen_batchnorm_stats
+from cdfast.engines.compiled import CompiledNetworks
 
 
-class SequentialEngine:
+class SequentialEngine(CompiledNetworks):
     name = "sequential"
 
     def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor], frozen_bn: int = -1) -> list:
@@ -19,5 +20,5 @@ class SequentialEngine:
         outs = []
         for i, (net, x) in enumerate(zip(networks, inputs)):
             with frozen_batchnorm_stats(net) if i == frozen_bn else nullcontext():
-                outs.append(net(x))
+                outs.append(self.runner(net)(x))
         return outs

@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from cdfast.engines.batchnorm import frozen_batchnorm_stats
+from cdfast.engines.compiled import CompiledNetworks
 
 
 def _tensors(out) -> list[Tensor]:
@@ -26,10 +27,11 @@ def _tensors(out) -> list[Tensor]:
     return [t for t in out if isinstance(t, Tensor)]
 
 
-class StreamsEngine:
+class StreamsEngine(CompiledNetworks):
     name = "streams"
 
-    def __init__(self):
+    def __init__(self, compile_options: dict | None = None):
+        super().__init__(compile_options)
         self._streams: list[torch.cuda.Stream] = []
 
     def _side_streams(self, n: int, device: torch.device) -> list[torch.cuda.Stream]:
@@ -48,7 +50,7 @@ class StreamsEngine:
             stream.wait_stream(main)  # inputs and parameters are ready
             x.record_stream(stream)
             with torch.cuda.stream(stream), (frozen_batchnorm_stats(net) if i == frozen_bn else nullcontext()):
-                outs.append(net(x))
+                outs.append(self.runner(net)(x))
         for stream, out in zip(streams, outs):
             main.wait_stream(stream)
             for t in _tensors(out):

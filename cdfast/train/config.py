@@ -22,6 +22,9 @@ from cdfast.perturb import DEFAULT_OPS, OPS
 from cdfast.train.checkpoint import write_text_atomic
 
 
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _f(default, help: str, **kw):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
@@ -53,6 +56,9 @@ class TrainConfig:
     engine: str = _f("auto", "how the networks execute: auto (GPU: fused for identical networks, else streams; "
                      "CPU: sequential), sequential, streams, fused",
                      choices=ENGINE_CHOICES)
+    compile: bool = _f(False, "torch.compile the networks' forwards (inductor; the first steps compile)")
+    compile_mode: str | None = _f(None, "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, "
+                                        "max-autotune-no-cudagraphs; implies --compile")
     # optimisation
     epochs: int = _f(5, "number of epochs")
     batch_size: int = _f(128, "training batch size")
@@ -95,6 +101,8 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0.0 <= self.perturb_prob <= 1.0, f"perturb_prob must lie in [0, 1], got {self.perturb_prob}")
+        need(self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(map(str, COMPILE_MODES))}, "
+                                                 f"got {self.compile_mode!r}")
         need(self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
         need(self.mode == "competitive" or self.teachers == "best", "teachers=all-better needs mode=competitive")
         need(all(0 < m < 1 for m in self.lr_milestones), f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")

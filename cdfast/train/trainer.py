@@ -89,6 +89,7 @@ class Trainer:
             perturb_bn_stats=cfg.perturb_bn_stats,
             input_shape=self.data.input_shape, autocast_dtype=torch.bfloat16 if cfg.amp else None,
             channels_last=cfg.channels_last, engine=cfg.engine,
+            compile=({"mode": cfg.compile_mode} if cfg.compile_mode else cfg.compile),
         ).to(self.device)
         self.steps_per_epoch = len(self.data.train)
         self.schedulers = [
