@@ -99,33 +99,53 @@ def ablation_table(res: Results, spec: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a minus mean of b, in points, and its standard error (Welch)."""
+    (ma, sa, na), (mb, sb, nb) = _stats(a), _stats(b)
+    return ma - mb, (sa * sa / na + sb * sb / nb) ** 0.5
+
+
+def _verdict(diff: float, se: float) -> str:
+    """A difference counts as clear beyond two standard errors (needs 2+ seeds on both sides)."""
+    if se == 0.0:
+        return "one seed: no spread to judge by"
+    return "clear" if abs(diff) > 2 * se else "within noise"
+
+
 def claims(res: Results, spec: dict[str, Any]) -> list[str]:
-    """Plain statements computed from the numbers: which of the paper's claims held here."""
+    """Plain statements computed from the numbers: which of the paper's claims held here.
+
+    Every difference comes with its standard error over seeds; "clear" means more
+    than two standard errors from zero, "within noise" means not.
+    """
     ind, dml, cd = spec.get("independent", "ind"), spec.get("dml", "dml"), spec.get("cd", "cd")
     out = []
     for base, label in ((ind, "independent training"), (dml, "DML")):
-        wins, total, diffs = 0, 0, []
+        wins, clear_wins, clear_losses, details = 0, 0, 0, []
         for group in res.groups:
-            for i in range(len(res.models(group))):
+            for i, model in enumerate(res.models(group)):
                 a, b = res.values(group, cd, i), res.values(group, base, i)
-                if a and b:
-                    total += 1
-                    diff = _stats(a)[0] - _stats(b)[0]
-                    diffs.append(diff)
-                    wins += diff > 0
-        if total:
-            out.append(f"- CD vs {label}: CD's mean final accuracy is higher for {wins} of {total} networks "
-                       f"(mean difference {statistics.fmean(diffs):+.2f} points).")
+                if not (a and b):
+                    continue
+                diff, se = _difference(a, b)
+                wins += diff > 0
+                clear = _verdict(diff, se) == "clear"
+                clear_wins += clear and diff > 0
+                clear_losses += clear and diff < 0
+                details.append(f"{group} net {i + 1} ({model}) {diff:+.2f} ± {se:.2f}")
+        if details:
+            out.append(f"- CD vs {label}: CD's mean final accuracy is higher for {wins} of {len(details)} networks, "
+                       f"clearly higher (beyond 2 standard errors) for {clear_wins}, clearly lower for "
+                       f"{clear_losses}. Differences in points ± standard error: " + "; ".join(details) + ".")
     ablation = spec.get("ablation", DEFAULT_ABLATION)
     group = spec.get("ablation_group", res.groups[0])
     for name, methods in ablation.items():
         vals = [res.values(group, m, 0) if m else [] for m in methods]
-        if vals[0] and vals[2]:
-            out.append(f"- Perturbation in {name.upper()} ({group}, net 1): "
-                       f"{_stats(vals[2])[0] - _stats(vals[0])[0]:+.2f} points over the backbone.")
-        if vals[0] and vals[1]:
-            out.append(f"- Feature loss in {name.upper()} ({group}, net 1): "
-                       f"{_stats(vals[1])[0] - _stats(vals[0])[0]:+.2f} points over the backbone.")
+        for k, part in ((2, "Perturbation"), (1, "Feature loss")):
+            if vals[0] and vals[k]:
+                diff, se = _difference(vals[k], vals[0])
+                out.append(f"- {part} in {name.upper()} ({group}, net 1): {diff:+.2f} ± {se:.2f} points over the "
+                           f"backbone ({_verdict(diff, se)}).")
     return out
 
 

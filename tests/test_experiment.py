@@ -116,3 +116,13 @@ def test_experiment_cli(tmp_path, fmnist_root, capsys):
     assert main(["report", str(tmp_path / "exp"), "--out", str(tmp_path / "rep"), "--title", "Tiny"]) == 0
     assert (tmp_path / "rep" / "report.md").read_text().startswith("# Tiny")
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_report_judges_differences_by_their_standard_error():
+    from cdfast.report import _difference, _verdict
+
+    diff, se = _difference([0.90, 0.92], [0.80, 0.82])  # stds sqrt(2) points each
+    assert diff == pytest.approx(10.0) and se == pytest.approx(2 ** 0.5)
+    assert _verdict(diff, se) == "clear"
+    assert _verdict(*_difference([0.90, 0.92], [0.89, 0.93])) == "within noise"
+    assert _verdict(*_difference([0.9], [0.8])) == "one seed: no spread to judge by"
