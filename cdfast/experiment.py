@@ -12,7 +12,8 @@ A grid file holds
 Every (group, method, seed) run lives in ``<out>/<group>/<method>/seed-<n>/``
 as an ordinary cdfast run folder. Running the grid again skips finished runs
 and resumes interrupted ones from their checkpoints, so a grid can be stopped
-at any time. ``<out>/results.jsonl`` (one record per finished run) is rebuilt
+at any time; a grid may also grow (seeds, groups, methods) in the same folder,
+as long as what its finished runs were trained with stays the same. ``<out>/results.jsonl`` (one record per finished run) is rebuilt
 from the run folders after every run.
 """
 
@@ -135,6 +136,26 @@ def write_results(grid: Grid, out: Path) -> Path:
     return path
 
 
+def grid_conflict(saved: dict[str, Any], grid: Grid) -> str | None:
+    """Why ``grid`` cannot continue the saved one, or None.
+
+    A grid may grow (more seeds, groups or methods, a group running more methods) and
+    its report section may change, but what its existing runs were trained with may not:
+    the base settings, a group's models, a method's overrides.
+    """
+    if (saved.get("base") or {}) != grid.base:
+        return "the base settings differ"
+    saved_grid = Grid(base=grid.base, groups=saved.get("groups") or {}, methods=saved.get("methods") or {},
+                      seeds=saved.get("seeds") or [])
+    for group in set(saved_grid.groups) & set(grid.groups):
+        if saved_grid.models(group) != grid.models(group):
+            return f"group {group!r} had models {saved_grid.models(group)}, now {grid.models(group)}"
+    for method in set(saved_grid.methods) & set(grid.methods):
+        if (saved_grid.methods[method] or {}) != (grid.methods[method] or {}):
+            return f"method {method!r} had settings {saved_grid.methods[method]}, now {grid.methods[method]}"
+    return None
+
+
 def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = None) -> Path:
     """Run every missing or unfinished run of the grid; returns the results file."""
     from cdfast.train import Trainer
@@ -144,12 +165,11 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
     saved = out / GRID_FILE
     description = yaml.safe_dump(dataclasses.asdict(grid), sort_keys=False)
 
-    def runs_part(spec: dict) -> dict:  # the report section may change; what is trained may not
-        return {k: v for k, v in spec.items() if k != "report"}
-
-    if saved.exists() and runs_part(yaml.safe_load(saved.read_text())) != runs_part(yaml.safe_load(description)):
-        raise ValueError(f"{out} holds another grid ({saved} differs in base, groups, methods or seeds); "
-                         "use another --out folder, or restore the original grid file to resume it")
+    if saved.exists():
+        conflict = grid_conflict(yaml.safe_load(saved.read_text()) or {}, grid)
+        if conflict:
+            raise ValueError(f"{out} holds another grid ({conflict}); use another --out folder, or restore the "
+                             "original grid file to resume it")
     write_text_atomic(description, saved)
     runs = grid.runs()
     for k, (group, method, seed) in enumerate(runs, start=1):

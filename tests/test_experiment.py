@@ -86,6 +86,32 @@ def test_a_group_may_run_a_subset_of_the_methods(tmp_path, fmnist_root):
         Grid.from_yaml(path)
 
 
+def test_a_grid_may_grow_but_not_change_what_it_trained(tmp_path, fmnist_root, monkeypatch):
+    grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root))
+    grid.methods = {"cd": grid.methods["cd"]}
+    grid.seeds = [0]
+    out = tmp_path / "grid"
+    run_grid(grid, out)
+
+    trained = []
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: trained.append(self.cfg.out) or fit(self, *a, **k))
+    grid.seeds = [0, 1]
+    grid.methods["ind"] = {"mode": "independent"}
+    results = run_grid(grid, out)  # only the three new runs train
+    assert sorted(trained) == sorted(str(run_dir(out, "pair", m, s)) for m, s in [("cd", 1), ("ind", 0), ("ind", 1)])
+    assert len(results.read_text().splitlines()) == 4
+
+    changed = Grid.from_yaml(grid_file(tmp_path, fmnist_root))
+    changed.methods = {"cd": {"mode": "competitive", "alpha": 2.0}}
+    with pytest.raises(ValueError, match="method 'cd' had settings"):
+        run_grid(changed, out)
+    changed.methods = grid.methods
+    changed.groups = {"pair": ["resnet8", "resnet20"]}
+    with pytest.raises(ValueError, match="group 'pair' had models"):
+        run_grid(changed, out)
+
+
 def test_grid_errors(tmp_path, fmnist_root):
     bad = tmp_path / "bad.yaml"
     bad.write_text("groups: {a: [resnet8]}\nmethods: {x: {}}\nseeds: [0]\n")
