@@ -149,6 +149,42 @@ def claims(res: Results, spec: dict[str, Any]) -> list[str]:
     return out
 
 
+def _steps(run: dict[str, Any]) -> list[dict[str, str]]:
+    path = Path(run["run_dir"]) / "steps.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def mutation_table(res: Results) -> list[str]:
+    """How often the mutated network won the election, per group and method (the mechanism of the paper:
+    a mutation that helps wins and spreads; one that hurts loses). Needs the runs' steps.csv files."""
+    rows, ops = [], []
+    for group in res.groups:
+        for method in res.methods:
+            perturbed, won, by_op = 0, 0, {}
+            for run in (r for r in res.records if r["group"] == group and r["method"] == method):
+                for step in _steps(run):
+                    if int(step["perturbed"]) < 0:
+                        continue
+                    hit = int(step["teacher"]) == int(step["perturbed"])
+                    perturbed, won = perturbed + 1, won + hit
+                    counts = by_op.setdefault(step["perturbation"], [0, 0])
+                    counts[0], counts[1] = counts[0] + 1, counts[1] + hit
+            if perturbed:
+                ops += [op for op in by_op if op not in ops]
+                rows.append((group, method, perturbed, won, by_op))
+    if not rows:
+        return []
+    lines = ["| group | method | mutated steps | mutated network elected | " + " | ".join(ops) + " |",
+             "|" + "---|" * (4 + len(ops))]
+    for group, method, perturbed, won, by_op in rows:
+        cells = [f"{100 * by_op[op][1] / by_op[op][0]:.1f}%" if op in by_op else "—" for op in ops]
+        lines.append(f"| {group} | {method} | {perturbed} | {100 * won / perturbed:.1f}% | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_curves(res: Results, out: Path) -> list[Path]:
     import matplotlib
 
@@ -194,8 +230,7 @@ def plot_timeline(res: Results, spec: dict[str, Any], out: Path) -> tuple[Path, 
     source = Path(run["run_dir"]) / "teacher_timeline.png"
     target = out / f"teacher-timeline-{group}-{method}.png"
     target.write_bytes(source.read_bytes())
-    with open(Path(run["run_dir"]) / "steps.csv", newline="") as f:
-        teachers = [int(row["teacher"]) for row in csv.DictReader(f)]
+    teachers = [int(step["teacher"]) for step in _steps(run)]
     switches = sum(a != b for a, b in zip(teachers, teachers[1:]))
     share = [teachers.count(i) / len(teachers) for i in range(len(run["models"]))]
     text = (f"{group} / {method} / seed {run['seed']}: {switches} teacher switches in {len(teachers)} steps; "
@@ -222,6 +257,11 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     lines += ablation_table(res, spec)
     lines += ["", "## What the numbers say", ""]
     lines += claims(res, spec)
+    mutations = mutation_table(res)
+    if mutations:
+        lines += ["", "## Did mutations win the election?", "",
+                  "Share of the steps with a mutated network in which that network became the teacher, "
+                  "all seeds pooled, overall and per perturbation op.", ""] + mutations
     lines += ["", "## Learning curves", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plot_curves(res, out)]
     timeline = plot_timeline(res, spec, out)
