@@ -160,7 +160,7 @@ class CompetitiveDistillation(nn.Module):
         self.engine_name = engine
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be True/False or a dict of torch.compile options, got {compile!r}")
-        self.compile_options = (dict(compile) if isinstance(compile, dict) else {}) if compile else None
+        self.compile_options = None if compile is False else {} if compile is True else dict(compile)
         self._engine, self._engine_device = None, None
         check_engine_name(engine)
         self.input_shape = tuple(input_shape) if input_shape is not None else None

@@ -13,8 +13,9 @@ Every (group, method, seed) run lives in ``<out>/<group>/<method>/seed-<n>/``
 as an ordinary cdfast run folder. Running the grid again skips finished runs
 and resumes interrupted ones from their checkpoints, so a grid can be stopped
 at any time; a grid may also grow (seeds, groups, methods) in the same folder,
-as long as what its finished runs were trained with stays the same. ``<out>/results.jsonl`` (one record per finished run) is rebuilt
-from the run folders after every run.
+as long as what its finished runs were trained with stays the same.
+``<out>/results.jsonl`` (one record per finished run) is rebuilt from the run
+folders after every run.
 """
 
 from __future__ import annotations

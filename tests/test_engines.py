@@ -60,6 +60,7 @@ def test_compile_option_is_checked():
     with pytest.raises(TypeError, match="compile must be"):
         group("sequential", compile="max-autotune")
     assert group("sequential", compile=True).compile_options == {}
+    assert group("sequential", compile={}).compile_options == {}  # an empty dict: torch.compile's defaults
     assert group("sequential").compile_options is None
 
 
