@@ -20,6 +20,7 @@ from torch import Tensor
 
 from cdfast import functional as CF
 from cdfast.engines import check_engine_name, get_engine, network_device
+from cdfast.options import check_number, check_option
 from cdfast.models.adapters import FeatureAdapters
 from cdfast.perturb import PerturbationPool, PerturbOp
 
@@ -140,10 +141,18 @@ class CompetitiveDistillation(nn.Module):
             raise ValueError(f"unknown teachers rule {teachers!r}; choose one of {TEACHER_RULES}")
         if mode != "competitive" and teachers != "best":
             raise ValueError(f"teachers={teachers!r} only applies to mode='competitive' (got mode={mode!r})")
-        if not 0.0 <= perturb_prob <= 1.0:
-            raise ValueError(f"perturb_prob must lie in [0, 1], got {perturb_prob}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        alpha, beta = check_option("alpha", alpha), check_option("beta", beta)
+        temperature, perturb_prob = check_option("temperature", temperature), check_option("perturb_prob", perturb_prob)
+        for name, flag in (("feature_loss", feature_loss), ("perturb_bn_stats", perturb_bn_stats),
+                           ("channels_last", channels_last)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if perturb is not None and not isinstance(perturb, bool):
+            raise TypeError(f"perturb must be True, False or None (on for competitive mode), got {perturb!r}")
+        check_number("seed", seed, integer=True, ge=0)
+        bad = [i for i, net in enumerate(networks) if not isinstance(net, nn.Module)]
+        if bad:
+            raise TypeError(f"networks {bad} are not torch.nn.Module instances (got {type(networks[bad[0]]).__name__})")
         classes = {i: getattr(n, "num_classes", None) for i, n in enumerate(networks)}
         if len({k for k in classes.values() if k is not None}) > 1:
             raise ValueError(f"the networks predict different numbers of classes {classes}; every network must predict the same K")
@@ -230,11 +239,34 @@ class CompetitiveDistillation(nn.Module):
         return optimizers
 
     # ---- the step -------------------------------------------------------------
-    def _check_batch(self, x: Tensor, y: Tensor) -> None:
+    def _check_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        """Refuse a batch the networks cannot take, with what to do instead; returns int64 labels."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"images must be a torch.Tensor [B, C, H, W], got {type(x).__name__}; "
+                            "convert with torch.as_tensor(images)")
+        if not isinstance(y, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor of class indices [B], got {type(y).__name__}; "
+                            "convert with torch.as_tensor(labels)")
         if x.dim() != 4:
             raise ValueError(f"expected a batch of images [B, C, H, W], got shape {list(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("the batch is empty (B = 0); skip empty batches before calling the group")
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"labels must be [B] = [{x.shape[0]}] class indices, got shape {list(y.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor, got {x.dtype}; convert and normalize them "
+                            "first (e.g. x.float() / 255, then subtract the mean and divide by the std)")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"labels must hold integer class indices, got {y.dtype}; use labels.long()")
+        device = network_device(self.networks)
+        for what, t in (("images", x), ("labels", y)):
+            if t.device != device:
+                raise ValueError(f"the {what} are on {t.device} but the networks are on {device}; "
+                                 f"move them with .to({str(device)!r})")
+        param = next((p for p in self.networks.parameters() if p.is_floating_point()), None)
+        if self.autocast_dtype is None and param is not None and x.dtype != param.dtype:
+            raise TypeError(f"the images are {x.dtype} but the networks' parameters are {param.dtype}; convert "
+                            f"the batch with x.to({param.dtype}) (or the networks with .to(dtype))")
         for i, net in enumerate(self.networks):
             want = getattr(net, "in_channels", None)
             if want is not None and x.shape[1] != want:
@@ -242,6 +274,7 @@ class CompetitiveDistillation(nn.Module):
                     f"network {i} ({type(net).__name__}) expects {want}-channel images but the batch has shape "
                     f"{list(x.shape)}; build the model with in_channels={x.shape[1]} or fix the data"
                 )
+        return y if y.dtype == torch.int64 else y.long()
 
     def _mutate(self, x: Tensor, y: Tensor):
         """Inputs and targets per network: one random network gets a perturbed batch."""
@@ -265,7 +298,7 @@ class CompetitiveDistillation(nn.Module):
         Use this to drive the group from your own loop: ``out.loss.sum().backward()``
         gives each network exactly the gradient of its own loss.
         """
-        self._check_batch(x, y)
+        y = self._check_batch(x, y)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         inputs, targets, targets_b, lam, r, op_name = self._mutate(x, y)

@@ -13,8 +13,11 @@ from pathlib import Path
 from cdfast.train.config import TrainConfig
 
 EPILOG = """Settings come from the defaults, then --config FILE (YAML with the same keys, '-' or '_'),
-then the flags given here. --resume DIR continues a run from its last checkpoint with the run's
-own config.yaml; flags may then change only what does not alter the result (device, logging, ...)."""
+then the flags given here. --resume DIR continues a run from its last checkpoint (or from step 0
+if it stopped before its first one) with the run's own settings; flags may then change only how
+it executes and reports (device, engine, compile, threads, workers, logging, plots, ...). Any
+other change is refused, listing the differences, unless --resume-with-changes is given: then it
+applies from the resumed step on and is recorded in the run's changes.jsonl."""
 
 
 def _base_type(tp):
@@ -54,28 +57,31 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def flag_overrides(args: argparse.Namespace) -> dict:
+    """The config fields given as flags."""
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in field_names}
-    if args.resume:
-        run = Path(args.resume)
-        run_dir = run.parent if run.is_file() else run
-        config_file = run_dir / "config.yaml"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"cannot resume: {config_file} not found (is {run_dir} a cdfast run folder?)")
-        base = TrainConfig.from_yaml(config_file)
-    elif args.config:
-        base = TrainConfig.from_yaml(args.config)
-    else:
-        base = TrainConfig()
-    return dataclasses.replace(base, **overrides)
+    return {k: v for k, v in vars(args).items() if k in field_names}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The settings of a new run: defaults, then --config, then flags."""
+    base = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    return dataclasses.replace(base, **flag_overrides(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cdfast.train import Trainer
 
-    cfg = config_from_args(args)
-    trainer = Trainer(cfg, resume=args.resume)
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume continues a run with its own settings; drop --config (flags may still "
+                             "change how it executes; see --help)")
+        trainer = Trainer(resume=args.resume, overrides=flag_overrides(args), allow_changes=args.resume_with_changes)
+    else:
+        if args.resume_with_changes:
+            raise ValueError("--resume-with-changes needs --resume RUN_DIR")
+        trainer = Trainer(config_from_args(args))
+    cfg = trainer.cfg
     g = trainer.group
     print(f"cdfast: {cfg.mode} training ({'teachers=' + cfg.teachers + ', ' if cfg.mode == 'competitive' else ''}"
           f"features {'on' if g.feature_loss else 'off'}, perturbation {'on: ' + ','.join(g.pool.names) if g.perturb else 'off'}) "
@@ -126,10 +132,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdfast", description="Competitive Distillation, fast.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a group of networks", epilog=EPILOG)
     train.add_argument("--config", help="YAML config file")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--resume-with-changes", action="store_true",
+                       help="with --resume: apply flags that change the training (lr, alpha, epochs, ...) from the "
+                            "resumed step on, recorded in the run's changes.jsonl")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
     experiment = sub.add_parser(
@@ -153,13 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cdfast.safe_write import WriteError
     from cdfast.train import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
+    if args.debug:
+        return args.func(args)
     try:
         return args.func(args)
     except NonFiniteLossError as e:
-        print(f"cdfast: error: {e}. The last good checkpoint is kept.", file=sys.stderr)
+        print(f"cdfast: error: {e}", file=sys.stderr)
+        return 1
+    except WriteError as e:
+        print(f"cdfast: error: {e.strerror or e}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"cdfast: error: {e}", file=sys.stderr)
@@ -167,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cdfast: interrupted; the last checkpoint (if any) is intact, continue with --resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, the traceback on request
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"cdfast: unexpected error in `cdfast {args.command}`: {type(e).__name__}: {first[:300]}. "
+              "Run again with `cdfast --debug ...` for the full traceback; completed checkpoints are intact",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

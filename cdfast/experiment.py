@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,20 @@ from typing import Any
 
 import yaml
 
-from cdfast.train.checkpoint import write_text_atomic
+from cdfast.safe_write import atomic_write
 from cdfast.train.config import TrainConfig, read_yaml_mapping
-from cdfast.train.metrics import read_epochs
+from cdfast.train.run_folder import has_checkpoint, read_epochs, run_state
 
 RESULTS_FILE = "results.jsonl"
 GRID_FILE = "grid.yaml"
+# Group and method names become folder names: plain names only, never a path.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+
+
+def check_name(kind: str, name: Any) -> None:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ValueError(f"{kind} name {name!r} is not a plain name: it becomes a folder name, so use letters, "
+                         "digits and _ . + = - only (starting with a letter or digit, no '..', no '/')")
 
 
 @dataclass
@@ -54,6 +63,8 @@ class Grid:
         unknown = sorted(set(raw) - {"base", "groups", "methods", "seeds", "report"})
         if unknown:
             raise ValueError(f"grid file {path} has unknown keys {unknown}")
+        if not isinstance(raw["seeds"], list):
+            raise ValueError(f"grid file {path}: seeds must be a list such as [0, 1, 2], got {raw['seeds']!r}")
         grid = cls(base=raw.get("base") or {}, groups=raw["groups"], methods=raw["methods"],
                    seeds=list(raw["seeds"]), report=raw.get("report") or {})
         grid.validate()
@@ -67,7 +78,10 @@ class Grid:
 
     def models(self, group: str) -> list[str]:
         spec = self.groups[group]
-        return list(spec["models"] if isinstance(spec, dict) else spec)
+        models = spec["models"] if isinstance(spec, dict) else spec
+        if not isinstance(models, list):
+            raise ValueError(f"group {group!r}: models must be a list such as [resnet8, resnet20], got {models!r}")
+        return list(models)
 
     def methods_of(self, group: str) -> list[str]:
         """The methods run on ``group``: all of them unless the group lists its own."""
@@ -75,8 +89,20 @@ class Grid:
         return list(spec.get("methods") or self.methods) if isinstance(spec, dict) else list(self.methods)
 
     def validate(self) -> None:
+        for key, value in (("base", self.base), ("groups", self.groups), ("methods", self.methods)):
+            if not isinstance(value, dict):
+                raise ValueError(f"the grid's '{key}' must be a mapping of names to settings, got {type(value).__name__}")
         if not self.groups or not self.methods or not self.seeds:
             raise ValueError("a grid needs at least one group, one method and one seed")
+        for group in self.groups:
+            check_name("group", group)
+        for method, overrides in self.methods.items():
+            check_name("method", method)
+            if not isinstance(overrides or {}, dict):
+                raise ValueError(f"method {method!r} must map settings to values, got {overrides!r}")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise ValueError(f"seeds must be integers >= 0, got {seed!r}")
         for group, spec in self.groups.items():
             if isinstance(spec, dict):
                 unknown = sorted(set(spec) - {"models", "methods"})
@@ -96,14 +122,6 @@ class Grid:
 
 def run_dir(out: Path, group: str, method: str, seed: int) -> Path:
     return Path(out) / group / method / f"seed-{seed}"
-
-
-def run_state(path: Path, epochs: int) -> str:
-    """'done', 'partial' (has a checkpoint) or 'new'."""
-    finished = read_epochs(path)
-    if finished and finished[-1]["epoch"] >= epochs and (path / "checkpoint.pt").exists():
-        return "done"
-    return "partial" if (path / "checkpoint.pt").exists() else "new"
 
 
 def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
@@ -133,7 +151,7 @@ def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
 def write_results(grid: Grid, out: Path) -> Path:
     records = collect_results(grid, out)
     path = out / RESULTS_FILE
-    write_text_atomic("".join(json.dumps(r) + "\n" for r in records), path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
@@ -162,16 +180,21 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
     from cdfast.train import Trainer
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     saved = out / GRID_FILE
     description = yaml.safe_dump(dataclasses.asdict(grid), sort_keys=False)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and not saved.is_file() and any(out.iterdir()):
+        raise ValueError(f"--out {out} holds files cdfast did not write and no {GRID_FILE}; pass a new or empty "
+                         "folder, or the folder of this grid (nothing there was touched)")
+    out.mkdir(parents=True, exist_ok=True)
 
     if saved.exists():
-        conflict = grid_conflict(yaml.safe_load(saved.read_text()) or {}, grid)
+        conflict = grid_conflict(read_yaml_mapping(saved, "saved grid"), grid)
         if conflict:
             raise ValueError(f"{out} holds another grid ({conflict}); use another --out folder, or restore the "
                              "original grid file to resume it")
-    write_text_atomic(description, saved)
+    atomic_write(saved, description)
     runs = grid.runs()
     for k, (group, method, seed) in enumerate(runs, start=1):
         cfg = dataclasses.replace(grid.config(group, method, seed, out), **(overrides or {}))
@@ -182,7 +205,8 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
         if state == "done":
             continue
         t0 = time.perf_counter()
-        trainer = Trainer(cfg, resume=path if state == "partial" else None)
+        # A run folder without a checkpoint (stopped before its first one) simply starts again.
+        trainer = Trainer(cfg, resume=path if state == "partial" and has_checkpoint(path) else None)
         summary = trainer.fit()
         accs = ", ".join(f"{100 * a:.2f}%" for a in summary["final_acc"])
         print(f"cdfast experiment [{k}/{len(runs)}] final test accuracy {accs} "

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from cdfast import _ops, _student_loss_op, reference
+from cdfast.options import check_option
 
 __all__ = [
     "competitive_ce",
@@ -40,16 +41,33 @@ __all__ = [
 DISTILLATION_MODES = ("best", "all-better", "all", "none")
 
 
-def _stack(logits: Tensor | Sequence[Tensor]) -> Tensor:
+def _stack(logits: Tensor | Sequence[Tensor], name: str = "logits") -> Tensor:
+    """A stacked ``[N, ...]`` tensor from a tensor or a list of the N networks' tensors."""
     if isinstance(logits, Tensor):
         return logits
+    if not isinstance(logits, (list, tuple)) or not all(isinstance(z, Tensor) for z in logits):
+        raise TypeError(f"{name} must be a tensor stacked per network or a list of the networks' tensors, "
+                        f"got {type(logits).__name__}")
+    if not logits:
+        raise ValueError(f"{name} is an empty list; pass the outputs of N >= 2 networks")
     shapes = [tuple(z.shape) for z in logits]
     if len(set(shapes)) != 1:
         raise ValueError(
-            f"the networks' logits have different shapes {shapes}; every network of a group "
+            f"the networks' {name} have different shapes {shapes}; every network of a group "
             "must see the same batch and predict the same number of classes"
         )
+    devices = {z.device for z in logits}
+    if len(devices) != 1:
+        raise ValueError(f"the networks' {name} lie on different devices {sorted(map(str, devices))}; "
+                         "move them to one device before stacking")
     return torch.stack(list(logits))
+
+
+def _check_tensor(t, name: str, device: torch.device, hint: str = "") -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}{hint}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the logits are on {device}; move it with .to({str(device)!r})")
 
 
 def _check_group_logits(logits: Tensor, name: str = "logits") -> None:
@@ -62,6 +80,8 @@ def _check_group_logits(logits: Tensor, name: str = "logits") -> None:
         )
     if logits.shape[-3] < 2:
         raise ValueError(f"a group needs N >= 2 networks, got N = {logits.shape[-3]} in {name} {list(logits.shape)}")
+    if logits.shape[-2] == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{name} {list(logits.shape)} hold an empty batch or no classes; skip empty batches")
 
 
 def _check_labels(labels: Tensor, num_classes: int, name: str, values: bool = True) -> None:
@@ -111,9 +131,13 @@ def competitive_ce(
             ``targets`` and a per-network weight ``lam [N]`` of ``targets``.
     Returns:
         ``(ce [N] float32, teacher int64 0-d tensor)``; ties elect the lowest index.
+        A network whose CE is NaN or infinite is never elected; if every CE is
+        non-finite, network 0 is returned and ``ce`` shows the failure (check it
+        where you read your metrics: testing it here would sync the device).
     """
     logits = _stack(logits)
     _check_group_logits(logits)
+    _check_tensor(targets, "targets", logits.device, "; convert labels with torch.as_tensor(labels)")
     k = logits.shape[-1]
     use_op = _ops.op_available(logits.device)  # the compiled op checks label values itself
     targets = _group_targets(targets, logits.shape, "targets")
@@ -121,6 +145,8 @@ def competitive_ce(
     if (targets_b is None) != (lam is None):
         raise ValueError("mixed labels need both targets_b and lam (or neither)")
     if targets_b is not None:
+        _check_tensor(targets_b, "targets_b", logits.device)
+        _check_tensor(lam, "lam", logits.device)
         targets_b = _group_targets(targets_b, logits.shape, "targets_b")
         _check_labels(targets_b, k, "targets_b", values=not use_op)
         if tuple(lam.shape) != tuple(logits.shape[:-2]):
@@ -133,8 +159,11 @@ def competitive_ce(
 
 
 def elect_teacher(ce_losses: Tensor | Sequence[Tensor]) -> Tensor:
-    """Index of the network with the lowest loss (ties: lowest index), as an int64 device tensor."""
-    ce = torch.stack(list(ce_losses)) if not isinstance(ce_losses, Tensor) else ce_losses
+    """Index of the network with the lowest loss (ties: lowest index), as an int64 device tensor.
+
+    NaN or infinite losses are never elected (see :func:`competitive_ce`).
+    """
+    ce = _stack(ce_losses, "ce_losses")
     if ce.dim() == 0 or ce.shape[-1] < 2:
         raise ValueError(f"elect_teacher needs the losses of N >= 2 networks, got shape {list(ce.shape)}")
     return reference.elect_teacher(ce)
@@ -151,12 +180,18 @@ def student_loss(
     beta: float = 1.0,
 ) -> Tensor:
     """``alpha*T^2*KL(p_t||p_s) + beta*mean((F_s-F_t)^2)`` for one student; teacher outputs are constants."""
+    if not isinstance(student_logits, Tensor):
+        raise TypeError(f"student_logits must be a torch.Tensor [B, K], got {type(student_logits).__name__}")
+    for name, t in (("teacher_logits", teacher_logits), ("student_feats", student_feats),
+                    ("teacher_feats", teacher_feats)):
+        if t is not None:
+            _check_tensor(t, name, student_logits.device)
+    temperature, alpha, beta = _check_weights(temperature, alpha, beta)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {list(student_logits.shape)} and teacher logits "
             f"{list(teacher_logits.shape)} must have the same shape [B, K]"
         )
-    _check_temperature(temperature)
     if (student_feats is None) != (teacher_feats is None):
         raise ValueError("pass both student_feats and teacher_feats, or neither")
     if student_feats is not None and student_feats.shape != teacher_feats.shape:
@@ -182,11 +217,24 @@ def group_student_loss(
 ) -> Tensor:
     """Student loss of every network towards the teacher ``[N]``; exactly 0 at the teacher.
 
-    ``teacher`` is the int64 device tensor from :func:`competitive_ce`: nothing
-    here reads it on the host, so the step stays free of syncs.
+    ``logits [N, B, K]`` (or a list of N ``[B, K]``), ``feats [N, B, ...]`` (or a list)
+    or None. ``teacher`` is the int64 device tensor from :func:`competitive_ce`: nothing
+    here reads it on the host, so the step stays free of syncs. One group per call
+    (for ``[G, N, B, K]`` logits, call it per group with its teacher).
     """
+    logits = _stack(logits)
     _check_group_logits(logits)
-    _check_temperature(temperature)
+    if logits.dim() != 3:
+        raise ValueError(f"group_student_loss takes one group, logits [N, B, K]; got {list(logits.shape)}. For "
+                         "several groups, call it once per group with that group's teacher")
+    temperature, alpha, beta = _check_weights(temperature, alpha, beta)
+    if feats is not None:
+        feats = _stack(feats, "feats")
+        _check_tensor(feats, "feats", logits.device)
+    if not isinstance(teacher, Tensor):
+        raise TypeError(f"teacher must be a 0-d int64 tensor on the logits' device (from competitive_ce), got "
+                        f"{type(teacher).__name__} {teacher!r}; use torch.tensor({teacher!r}, device=logits.device)")
+    _check_tensor(teacher, "teacher", logits.device)
     if feats is not None and tuple(feats.shape[:2]) != tuple(logits.shape[:2]):
         raise ValueError(
             f"feats {list(feats.shape)} must be stacked like the logits {list(logits.shape)}: [N, B, ...]"
@@ -214,8 +262,14 @@ def weighted_student_loss(
     beta: float = 1.0,
 ) -> Tensor:
     """Student loss when a network may learn from several others (all-better, DML). ``[N]``."""
+    logits = _stack(logits)
     _check_group_logits(logits)
-    _check_temperature(temperature)
+    if logits.dim() != 3:
+        raise ValueError(f"weighted_student_loss takes one group, logits [N, B, K]; got {list(logits.shape)}")
+    temperature, alpha, beta = _check_weights(temperature, alpha, beta)
+    _check_tensor(weights, "weights", logits.device)
+    if feature_l2 is not None:
+        _check_tensor(feature_l2, "feature_l2", logits.device)
     n = logits.shape[0]
     if tuple(weights.shape) != (n, n):
         raise ValueError(f"weights must be [N, N] = [{n}, {n}], got {list(weights.shape)}")
@@ -234,6 +288,5 @@ def distillation_weights(ce: Tensor, mode: str) -> Tensor:
 pairwise_feature_l2 = reference.pairwise_feature_l2
 
 
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+def _check_weights(temperature, alpha, beta) -> tuple[float, float, float]:
+    return check_option("temperature", temperature), check_option("alpha", alpha), check_option("beta", beta)

@@ -39,9 +39,11 @@ def elect_teacher(ce: Tensor) -> Tensor:
     """Index of the lowest cross-entropy along the last dim; ties go to the lowest index.
 
     ``torch.argmin`` returns the first minimal index, which is the tie rule the
-    method asks for. The result stays on ``ce``'s device (no host sync).
+    method asks for. A NaN or infinite CE is never elected (argmin alone would
+    pick a NaN); if every CE is non-finite, index 0 comes back and the CE values
+    themselves show the failure. The result stays on ``ce``'s device (no host sync).
     """
-    return torch.argmin(ce, dim=-1)
+    return torch.argmin(torch.where(torch.isfinite(ce), ce, torch.inf), dim=-1)
 
 
 def competitive_ce(

@@ -25,10 +25,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from cdfast.experiment import GRID_FILE, RESULTS_FILE
-from cdfast.train.checkpoint import write_text_atomic
+from cdfast.safe_write import atomic_write
+from cdfast.train.config import read_yaml_mapping
 
 DEFAULT_ABLATION = {"cd": ["cd-backbone", "cd+feat", "cd+perturb", "cd"],
                     "dml": ["dml", "dml+feat", "dml+perturb", "dml+both"]}
@@ -65,10 +65,14 @@ def load(grid_dir: Path) -> tuple[Results, dict[str, Any]]:
     path = grid_dir / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {RESULTS_FILE} in {grid_dir}; run `cdfast experiment` first")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is corrupt at line {e.lineno} ({e.msg}); rerun `cdfast experiment` on this "
+                         "folder to rebuild it from the run folders") from None
     if not records:
         raise ValueError(f"{path} holds no finished runs yet")
-    grid = yaml.safe_load((grid_dir / GRID_FILE).read_text()) if (grid_dir / GRID_FILE).exists() else {}
+    grid = read_yaml_mapping(grid_dir / GRID_FILE, "grid file") if (grid_dir / GRID_FILE).exists() else {}
     return Results(records), (grid.get("report") or {})
 
 
@@ -210,7 +214,7 @@ def plot_curves(res: Results, out: Path) -> list[Path]:
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         path = out / f"curves-{group}.png"
-        fig.savefig(path, dpi=110)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
         written.append(path)
     return written
@@ -229,7 +233,7 @@ def plot_timeline(res: Results, spec: dict[str, Any], out: Path) -> tuple[Path, 
     plot_run(Path(run["run_dir"]), run["models"])
     source = Path(run["run_dir"]) / "teacher_timeline.png"
     target = out / f"teacher-timeline-{group}-{method}.png"
-    target.write_bytes(source.read_bytes())
+    atomic_write(target, source.read_bytes())
     teachers = [int(step["teacher"]) for step in _steps(run)]
     switches = sum(a != b for a, b in zip(teachers, teachers[1:]))
     share = [teachers.count(i) / len(teachers) for i in range(len(run["models"]))]
@@ -270,5 +274,5 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
         lines += ["", "## Teacher timeline of a heterogeneous pair (like the paper's Fig. 3a)", "",
                   text + ".", "", f"![teacher timeline]({image.name})"]
     path = out / "report.md"
-    write_text_atomic("\n".join(lines) + "\n", path)
+    atomic_write(path, "\n".join(lines) + "\n")
     return path

@@ -48,7 +48,7 @@ def test_cli_bad_input_exits_with_a_message(tmp_path, capsys):
     assert main(["train", "--models", "resnet8", "--out", str(tmp_path / "y")]) == 2
     assert "at least 2 models" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
-    assert "config.yaml not found" in capsys.readouterr().err
+    assert "does not exist; pass the folder of a cdfast run" in capsys.readouterr().err
 
 
 def test_models_command(capsys):

@@ -1,5 +1,6 @@
 """The comparison-grid tool and its report, on a tiny grid of real Fashion-MNIST."""
 
+import dataclasses
 import json
 
 import pytest
@@ -61,6 +62,8 @@ def test_grid_resumes_an_interrupted_run(tmp_path, fmnist_root):
     grid.seeds = [0]
     out = tmp_path / "grid"
     cfg = grid.config("pair", "cd", 0, out)
+    out.mkdir()
+    (out / "grid.yaml").write_text(yaml.safe_dump(dataclasses.asdict(grid)))  # what run_grid writes first
     Trainer(cfg).fit(until_epoch=1)  # "crash" after epoch 1
     results = run_grid(grid, out)
     record = json.loads(results.read_text())

@@ -81,7 +81,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fmnist_root):
 
 def test_atomic_save_survives_a_crash_while_writing(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    save_atomic({"epoch": 1}, path)
+    save_atomic({"config": {}, "epoch": 1, "step": 4}, path)
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
@@ -89,7 +89,7 @@ def test_atomic_save_survives_a_crash_while_writing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        save_atomic({"epoch": 2}, path)
+        save_atomic({"config": {}, "epoch": 2, "step": 8}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
@@ -103,12 +103,12 @@ def test_refuses_to_overwrite_a_run(tmp_path, fmnist_root):
 
 def test_resume_with_mismatched_or_broken_checkpoint(tmp_path, fmnist_root):
     Trainer(small_config(tmp_path, fmnist_root)).fit(until_epoch=1)
-    with pytest.raises(ValueError, match="models: checkpoint has"):
+    with pytest.raises(ValueError, match=r"with other models \(models: \['resnet8', 'resnet8'\] -> "):
         Trainer(small_config(tmp_path, fmnist_root, models=["resnet8", "resnet14"]), resume=tmp_path / "run")
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="unreadable"):
         Trainer(small_config(tmp_path, fmnist_root), resume=tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         Trainer(small_config(tmp_path, fmnist_root), resume=tmp_path / "elsewhere")
 
 

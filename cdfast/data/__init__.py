@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cdfast.data.cifar import load_cifar
-from cdfast.data.folder import FolderLoader, image_folder_splits
+from cdfast.data.folder import BadImageError, FolderLoader, image_folder_splits
 from cdfast.data.idx import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from cdfast.data.idx import load_fashion_mnist
 from cdfast.data.loader import TensorLoader
@@ -37,6 +37,8 @@ class DataBundle:
 
 
 def _check_labels(name: str, split: str, labels: torch.Tensor, num_classes: int) -> None:
+    if labels.numel() == 0:
+        raise ValueError(f"{name} {split} split holds no images")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"{name} {split} labels lie in [{lo}, {hi}], outside [0, {num_classes}); the files are corrupt or mislabelled")
@@ -65,8 +67,12 @@ def load_data(
     workers: int = 4,
     image_size: int = 224,
     in_channels: int = 3,
+    skip_bad_images: bool = False,
 ) -> DataBundle:
     """Load a data set by name with its standard augmentation.
+
+    ``skip_bad_images`` (image folders): leave unreadable or empty images out with a
+    counted warning instead of stopping with an error that names the file.
 
     Fashion-MNIST and CIFAR are held in memory (on ``device``) and batched by
     :class:`TensorLoader`; ``imagefolder`` streams JPEGs through torchvision.
@@ -75,8 +81,10 @@ def load_data(
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "imagefolder":
         train_dir, val_dir, classes = image_folder_splits(root)
-        train = FolderLoader(train_dir, True, batch_size, workers, image_size, in_channels, seed, train_subset)
-        test = FolderLoader(val_dir, False, eval_batch_size, workers, image_size, in_channels, seed, test_subset)
+        train = FolderLoader(train_dir, True, batch_size, workers, image_size, in_channels, seed, train_subset,
+                             skip_bad_images)
+        test = FolderLoader(val_dir, False, eval_batch_size, workers, image_size, in_channels, seed, test_subset,
+                            skip_bad_images)
         return DataBundle(name, train, test, len(classes), (in_channels, image_size, image_size),
                           len(train.loader.dataset), len(test.loader.dataset))
     num_classes, channels, mean, std, pad = IN_MEMORY[name]
@@ -92,5 +100,5 @@ def load_data(
     return DataBundle(name, train, test, num_classes, tuple(train_x.shape[1:]), train_x.shape[0], test_x.shape[0])
 
 
-__all__ = ["load_data", "DataBundle", "DATASETS", "TensorLoader", "FolderLoader",
+__all__ = ["load_data", "DataBundle", "DATASETS", "TensorLoader", "FolderLoader", "BadImageError",
            "load_fashion_mnist", "load_cifar", "FASHION_MNIST_ROOT"]

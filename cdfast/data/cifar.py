@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,14 +21,51 @@ def _how_to_get(num_classes: int) -> str:
             f"--data-dir pointing at the extracted '{folder}' folder (or the folder that contains it)")
 
 
-def _read(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+# What a CIFAR batch may hold besides dicts, lists, str/bytes and numbers: NumPy arrays
+# (pickled by numpy 1.x or 2.x, protocol 2 or 5; protocol 2 spells bytes as _codecs.encode
+# of a str). Nothing else can be built, so a crafted file cannot run code.
+_ALLOWED_GLOBALS = {
+    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR batch holds only dicts, lists, "
+                                     "strings and NumPy arrays")
+
+
+def safe_unpickle(path: Path) -> Any:
+    """Unpickle a CIFAR python batch, admitting only what the format holds."""
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+        return _CifarUnpickler(f, encoding="bytes").load()
+
+
+def _read(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = safe_unpickle(path)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path} is not a readable CIFAR python batch ({type(e).__name__}: {e})") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR python batch (it holds a {type(batch).__name__}, not a dict)")
     try:
         data, labels = batch[b"data"], batch[label_key]
     except KeyError as e:
         raise ValueError(f"{path} is not a CIFAR python batch (missing key {e})") from e
-    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+    try:
+        images = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path} holds malformed CIFAR data ({e})") from None
+    if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{path} holds {images.shape[0]} images and {labels.shape[0]} labels; a CIFAR batch "
+                         "needs one label per image and at least one image")
+    return images, labels
 
 
 def load_cifar(root: str | Path | None, num_classes: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

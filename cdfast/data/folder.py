@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -24,14 +26,56 @@ def _transforms(image_size: int, train: bool, in_channels: int):
     return T.Compose([T.PILToTensor(), *gray, *geometry, T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
 
+SKIP_HINT = "remove or replace the file, or pass --skip-bad-images to skip unreadable images with a warning"
+
+
+class BadImageError(ValueError):
+    """An image file cannot be read or decoded; the message names it."""
+
+
+def _checked_folder(root: Path, transform):
+    """An ImageFolder whose unreadable samples come back as ``(None, (path, reason))`` instead of raising
+    inside a worker, so the main process can name the file (or skip it, if asked)."""
+    from torchvision.datasets import ImageFolder
+
+    class CheckedImageFolder(ImageFolder):
+        def __getitem__(self, index):
+            path, _ = self.samples[index]
+            try:
+                return super().__getitem__(index)
+            except Exception as e:  # noqa: BLE001 - any decode failure is reported with the file's name
+                return None, (path, f"{type(e).__name__}: {e}")
+
+    return CheckedImageFolder(str(root), transform=transform)
+
+
+def _collate(samples):
+    """A batch of the readable samples, and the unreadable ones' (path, reason)."""
+    good = [s for s in samples if s[0] is not None]
+    bad = [s[1] for s in samples if s[0] is None]
+    return (default_collate(good) if good else None), bad
+
+
 class FolderLoader:
-    """A seeded DataLoader over an ImageFolder split; its generator state goes into checkpoints."""
+    """A seeded DataLoader over an ImageFolder split; its generator state goes into checkpoints.
+
+    Unreadable images stop the run with an error naming the file, or, with
+    ``skip_bad_images``, are left out of their batch and counted in a warning.
+    Empty files are found before training starts.
+    """
 
     def __init__(self, root: Path, train: bool, batch_size: int, workers: int, image_size: int,
-                 in_channels: int, seed: int, subset: int | None = None):
-        from torchvision.datasets import ImageFolder
-
-        self.dataset = ImageFolder(str(root), transform=_transforms(image_size, train, in_channels))
+                 in_channels: int, seed: int, subset: int | None = None, skip_bad_images: bool = False):
+        self.dataset = _checked_folder(root, _transforms(image_size, train, in_channels))
+        self.skip_bad_images, self.skipped = skip_bad_images, set()
+        empty = [path for path, _ in self.dataset.samples if os.path.getsize(path) == 0]
+        if empty:
+            if not skip_bad_images:
+                raise BadImageError(f"{len(empty)} empty image file(s) in {root}, e.g. {empty[0]}; {SKIP_HINT}")
+            warnings.warn(f"cdfast: skipping {len(empty)} empty image file(s) in {root}, e.g. {empty[0]}", stacklevel=2)
+            empty_set = set(empty)
+            self.dataset.samples = [s for s in self.dataset.samples if s[0] not in empty_set]
+            self.dataset.imgs, self.dataset.targets = self.dataset.samples, [t for _, t in self.dataset.samples]
         dataset = self.dataset
         if subset is not None and subset < len(dataset):
             pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset]
@@ -39,13 +83,24 @@ class FolderLoader:
         self.generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
                                  num_workers=workers, generator=self.generator, pin_memory=torch.cuda.is_available(),
-                                 persistent_workers=False)
+                                 persistent_workers=False, collate_fn=_collate)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(self.loader)
+        for batch, bad in self.loader:
+            if bad:
+                path, reason = bad[0]
+                if not self.skip_bad_images:
+                    raise BadImageError(f"cannot read image {path} ({reason}); {SKIP_HINT}")
+                new = [p for p, _ in bad if p not in self.skipped]
+                self.skipped.update(new)
+                if new:
+                    warnings.warn(f"cdfast: skipped unreadable image {new[0]} ({reason}); "
+                                  f"{len(self.skipped)} skipped so far", stacklevel=2)
+            if batch is not None:
+                yield batch
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +30,25 @@ def _find(root: Path, stem: str) -> Path:
 
 def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path} is corrupt or truncated ({e}); download or reinstall it "
+                         "(apt-get install --reinstall dataset-fashion-mnist)") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number); is the download complete?")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: its header is incomplete")
     payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if payload.size != int(np.prod(dims)):
         raise ValueError(f"{path} is truncated: header says {dims}, found {payload.size} bytes of data")
+    if dims[0] == 0:
+        raise ValueError(f"{path} holds no items (header says {dims}); it is not a usable data file")
     return payload.reshape(dims)
 
 

@@ -1,13 +1,19 @@
 """The training configuration: one flat dataclass, read from YAML and overridden on the command line.
 
-Every field documents itself (``help``), and the ``cdfast train`` flags are
-generated from these fields, so the CLI, the config files and the code cannot
-drift apart.
+Every field documents itself (``help``) and carries its valid range, and the
+``cdfast train`` flags are generated from these fields, so the CLI, the config
+files and the code cannot drift apart. :meth:`TrainConfig.validate` checks
+every value's type strictly (``epochs: 1.5``, ``lr: "0.1"`` or ``perturb: "no"``
+are refused, not coerced) and its range; the hyper-parameters the group shares
+take their ranges from :mod:`cdfast.options`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +24,17 @@ from cdfast.algorithm import MODES, TEACHER_RULES
 from cdfast.data import DATASETS
 from cdfast.engines import ENGINE_CHOICES
 from cdfast.models import FEATURE_MODES, check_model_name
+from cdfast.options import RANGES, check_number
 from cdfast.perturb import DEFAULT_OPS, OPS
-from cdfast.train.checkpoint import write_text_atomic
-
+from cdfast.safe_write import atomic_write
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+RANGE_KEYS = ("ge", "gt", "le", "lt")
 
 
 def _f(default, help: str, **kw):
+    """A config field: its default, its help text, and optionally ``choices`` or bounds (ge/gt/le/lt)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -36,21 +45,23 @@ class TrainConfig:
     # data
     data: str = _f("fashion-mnist", f"data set: {', '.join(DATASETS)}", choices=DATASETS)
     data_dir: str | None = _f(None, "folder of the data set (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
-    train_subset: int | None = _f(None, "train on a random subset of this many images")
-    test_subset: int | None = _f(None, "evaluate on a random subset of this many images")
-    image_size: int = _f(224, "crop size for imagefolder data")
-    workers: int = _f(4, "DataLoader workers for imagefolder data")
+    train_subset: int | None = _f(None, "train on a random subset of this many images", ge=1)
+    test_subset: int | None = _f(None, "evaluate on a random subset of this many images", ge=1)
+    image_size: int = _f(224, "crop size for imagefolder data", ge=8)
+    workers: int = _f(4, "DataLoader workers for imagefolder data", ge=0)
+    skip_bad_images: bool = _f(False, "imagefolder: skip unreadable or empty images with a counted warning "
+                                      "(default: stop and name the file)")
     # group
     models: list[str] = _f(["resnet8", "resnet8"], "the group's networks, comma-separated (cdfast models lists them)")
     features: str = _f("pooled", "feature tensor for the L2 loss: pooled penultimate or last feature map", choices=FEATURE_MODES)
     mode: str = _f("competitive", "training mode", choices=MODES)
     teachers: str = _f("best", "competitive teacher rule: best (argmin) or all-better", choices=TEACHER_RULES)
-    alpha: float = _f(1.0, "weight of the KL term")
-    beta: float = _f(1.0, "weight of the feature L2 term")
-    temperature: float = _f(1.0, "softmax temperature of the KL term")
+    alpha: float = _f(1.0, "weight of the KL term", **RANGES["alpha"])
+    beta: float = _f(1.0, "weight of the feature L2 term", **RANGES["beta"])
+    temperature: float = _f(1.0, "softmax temperature of the KL term", **RANGES["temperature"])
     feature_loss: bool = _f(True, "add the feature L2 term to the students' losses")
     perturb: bool | None = _f(None, "mutate one random network's batch per step (default: on for competitive, off otherwise)")
-    perturb_prob: float = _f(1.0, "probability of a mutation in a step")
+    perturb_prob: float = _f(1.0, "probability of a mutation in a step", **RANGES["perturb_prob"])
     perturb_ops: list[str] = _f(list(DEFAULT_OPS), f"perturbation pool, comma-separated from: {', '.join(OPS)}")
     perturb_bn_stats: bool = _f(False, "let perturbed batches update the mutated network's BatchNorm running statistics")
     engine: str = _f("auto", "how the networks execute: auto (GPU: fused for identical networks, else streams; "
@@ -60,57 +71,62 @@ class TrainConfig:
     compile_mode: str | None = _f(None, "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, "
                                         "max-autotune-no-cudagraphs; implies --compile")
     # optimisation
-    epochs: int = _f(5, "number of epochs")
-    batch_size: int = _f(128, "training batch size")
-    eval_batch_size: int = _f(1000, "evaluation batch size")
-    lr: float = _f(0.1, "initial learning rate")
-    momentum: float = _f(0.9, "SGD momentum")
+    epochs: int = _f(5, "number of epochs", ge=1)
+    batch_size: int = _f(128, "training batch size", ge=1)
+    eval_batch_size: int = _f(1000, "evaluation batch size", ge=1)
+    lr: float = _f(0.1, "initial learning rate", gt=0)
+    momentum: float = _f(0.9, "SGD momentum", ge=0, lt=1)
     nesterov: bool = _f(True, "Nesterov momentum")
-    weight_decay: float = _f(5e-4, "L2 weight decay")
+    weight_decay: float = _f(5e-4, "L2 weight decay", ge=0)
     schedule: str = _f("cosine", "learning-rate schedule, stepped every iteration", choices=("cosine", "step", "constant"))
-    lr_milestones: list[float] = _f([0.5, 0.75], "step schedule: fractions of training where the lr drops")
-    lr_gamma: float = _f(0.1, "step schedule: lr factor at each milestone")
-    warmup_epochs: float = _f(0.0, "linear learning-rate warm-up, in epochs")
+    lr_milestones: list[float] = _f([0.5, 0.75], "step schedule: fractions of training where the lr drops", gt=0, lt=1)
+    lr_gamma: float = _f(0.1, "step schedule: lr factor at each milestone", gt=0)
+    warmup_epochs: float = _f(0.0, "linear learning-rate warm-up, in epochs", ge=0)
     fused_sgd: bool = _f(False, "PyTorch's fused SGD kernel (all parameters of a network in one step kernel); "
                                 "default: foreach on CUDA, per-parameter on the CPU")
     # execution
-    seed: int = _f(0, "random seed (models, data order, augmentation, perturbations)")
+    seed: int = _f(0, "random seed (models, data order, augmentation, perturbations)", ge=0, lt=2**63)
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     amp: bool = _f(False, "bf16 autocast for the forward passes")
     channels_last: bool = _f(False, "channels-last memory format for models and batches")
-    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
+    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", ge=1)
     # output
-    out: str | None = _f(None, "output folder (default: runs/<data>-<mode>-<time>)")
-    log_interval: int = _f(20, "steps between metric reads (host syncs) and progress updates")
+    out: str | None = _f(None, "output folder (default: runs/<data>-<mode>-<time>); must be new, empty, or a cdfast run")
+    log_interval: int = _f(20, "steps between metric reads (host syncs) and progress updates", ge=1)
     tensorboard: bool = _f(True, "also write TensorBoard event files")
     plots: bool = _f(True, "write PNG plots at the end")
     progress: bool = _f(True, "show progress bars")
 
     def validate(self) -> "TrainConfig":
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"invalid config: {msg}")
+        """Check every value's type and range; raises TypeError / ValueError naming the option."""
+        hints = typing.get_type_hints(type(self))
+        try:
+            for f in dataclasses.fields(self):
+                _check_field(f, getattr(self, f.name), hints[f.name])
+            self._check_relations()
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"invalid config: {e}") from None
+        return self
 
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"invalid config: {f.name}={getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
-        need(len(self.models) >= 2, f"a group needs at least 2 models, got {self.models}")
-        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        need(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        need(0.0 <= self.perturb_prob <= 1.0, f"perturb_prob must lie in [0, 1], got {self.perturb_prob}")
-        need(self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(map(str, COMPILE_MODES))}, "
-                                                 f"got {self.compile_mode!r}")
-        need(self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
-        need(self.mode == "competitive" or self.teachers == "best", "teachers=all-better needs mode=competitive")
-        need(all(0 < m < 1 for m in self.lr_milestones), f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
+    def _check_relations(self) -> None:
+        """What no single field's range can say."""
+        if len(self.models) < 2:
+            raise ValueError(f"a group needs at least 2 models, got {self.models}")
         for name in self.models:
             check_model_name(name)
         unknown = [op for op in self.perturb_ops if op not in OPS]
-        need(not unknown, f"unknown perturbation ops {unknown}; available: {', '.join(OPS)}")
-        return self
+        if unknown:
+            raise ValueError(f"unknown perturbation ops {unknown}; available: {', '.join(OPS)}")
+        if not self.perturb_ops and self.perturb is not False and self.mode == "competitive":
+            raise ValueError("perturb_ops is empty; name at least one op or turn perturbation off (--no-perturb)")
+        if self.mode != "competitive" and self.teachers != "best":
+            raise ValueError("teachers=all-better needs mode=competitive")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(map(str, COMPILE_MODES))}, got {self.compile_mode!r}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,20 +145,80 @@ class TrainConfig:
         return cls.from_dict({k.replace("-", "_"): v for k, v in values.items()})
 
     def save(self, path: str | Path) -> None:
-        write_text_atomic(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    """A YAML file holding a mapping, with clear errors for a missing file or another shape."""
+    """A YAML file holding a mapping, with clear errors for a missing file, bad YAML or another shape."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{what} {path} is not valid YAML{where}: {problem}; fix the file there "
+                         "(lists are written [a, b], mappings key: value)") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not a text file ({e.reason})") from None
+    values = values or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{what} {path} must hold a mapping of keys to values")
+        raise ValueError(f"{what} {path} must hold a mapping of keys to values, not a {type(values).__name__}")
+    bad_keys = [k for k in values if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(f"{what} {path} has keys that are not names: {bad_keys}")
     return values
 
 
-# Fields that define what a checkpoint holds; a resume must not change them.
-STRUCTURAL_FIELDS = ("data", "models", "features", "mode", "teachers", "feature_loss", "batch_size",
-                     "epochs", "schedule", "lr", "seed", "train_subset")
+def _check_field(f: dataclasses.Field, value: Any, hint: Any) -> None:
+    """Strict type and range check of one field's value."""
+    name = f.name
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        if value is None:
+            return
+        hint = next(a for a in args if a is not type(None))
+    bounds = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata}
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            example = ", ".join(str(v).strip() for v in str(value).split(",")) if isinstance(value, str) else "..."
+            raise TypeError(f"{name} must be a list, got {type(value).__name__} {value!r}; in YAML write "
+                            f"[{example}] (the command-line flag takes a comma-separated string)")
+        for k, v in enumerate(value):
+            _check_scalar(f"{name}[{k}]", v, item, bounds)
+    else:
+        _check_scalar(name, value, hint, bounds)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{name}={value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def _check_scalar(name: str, value: Any, kind: type, bounds: dict[str, float]) -> None:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be true or false, got {type(value).__name__} {value!r}")
+    elif kind in (int, float):
+        check_number(name, value, integer=kind is int, **bounds)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+    else:  # pragma: no cover - a field type this checker does not know yet
+        raise TypeError(f"{name}: unsupported field type {kind}")
+
+
+# How a resume may differ from the checkpoint it continues (see Trainer):
+# RESUME_FREE settings change how the run executes or reports, never what it computes beyond floating-point
+# rounding; RESUME_FIXED settings define what the checkpoint holds and can never change; every other setting
+# changes the training trajectory and may change only with --resume-with-changes, which records it.
+RESUME_FREE = ("device", "engine", "compile", "compile_mode", "channels_last", "fused_sgd", "threads", "workers",
+               "eval_batch_size", "skip_bad_images", "out", "log_interval", "tensorboard", "plots", "progress")
+RESUME_FIXED = ("data", "models", "features", "seed", "train_subset", "batch_size", "image_size")
+
+
+def trajectory_fields() -> tuple[str, ...]:
+    """The settings a plain resume must not change."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESUME_FREE)

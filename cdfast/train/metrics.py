@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from cdfast.algorithm import StepResult
+from cdfast.safe_write import open_append
+from cdfast.train.run_folder import EPOCHS_FILE, STEPS_FILE, TENSORBOARD_DIR
 
-STEPS_FILE, EPOCHS_FILE = "steps.csv", "epochs.jsonl"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,22 +74,25 @@ class StepBuffer:
 
 
 class RunLogger:
-    """Writes ``steps.csv``, ``epochs.jsonl`` and (optionally) TensorBoard events in ``out``."""
+    """Appends to ``steps.csv`` and ``epochs.jsonl`` and writes TensorBoard events in ``out``.
 
-    def __init__(self, out: Path, n: int, tensorboard: bool):
+    ``first_step``: the step the run continues from; TensorBoard events after it
+    (from an attempt that crashed before its next checkpoint) are purged.
+    """
+
+    def __init__(self, out: Path, n: int, tensorboard: bool, first_step: int = 0):
         self.out, self.n = out, n
         self.steps_path, self.epochs_path = out / STEPS_FILE, out / EPOCHS_FILE
-        new = not self.steps_path.exists()
-        self._steps_file = open(self.steps_path, "a", newline="")
+        self._steps_file = open_append(self.steps_path, newline="")
         self._steps = csv.DictWriter(self._steps_file, fieldnames=step_columns(n))
-        if new:
+        if self._steps_file.tell() == 0:
             self._steps.writeheader()
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                self.tb = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=first_step + 1 if first_step else None)
             except ImportError:
                 print("cdfast: tensorboard is not installed; skipping TensorBoard logs (pip install tensorboard)")
 
@@ -103,8 +107,10 @@ class RunLogger:
                 self.tb.add_scalar("train/teacher", row["teacher"], row["step"])
 
     def write_epoch(self, record: dict[str, Any]) -> None:
-        with open(self.epochs_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record, allow_nan=False) + "\n"  # NaN is not JSON; the trainer checks first
+        with open_append(self.epochs_path) as f:
+            f.write(line)
+            f.flush()
         if self.tb is not None:
             for i, acc in enumerate(record["test_acc"]):
                 self.tb.add_scalar(f"test/acc_{i}", acc, record["epoch"])
@@ -116,37 +122,3 @@ class RunLogger:
         self._steps_file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def truncate_records(out: Path, step: int, epoch: int) -> None:
-    """Drop rows written after the checkpoint being resumed (a crash may have left some)."""
-    steps_path, epochs_path = out / STEPS_FILE, out / EPOCHS_FILE
-    if steps_path.exists():
-        with open(steps_path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields = reader.fieldnames
-            rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        tmp = steps_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(steps_path)
-    if epochs_path.exists():
-        keep = []
-        for line in epochs_path.read_text().splitlines():
-            try:
-                if json.loads(line)["epoch"] <= epoch:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short by a crash
-        tmp = epochs_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(epochs_path)
-
-
-def read_epochs(out: Path) -> list[dict[str, Any]]:
-    path = out / EPOCHS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

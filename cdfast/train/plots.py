@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from cdfast.train.metrics import STEPS_FILE, read_epochs
+from cdfast.safe_write import atomic_write
+from cdfast.train.run_folder import STEPS_FILE, read_epochs
 
 
 def plot_run(out: Path, names: list[str]) -> list[Path]:
@@ -28,7 +29,7 @@ def plot_run(out: Path, names: list[str]) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "accuracy.png", dpi=120)
+        atomic_write(out / "accuracy.png", lambda f: fig.savefig(f, format="png", dpi=120))
         plt.close(fig)
         written.append(out / "accuracy.png")
 
@@ -60,7 +61,7 @@ def plot_run(out: Path, names: list[str]) -> list[Path]:
             bottom.legend()
             bottom.grid(alpha=0.3)
             fig.tight_layout()
-            fig.savefig(out / "teacher_timeline.png", dpi=120)
+            atomic_write(out / "teacher_timeline.png", lambda f: fig.savefig(f, format="png", dpi=120))
             plt.close(fig)
             written.append(out / "teacher_timeline.png")
     return written

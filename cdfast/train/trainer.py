@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -12,21 +13,25 @@ import torch
 from tqdm.auto import tqdm
 
 from cdfast.algorithm import CompetitiveDistillation, split_output
-from cdfast.data import load_data
+from cdfast.data import BadImageError, load_data
 from cdfast.models import build_model
-from cdfast.train.checkpoint import load_checkpoint, save_atomic, write_text_atomic
-from cdfast.train.config import STRUCTURAL_FIELDS, TrainConfig
-from cdfast.train.metrics import RunLogger, StepBuffer, read_epochs, truncate_records
-
-CHECKPOINT, CONFIG_FILE, SUMMARY_FILE = "checkpoint.pt", "config.yaml", "summary.txt"
+from cdfast.safe_write import WriteError, atomic_write
+from cdfast.train import run_folder
+from cdfast.train.checkpoint import load_latest, save_checkpoint
+from cdfast.train.config import RESUME_FIXED, RESUME_FREE, TrainConfig
+from cdfast.train.metrics import NonFiniteLossError, RunLogger, StepBuffer
+from cdfast.train.run_folder import CONFIG_FILE, SUMMARY_FILE, RunFolderError, read_epochs
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -44,27 +49,59 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
-def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, now {getattr(cfg, k)!r}"
-             for k in STRUCTURAL_FIELDS if saved.get(k) != getattr(cfg, k)]
-    if diffs:
-        raise ValueError(f"checkpoint {path} does not match the requested run ({'; '.join(diffs)}); "
-                         "resume with the run's own settings or start a new run in another --out folder")
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings that would change the run's trajectory: ``{name: (saved value, new value)}``."""
+    before = dataclasses.replace(TrainConfig(), **{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    return {f.name: (getattr(before, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)
+            if f.name not in RESUME_FREE and getattr(before, f.name) != getattr(cfg, f.name)}
+
+
+def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig` and runs it.
 
-    ``resume``: a run folder (or its checkpoint file) to continue exactly where
-    its last checkpoint left off.
+    ``resume``: a run folder (or its checkpoint file) to continue exactly where its
+    last checkpoint left off (a folder with no checkpoint yet starts again from step 0).
+    With ``resume``, ``cfg`` may be None: the run's own settings are used, updated by
+    ``overrides``. A resume may change only how the run executes and reports
+    (:data:`~cdfast.train.config.RESUME_FREE`); any setting that changes the training
+    trajectory is refused unless ``allow_changes``, which applies it for real from the
+    resumed step on (optimizer hyper-parameters included) and records it in
+    ``changes.jsonl``. What the checkpoint holds (models, data, seed, batch size, ...)
+    never changes.
     """
 
-    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None):
+    def __init__(self, cfg: TrainConfig | None = None, resume: str | Path | None = None, *,
+                 overrides: dict[str, Any] | None = None, allow_changes: bool = False):
+        state, folder = None, None
+        if resume is not None:
+            folder = run_folder.resolve_resume(resume)
+            loaded = load_latest(folder)
+            state = loaded[0] if loaded else None
+            saved = state["config"] if state else self._saved_config(folder)
+            base = cfg if cfg is not None else TrainConfig.from_dict(saved)
+            cfg = dataclasses.replace(base, **{**(overrides or {}), "out": str(folder)})
+        elif cfg is None:
+            cfg = TrainConfig()
+        if resume is None and overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
         self.cfg = cfg.validate()
         self.device = resolve_device(cfg.device)
+        self.changes: list[dict[str, Any]] = list(state.get("changes", [])) if state else []
+        self.epoch, self.step = (state["epoch"], state["step"]) if state else (0, 0)
+        if folder is not None:
+            self._check_changes(saved, folder, state is not None, allow_changes)
+            self.out = folder
+        else:
+            self.out = Path(cfg.out or f"runs/{cfg.data}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if run_folder.claim_new(self.out):
+                print(f"cdfast: {self.out} held a run that stopped before its first checkpoint; starting it again")
+        self.saved_at = (self.epoch, self.step) if state else None  # (epoch, step) of the checkpoint on disk
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.out, checkpoint = self._prepare_out(resume)
 
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -72,7 +109,7 @@ class Trainer:
         self.data = load_data(
             cfg.data, cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
             seed=cfg.seed, device=data_device, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-            workers=cfg.workers, image_size=cfg.image_size,
+            workers=cfg.workers, image_size=cfg.image_size, skip_bad_images=cfg.skip_bad_images,
         )
         self.names = list(cfg.models)
         memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
@@ -80,9 +117,7 @@ class Trainer:
                     .to(self.device, memory_format=memory_format) for name in cfg.models]
         self.group = CompetitiveDistillation(
             networks,
-            optimizers=lambda params: torch.optim.SGD(
-                params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                weight_decay=cfg.weight_decay, fused=True if cfg.fused_sgd else None),
+            optimizers=lambda params: torch.optim.SGD(params, lr=cfg.lr, **self._sgd_options()),
             mode=cfg.mode, teachers=cfg.teachers, alpha=cfg.alpha, beta=cfg.beta,
             temperature=cfg.temperature, feature_loss=cfg.feature_loss, perturb=cfg.perturb,
             perturb_prob=cfg.perturb_prob, perturb_ops=cfg.perturb_ops, seed=cfg.seed,
@@ -96,29 +131,64 @@ class Trainer:
             torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s, self.steps_per_epoch))
             for opt in self.group.optimizers
         ]
-        self.epoch, self.step = 0, 0
         self.teacher_counts = [0] * self.group.n
-        if checkpoint is not None:
-            self._load(checkpoint)
-        else:
-            cfg.save(self.out / CONFIG_FILE)
+        if state is not None:
+            self._load(state)
+        elif folder is not None:
+            run_folder.reset_records(self.out)  # no checkpoint yet: the run starts again from step 0
+        # Only now, with everything built and loaded, is the folder brought up to date.
+        cfg.save(self.out / CONFIG_FILE)
+        run_folder.write_changes(self.out, self.changes)
+
+    # ---- resume: the same run, or recorded changes ----------------------------------
+    @staticmethod
+    def _saved_config(folder: Path) -> dict[str, Any]:
+        """Settings of a run that has no checkpoint yet (it starts again from step 0)."""
+        if not (folder / CONFIG_FILE).is_file():
+            raise RunFolderError(
+                f"{folder} holds no checkpoint and no {CONFIG_FILE}: the run stopped before it began. Start it "
+                f"again with `cdfast train --out {folder}` and its settings (a folder without a checkpoint is accepted)")
+        return TrainConfig.from_yaml(folder / CONFIG_FILE).to_dict()
+
+    def _check_changes(self, saved: dict[str, Any], folder: Path, has_state: bool, allow: bool) -> None:
+        changes = config_changes(saved, self.cfg)
+        if not changes:
+            return
+        fixed = {k: v for k, v in changes.items() if k in RESUME_FIXED}
+        if fixed and has_state:
+            raise ValueError(f"cannot resume {folder} with other {', '.join(fixed)} ({_listed(fixed)}): its "
+                             "checkpoint holds networks and data order made with the saved values; start a new run "
+                             "in another --out folder instead")
+        if not allow:
+            raise ValueError(
+                f"resuming {folder} with these flags would change the run: {_listed(changes)}. Resume without "
+                "them to continue the same run, pass --resume-with-changes to apply them from step "
+                f"{self.step} on (recorded in {run_folder.CHANGES_FILE}), or start a new run in another --out folder")
+        if self.cfg.epochs < self.epoch:
+            raise ValueError(f"epochs={self.cfg.epochs} is below the {self.epoch} epochs {folder} has already trained")
+        self.changes.append({"step": self.step, "epoch": self.epoch, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
+        print(f"cdfast: from step {self.step} on: {_listed(changes)} (recorded in {run_folder.CHANGES_FILE})")
+
+    def _sgd_options(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return dict(momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                    weight_decay=cfg.weight_decay, fused=True if cfg.fused_sgd else None)
+
+    def _apply_hyperparameters(self) -> None:
+        """Optimizer and schedule settings from the config, also over what a checkpoint restored.
+
+        ``Optimizer.load_state_dict`` brings back the saved hyper-parameters; a resume that
+        changed them (--resume-with-changes) must really use the new ones.
+        """
+        options = self._sgd_options()
+        factor = lr_factor(self.cfg, self.step, self.steps_per_epoch)
+        for opt, sched in zip(self.group.optimizers, self.schedulers, strict=True):
+            sched.base_lrs = [self.cfg.lr] * len(opt.param_groups)
+            for group in opt.param_groups:
+                group.update(options, initial_lr=self.cfg.lr, lr=self.cfg.lr * factor)
 
     # ---- output folder, checkpoints ---------------------------------------------
-    def _prepare_out(self, resume) -> tuple[Path, dict | None]:
-        cfg = self.cfg
-        if resume is not None:
-            resume = Path(resume)
-            out = resume.parent if resume.is_file() else resume
-            state = load_checkpoint(resume if resume.is_file() else out / CHECKPOINT)
-            check_resumable(state["config"], cfg, out)
-            return out, state
-        out = Path(cfg.out or f"runs/{cfg.data}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (out / CHECKPOINT).exists() or (out / "epochs.jsonl").exists():
-            raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, "
-                                  "or pass another --out folder (nothing there was touched)")
-        out.mkdir(parents=True, exist_ok=True)
-        return out, None
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": self.cfg.to_dict(),
@@ -130,6 +200,7 @@ class Trainer:
             "pool": self.group.pool.state_dict(),
             "train_loader": self.data.train.state_dict(),
             "teacher_counts": self.teacher_counts,
+            "changes": self.changes,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -144,23 +215,32 @@ class Trainer:
                 opt.load_state_dict(s)
             for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
                 sched.load_state_dict(s)
-        except (RuntimeError, ValueError, KeyError) as e:
+            self.group.pool.load_state_dict(state["pool"])
+            self.data.train.load_state_dict(state["train_loader"])
+            self.teacher_counts = list(state["teacher_counts"])
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            python_state = rng["python"]
+            random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             raise ValueError(f"the checkpoint in {self.out} does not fit this group of networks: {e}") from e
-        self.group.pool.load_state_dict(state["pool"])
-        self.data.train.load_state_dict(state["train_loader"])
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.teacher_counts = list(state["teacher_counts"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        random.setstate(state["rng"]["python"])
-        truncate_records(self.out, self.step, self.epoch)
-        self.cfg.save(self.out / CONFIG_FILE)
+        self._apply_hyperparameters()
+        run_folder.truncate_records(self.out, self.step, self.epoch)
 
     def save_checkpoint(self) -> Path:
-        path = self.out / CHECKPOINT
-        save_atomic(self.state_dict(), path)
+        path = save_checkpoint(self.state_dict(), self.out)
+        self.saved_at = (self.epoch, self.step)
         return path
+
+    def checkpoint_note(self) -> str:
+        """Where the run stands on disk, for error messages: true whether or not a checkpoint exists."""
+        if self.saved_at is None:
+            return (f"No checkpoint exists yet in {self.out}; `cdfast train --resume {self.out}` starts the run "
+                    "again from step 0")
+        epoch, step = self.saved_at
+        return f"The last checkpoint (epoch {epoch}, step {step}) in {self.out} is intact; continue with --resume {self.out}"
 
     # ---- evaluation ---------------------------------------------------------------
     @torch.no_grad()
@@ -189,64 +269,101 @@ class Trainer:
 
     # ---- training -----------------------------------------------------------------
     def fit(self, until_epoch: int | None = None) -> dict[str, Any]:
-        """Train up to ``cfg.epochs`` (or stop early after ``until_epoch``); returns the summary."""
-        cfg, group = self.cfg, self.group
+        """Train up to ``cfg.epochs`` (or stop early after ``until_epoch``); returns the summary.
+
+        A failure (non-finite loss or weights, a full disk, an unreadable image) stops the run
+        with a message that says whether and where the last checkpoint is intact.
+        """
+        cfg = self.cfg
         last = min(cfg.epochs, until_epoch or cfg.epochs)
-        buffer = StepBuffer(group.n)
-        self.logger = RunLogger(self.out, group.n, cfg.tensorboard)
+        self.logger = RunLogger(self.out, self.group.n, cfg.tensorboard, first_step=self.step)
         try:
             while self.epoch < last:
-                epoch = self.epoch + 1
-                t0 = time.perf_counter()
-                sums = {"loss": [0.0] * group.n, "ce": [0.0] * group.n, "acc": [0.0] * group.n}
-                epoch_teacher = [0] * group.n
-                bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
-                           disable=not cfg.progress, leave=True, dynamic_ncols=True)
-                for k, (x, y) in enumerate(self.data.train):
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    result = group.step(x, y)
-                    for sched in self.schedulers:
-                        sched.step()
-                    self.step += 1
-                    buffer.add(self.step, epoch, result)
-                    if len(buffer.pending) >= cfg.log_interval or k == self.steps_per_epoch - 1:
-                        rows = buffer.drain(self.names)
-                        self.logger.write_steps(rows)
-                        for row in rows:
-                            epoch_teacher[row["teacher"]] += 1
-                            for i in range(group.n):
-                                sums["loss"][i] += row[f"loss_{i}"]
-                                sums["ce"][i] += row[f"ce_{i}"]
-                                sums["acc"][i] += row[f"train_acc_{i}"]
-                        done = k + 1
-                        bar.set_postfix_str(
-                            "loss " + "|".join(f"{s / done:.3f}" for s in sums["loss"])
-                            + "  teacher " + "|".join(f"{100 * c / done:.0f}%" for c in epoch_teacher))
-                    bar.update(1)
-                bar.close()
-                train_time = time.perf_counter() - t0
-                metrics = self.evaluate()
-                for i in range(group.n):
-                    self.teacher_counts[i] += epoch_teacher[i]
-                steps = self.steps_per_epoch
-                record = {
-                    "epoch": epoch, "step": self.step,
-                    "lr": self.schedulers[0].get_last_lr()[0],
-                    "train_loss": [s / steps for s in sums["loss"]],
-                    "train_ce": [s / steps for s in sums["ce"]],
-                    "train_acc": [s / steps for s in sums["acc"]],
-                    "teacher_share": [c / steps for c in epoch_teacher],
-                    **metrics,
-                    "train_seconds": train_time,
-                    "images_per_second": steps * cfg.batch_size / train_time,
-                }
-                self.epoch = epoch
+                record = self._train_epoch(self.epoch + 1)
+                self.epoch = record["epoch"]
                 self.logger.write_epoch(record)
                 self.save_checkpoint()
                 self._print_epoch(record)
+        except (NonFiniteLossError, BadImageError, WriteError) as e:
+            message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise type(e)(f"{message}. {self.checkpoint_note()}") from e
         finally:
             self.logger.close()
         return self.finish() if self.epoch >= cfg.epochs else self.summary()
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training data and the evaluation after it: the epoch's record."""
+        cfg, group, n = self.cfg, self.group, self.group.n
+        buffer = StepBuffer(n)
+        t0 = time.perf_counter()
+        sums = {"loss": [0.0] * n, "ce": [0.0] * n, "acc": [0.0] * n}
+        epoch_teacher = [0] * n
+        done = 0
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=True, dynamic_ncols=True)
+
+        def drain():
+            rows = buffer.drain(self.names)
+            self.logger.write_steps(rows)
+            for row in rows:
+                epoch_teacher[row["teacher"]] += 1
+                for i in range(n):
+                    sums["loss"][i] += row[f"loss_{i}"]
+                    sums["ce"][i] += row[f"ce_{i}"]
+                    sums["acc"][i] += row[f"train_acc_{i}"]
+            bar.set_postfix_str(
+                "loss " + "|".join(f"{s / max(1, done):.3f}" for s in sums["loss"])
+                + "  teacher " + "|".join(f"{100 * c / max(1, done):.0f}%" for c in epoch_teacher))
+
+        try:
+            for x, y in self.data.train:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                result = group.step(x, y)
+                for sched in self.schedulers:
+                    sched.step()
+                self.step += 1
+                done += 1
+                buffer.add(self.step, epoch, result)
+                if len(buffer.pending) >= cfg.log_interval:
+                    drain()
+                bar.update(1)
+            drain()
+        finally:
+            bar.close()
+        if done == 0:
+            raise ValueError(f"epoch {epoch} had no training batches; the training set is smaller than one batch")
+        train_time = time.perf_counter() - t0
+        metrics = self.evaluate()
+        self._check_finite(epoch, metrics)
+        for i in range(n):
+            self.teacher_counts[i] += epoch_teacher[i]
+        return {
+            "epoch": epoch, "step": self.step,
+            "lr": self.schedulers[0].get_last_lr()[0],
+            "train_loss": [s / done for s in sums["loss"]],
+            "train_ce": [s / done for s in sums["ce"]],
+            "train_acc": [s / done for s in sums["acc"]],
+            "teacher_share": [c / done for c in epoch_teacher],
+            **metrics,
+            "train_seconds": train_time,
+            "images_per_second": done * cfg.batch_size / train_time,
+        }
+
+    def _check_finite(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """Never record NaN, never checkpoint a diverged network as the last good one."""
+        for i, net in enumerate(self.group.networks):
+            bad = [name for name, t in net.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+            if bad:
+                raise NonFiniteLossError(
+                    f"network {i} ({self.names[i]}) has non-finite weights after epoch {epoch} ({', '.join(bad[:3])}"
+                    f"{', ...' if len(bad) > 3 else ''}); nothing of this epoch was saved. Try a lower --lr, "
+                    "or turn off --amp")
+        values = {"test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"], "ensemble_acc": [metrics["ensemble_acc"]]}
+        for key, vals in values.items():
+            bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
+            if bad:
+                raise NonFiniteLossError(f"evaluation after epoch {epoch} gave a non-finite {key} for network(s) "
+                                         f"{bad}; nothing of this epoch was saved")
 
     def _print_epoch(self, r: dict[str, Any]) -> None:
         accs = "  ".join(f"net{i} {100 * a:.2f}%" for i, a in enumerate(r["test_acc"]))
@@ -283,7 +400,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         s = self.summary()
         table = self.summary_table(s)
-        write_text_atomic(table + "\n", self.out / SUMMARY_FILE)
+        atomic_write(self.out / SUMMARY_FILE, table + "\n")
         if self.cfg.plots:
             from cdfast.train.plots import plot_run
 

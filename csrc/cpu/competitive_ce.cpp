@@ -63,9 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cpu(const at::Tens
         }
         const double w = wp[gi];
         cep[gi] = static_cast<scalar_t>((mixed ? w * total_a + (1.0 - w) * total_b : total_a) / s.batch);
-        // torch.argmin semantics: first minimum; a NaN counts as the minimum.
+        // First minimum among the finite CEs (ties: lowest index); a NaN/inf CE is never elected.
+        // All non-finite: network 0 (the caller's metrics read reports the non-finite CE).
         const scalar_t cur = cep[gi], top = cep[g * s.n + best];
-        if (!std::isnan(top) && (std::isnan(cur) || cur < top)) best = i;
+        if (std::isfinite(cur) && (!std::isfinite(top) || cur < top)) best = i;
       }
       tp[g] = best;
     }

@@ -121,9 +121,9 @@ __global__ void competitive_ce_forward_kernel(const scalar_t* __restrict__ logit
   if (threadIdx.x == 0) {
     const volatile acc* cg = ce + group * n;
     int best = 0;
-    for (int i = 1; i < n; ++i) {  // torch.argmin semantics: first minimum, NaN counts as the minimum
+    for (int i = 1; i < n; ++i) {  // first minimum among finite CEs; a NaN/inf CE is never elected
       const acc cur = cg[i], top = cg[best];
-      if (!isnan(top) && (isnan(cur) || cur < top)) best = i;
+      if (isfinite(cur) && (!isfinite(top) || cur < top)) best = i;
     }
     teacher[group] = best;
     counter[group] = 0;

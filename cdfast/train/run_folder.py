@@ -1,0 +1,173 @@
+"""The run folder: what a training run writes, and how a folder is claimed, continued or restarted.
+
+A run folder holds::
+
+    .cdfast-run         marker: this folder was created by cdfast (written first)
+    config.yaml         the settings in effect (rewritten when a resume changes them)
+    changes.jsonl       settings changed by --resume-with-changes, with the step they took effect
+    steps.csv           one row per training step (teacher, perturbation, losses)
+    epochs.jsonl        one record per finished epoch (accuracies, teacher shares, speed)
+    checkpoint.pt       the latest checkpoint; checkpoint.prev.pt the one before it
+    summary.txt         the final table; accuracy.png, teacher_timeline.png, tensorboard/
+
+cdfast writes only into folders that are new, empty, or carry its marker, so it
+never overwrites or appends to files it did not write. Records written after the
+checkpoint a run continues from are cut back to it, so a resumed run's records
+read exactly as an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from cdfast.safe_write import atomic_write, remove_stale_temp
+from cdfast.train.checkpoint import CHECKPOINT, PREV_CHECKPOINT
+
+MARKER = ".cdfast-run"
+CONFIG_FILE, CHANGES_FILE, SUMMARY_FILE = "config.yaml", "changes.jsonl", "summary.txt"
+STEPS_FILE, EPOCHS_FILE, TENSORBOARD_DIR = "steps.csv", "epochs.jsonl", "tensorboard"
+
+__all__ = ["MARKER", "CONFIG_FILE", "CHANGES_FILE", "SUMMARY_FILE", "STEPS_FILE", "EPOCHS_FILE", "TENSORBOARD_DIR",
+           "RunFolderError", "is_run_folder", "has_checkpoint", "claim_new", "resolve_resume", "run_state",
+           "read_epochs", "truncate_records", "reset_records", "write_changes", "remove_stale_temp"]
+
+
+class RunFolderError(ValueError):
+    """A folder cannot be used as asked (foreign files, not a run folder, ...)."""
+
+
+def is_run_folder(path: Path) -> bool:
+    """Written by cdfast: its marker, or (folders from before the marker) a config and a checkpoint."""
+    path = Path(path)
+    return (path / MARKER).is_file() or ((path / CONFIG_FILE).is_file() and has_checkpoint(path))
+
+
+def has_checkpoint(path: Path) -> bool:
+    return (Path(path) / CHECKPOINT).is_file() or (Path(path) / PREV_CHECKPOINT).is_file()
+
+
+def _mark(path: Path) -> None:
+    if not (path / MARKER).is_file():
+        atomic_write(path / MARKER, json.dumps({"cdfast_run": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+def claim_new(path: str | Path) -> bool:
+    """Make ``path`` the folder of a new run. Returns True if it restarts a run that never checkpointed.
+
+    Accepted: a missing or empty folder, or a cdfast run folder that holds no checkpoint
+    (a run stopped before its first checkpoint: nothing trained is lost by starting over).
+    Refused, with nothing touched: a folder with a checkpoint (continue it with --resume),
+    or one holding files cdfast did not write.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"--out {path} is a file, not a folder; pass a new or empty folder")
+    if path.is_dir():
+        if has_checkpoint(path):
+            raise FileExistsError(f"{path} already holds a run; continue it with --resume {path}, "
+                                  "or pass another --out folder (nothing there was touched)")
+        entries = sorted(p.name for p in path.iterdir())
+        if entries and not is_run_folder(path):
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise RunFolderError(f"--out {path} holds files cdfast did not write ({shown}); pass a new or empty "
+                                 "folder (nothing there was touched)")
+        if entries:
+            reset_records(path)
+            return True
+    path.mkdir(parents=True, exist_ok=True)
+    _mark(path)
+    return False
+
+
+def resolve_resume(path: str | Path) -> Path:
+    """The run folder named by ``--resume`` (the folder, or a checkpoint file in it)."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot resume: {folder} does not exist; pass the folder of a cdfast run")
+    if not is_run_folder(folder):
+        raise RunFolderError(f"cannot resume: {folder} is not a cdfast run folder (it has no {MARKER} marker, "
+                             f"or no {CONFIG_FILE} and checkpoint)")
+    _mark(folder)
+    removed = remove_stale_temp(folder)
+    if removed:
+        print(f"cdfast: removed {len(removed)} temporary file(s) an interrupted write left in {folder}")
+    return folder
+
+
+def run_state(path: str | Path, epochs: int) -> str:
+    """'done' (all epochs finished and checkpointed), 'partial' (a run folder to continue) or 'new'."""
+    path = Path(path)
+    if not is_run_folder(path):
+        return "new"
+    finished = read_epochs(path)
+    if finished and finished[-1]["epoch"] >= epochs and (path / CHECKPOINT).is_file():
+        return "done"
+    return "partial"
+
+
+# ---- records ------------------------------------------------------------------------
+def read_epochs(out: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records; a line cut short by a crash is skipped."""
+    path = Path(out) / EPOCHS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "epoch" in record:
+            records.append(record)
+    return records
+
+
+def truncate_records(out: str | Path, step: int, epoch: int) -> None:
+    """Drop the records written after the checkpoint being resumed (a crash may have left some)."""
+    out = Path(out)
+    steps_path, epochs_path = out / STEPS_FILE, out / EPOCHS_FILE
+    if steps_path.is_file() or steps_path.is_symlink():
+        text = steps_path.read_text() if steps_path.is_file() and not steps_path.is_symlink() else ""
+        reader = csv.DictReader(io.StringIO(text))
+        fields = reader.fieldnames or []
+        rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= step
+                and None not in r and None not in r.values()]
+        buffer = io.StringIO(newline="")
+        if fields:
+            writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\r\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        steps_path.unlink()  # a planted link is removed, never written through
+        atomic_write(steps_path, buffer.getvalue())
+    if epochs_path.is_file() or epochs_path.is_symlink():
+        keep = [json.dumps(r) for r in read_epochs(out) if r["epoch"] <= epoch] if epochs_path.is_file() else []
+        epochs_path.unlink()
+        atomic_write(epochs_path, "".join(line + "\n" for line in keep))
+
+
+def reset_records(out: str | Path) -> None:
+    """Start a run folder's records over (a run that never checkpointed starts again from step 0)."""
+    out = Path(out)
+    truncate_records(out, 0, 0)
+    for name in (CHANGES_FILE, SUMMARY_FILE):
+        (out / name).unlink(missing_ok=True)
+    tb = out / TENSORBOARD_DIR
+    if tb.is_symlink():
+        tb.unlink()
+    elif tb.is_dir():
+        shutil.rmtree(tb)
+    remove_stale_temp(out)
+
+
+def write_changes(out: str | Path, changes: list[dict[str, Any]]) -> None:
+    """Rewrite ``changes.jsonl`` from the history the checkpoint carries."""
+    path = Path(out) / CHANGES_FILE
+    if changes or path.exists():
+        atomic_write(path, "".join(json.dumps(c) + "\n" for c in changes))

@@ -1,0 +1,610 @@
+"""cdfast used by a hostile or careless user: every bad input gets a clear error, nothing written is lost.
+
+Each case asserts the error class and what the message says; cases that touch an existing
+run folder also assert that nothing in it changed.
+"""
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import cdfast
+from cdfast import CompetitiveDistillation
+from cdfast.cli import main
+from cdfast.data import load_data
+from cdfast.data.cifar import load_cifar
+from cdfast.experiment import Grid, run_grid
+from cdfast.models import build_model
+from cdfast.safe_write import WriteError, atomic_write, open_append
+from cdfast.train import CheckpointError, NonFiniteLossError, Trainer, TrainConfig, load_checkpoint
+from cdfast.train.run_folder import RunFolderError
+
+FMNIST = Path(os.environ.get("CDFAST_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+needs_data = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(), reason="no Fashion-MNIST")
+TINY = dict(train_subset=64, test_subset=64, batch_size=32, eval_batch_size=64, epochs=2, device="cpu",
+            progress=False, tensorboard=False, plots=False, log_interval=1)
+
+
+def tiny_args(out, **kw):
+    values = dict(TINY, data_dir=str(FMNIST), out=str(out), **kw)
+    args = ["train"]
+    for k, v in values.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + flag[2:])
+        else:
+            args += [flag, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    return args
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+# ---- settings: type and range, in YAML and flags alike --------------------------------------
+YAML_CASES = [
+    ("epochs: 1.5", TypeError, "epochs must be an integer, got 1.5"),
+    ("perturb: 'no'", TypeError, "perturb must be true or false, got str 'no'"),
+    ("feature_loss: 'false'", TypeError, "feature_loss must be true or false"),
+    ("lr: '0.1'", TypeError, "lr must be a number, got str '0.1'"),
+    ("models: resnet8,resnet8", TypeError, r"models must be a list.*\[resnet8, resnet8\]"),
+    ("seed: 1.7", TypeError, "seed must be an integer"),
+    ("alpha: .nan", ValueError, "alpha must be a finite number"),
+    ("temperature: .inf", ValueError, "temperature must be a finite number"),
+    ("perturb_ops: [crop, warp9]", ValueError, r"unknown perturbation ops \['warp9'\]"),
+    ("lr_milestones: [0.5, 1.5]", ValueError, r"lr_milestones\[1\] must be > 0 and < 1"),
+    ("epochs: true", TypeError, "epochs must be an integer, got bool True"),
+    ("device: meta", ValueError, "device must be cpu, cuda, cuda:N or auto"),
+    ("warmup_epochs: 9\nepochs: 2", ValueError, r"warmup_epochs \(9\) exceeds epochs \(2\)"),
+    ("nosuchkey: 1", ValueError, r"unknown config keys \['nosuchkey'\]"),
+]
+
+
+@pytest.mark.parametrize("text,error,message", YAML_CASES)
+def test_yaml_values_are_type_and_range_checked(tmp_path, text, error, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(error, match=message):
+        TrainConfig.from_yaml(path).validate()
+
+
+FLAG_CASES = [
+    (["--alpha", "-1"], "alpha must be >= 0, got -1.0"),
+    (["--beta", "-1"], "beta must be >= 0"),
+    (["--warmup-epochs", "-1"], "warmup_epochs must be >= 0"),
+    (["--threads", "-1"], "threads must be >= 1"),
+    (["--threads", "0"], "threads must be >= 1"),
+    (["--device", "tpu9"], "device must be cpu, cuda, cuda:N or auto, got 'tpu9'"),
+    (["--device", "meta"], "device must be cpu, cuda, cuda:N or auto, got 'meta'"),
+    (["--temperature", "inf"], "temperature must be a finite number, got inf"),
+    (["--temperature", "0"], "temperature must be > 0"),
+    (["--alpha", "nan"], "alpha must be a finite number, got nan"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--momentum", "1.5"], "momentum must be >= 0 and < 1"),
+    (["--weight-decay", "-1"], "weight_decay must be >= 0"),
+    (["--lr-gamma", "0"], "lr_gamma must be > 0"),
+    (["--workers", "-1"], "workers must be >= 0"),
+    (["--test-subset", "0"], "test_subset must be >= 1"),
+    (["--image-size", "0"], "image_size must be >= 8"),
+    (["--seed", "-5"], "seed must be >= 0"),
+    (["--perturb-prob", "1.5"], "perturb_prob must be >= 0 and <= 1"),
+    (["--log-interval", "0"], "log_interval must be >= 1"),
+    (["--models", "resnet8"], "at least 2 models"),
+    (["--models", "resnet8,nosuchnet"], "unknown model 'nosuchnet'"),
+    (["--mode", "dml", "--teachers", "all-better"], "teachers=all-better needs mode=competitive"),
+    (["--resume-with-changes"], "--resume-with-changes needs --resume"),
+]
+
+
+@pytest.mark.parametrize("flags,message", FLAG_CASES)
+def test_bad_flags_exit_2_with_the_reason_and_write_nothing(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    code, err = run_cli(tiny_args(out) + flags, capsys)
+    assert code == 2 and err.startswith("cdfast: error:") and message in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_argparse_refuses_a_non_integer_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(tiny_args(tmp_path / "run") + ["--epochs", "1.5"])
+    assert e.value.code == 2 and "invalid int value: '1.5'" in capsys.readouterr().err
+
+
+def test_malformed_yaml_names_file_line_and_fix(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: 3\nmodels: [resnet8, resnet8\nlr: 0.1\n")
+    code, err = run_cli(["train", "--config", str(path)], capsys)
+    assert code == 2 and f"config file {path} is not valid YAML, line 3" in err and "fix the file" in err
+    path.write_text("- 1\n- 2\n")
+    code, err = run_cli(["train", "--config", str(path)], capsys)
+    assert code == 2 and "must hold a mapping of keys to values, not a list" in err
+
+
+# ---- data ---------------------------------------------------------------------------------
+def fm_copy(tmp_path) -> Path:
+    folder = tmp_path / "fm"
+    shutil.copytree(FMNIST, folder)
+    return folder
+
+
+@needs_data
+def test_truncated_gzip_names_the_file(tmp_path):
+    folder = fm_copy(tmp_path)
+    path = folder / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz is corrupt or truncated"):
+        load_data("fashion-mnist", str(folder))
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz is corrupt or truncated"):
+        load_data("fashion-mnist", str(folder))
+
+
+@needs_data
+def test_idx_file_with_no_items_is_refused(tmp_path):
+    folder = fm_copy(tmp_path)
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + (0).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
+    with pytest.raises(ValueError, match="holds no items"):
+        load_data("fashion-mnist", str(folder))
+
+
+class Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_crafted_cifar_pickle_runs_no_code(tmp_path):
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    proof = tmp_path / "pwned"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (batches / name).write_bytes(pickle.dumps({b"data": Exploit(proof), b"labels": [0]}))
+    with pytest.raises(ValueError, match=r"data_batch_1 is not a readable CIFAR python batch.*refused to load "
+                                         r"(posix|os)\.system"):
+        load_cifar(tmp_path, 10)
+    assert not proof.exists()
+
+
+def test_cifar_pickles_from_numpy_load_with_protocol_2_and_5(tmp_path):
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        (batches / name).write_bytes(pickle.dumps({b"data": data, b"labels": [1, 2], b"filenames": [b"a", b"b"]},
+                                                  protocol=2 if k % 2 else 5))
+    out = load_cifar(tmp_path, 10)
+    assert out["train"][0].shape == (10, 3, 32, 32) and out["test"][1].tolist() == [1, 2]
+
+
+def image_folder(tmp_path, bad: bytes | None = b"not an image") -> Path:
+    from PIL import Image
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    if bad is not None:
+        (root / "train" / "a" / "3.png").write_bytes(bad)
+    return root
+
+
+def test_corrupt_image_names_the_file_or_is_skipped_with_a_count(tmp_path):
+    root = image_folder(tmp_path)
+    data = load_data("imagefolder", str(root), batch_size=4, eval_batch_size=4, workers=0, image_size=8)
+    with pytest.raises(cdfast.data.BadImageError, match=r"cannot read image .*train/a/3.png.*--skip-bad-images"):
+        for _ in data.train:
+            pass
+    data = load_data("imagefolder", str(root), batch_size=4, eval_batch_size=4, workers=0, image_size=8,
+                     skip_bad_images=True)
+    with pytest.warns(UserWarning, match=r"skipped unreadable image .*3.png.*1 skipped so far"):
+        seen = sum(x.shape[0] for x, _ in data.train)
+    assert seen == 11 and len(data.train.skipped) == 1
+
+
+def test_empty_image_file_is_found_before_training(tmp_path):
+    root = image_folder(tmp_path, bad=b"")
+    with pytest.raises(cdfast.data.BadImageError, match=r"1 empty image file\(s\).*3.png"):
+        load_data("imagefolder", str(root), workers=0, image_size=8)
+    with pytest.warns(UserWarning, match="skipping 1 empty image file"):
+        data = load_data("imagefolder", str(root), batch_size=4, workers=0, image_size=8, skip_bad_images=True)
+    assert data.train_size == 11
+
+
+# ---- the run folder -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-epoch run (so checkpoint.pt and checkpoint.prev.pt exist); copy it before changing it."""
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("no Fashion-MNIST")
+    out = tmp_path_factory.mktemp("finished") / "run"
+    Trainer(TrainConfig(**TINY, data_dir=str(FMNIST), out=str(out))).fit()
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def test_out_with_foreign_files_is_refused_untouched(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "steps.csv").write_text("my,own,csv\n")
+    before = snapshot(out)
+    code, err = run_cli(tiny_args(out), capsys)
+    assert code == 2 and "holds files cdfast did not write (notes.txt, steps.csv)" in err
+    assert snapshot(out) == before
+    (tmp_path / "afile").write_text("x")
+    code, err = run_cli(tiny_args(tmp_path / "afile"), capsys)
+    assert code == 2 and "is a file, not a folder" in err
+
+
+RESUME_REFUSALS = [
+    (["--alpha", "2"], "would change the run: alpha: 1.0 -> 2.0"),
+    (["--momentum", "0.5"], "momentum: 0.9 -> 0.5"),
+    (["--weight-decay", "0"], "weight_decay: 0.0005 -> 0.0"),
+    (["--temperature", "4"], "temperature: 1.0 -> 4.0"),
+    (["--perturb-prob", "0.5"], "perturb_prob: 1.0 -> 0.5"),
+    (["--no-perturb"], "perturb: None -> False"),
+    (["--perturb-ops", "crop"], "perturb_ops: ['crop', 'noise', 'mixup', 'cutmix', 'affine'] -> ['crop']"),
+    (["--warmup-epochs", "1"], "warmup_epochs: 0.0 -> 1.0"),
+    (["--test-subset", "32"], "test_subset: 64 -> 32"),
+    (["--epochs", "3"], "epochs: 2 -> 3"),
+    (["--models", "resnet8,resnet14"], "cannot resume .* with other models"),
+    (["--batch-size", "16", "--resume-with-changes"], "with other batch_size"),
+    (["--seed", "3", "--resume-with-changes"], "with other seed"),
+    (["--epochs", "1", "--resume-with-changes"], "epochs=1 is below the 2 epochs"),
+    (["--config", "x.yaml"], "drop --config"),
+]
+
+
+@pytest.mark.parametrize("flags,message", RESUME_REFUSALS)
+def test_resume_refuses_to_change_the_run_and_touches_nothing(run_copy, capsys, flags, message):
+    before = snapshot(run_copy)
+    code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress", *flags], capsys)
+    assert code == 2, err
+    assert message in err or re.search(message, err), err
+    if "would change" in message:
+        assert "--resume-with-changes" in err
+    assert snapshot(run_copy) == before
+
+
+def test_resume_may_change_how_the_run_executes(run_copy, capsys):
+    code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress", "--threads", "2", "--log-interval",
+                         "7", "--engine", "sequential", "--eval-batch-size", "32"], capsys)
+    assert code == 0, err
+    assert yaml.safe_load((run_copy / "config.yaml").read_text())["log_interval"] == 7
+
+
+def test_resume_with_changes_applies_them_for_real_and_records_them(run_copy, capsys):
+    trainer = Trainer(resume=run_copy, overrides={"epochs": 3, "lr": 0.05, "momentum": 0.5, "weight_decay": 0.0,
+                                                  "alpha": 0.5}, allow_changes=True)
+    assert trainer.group.alpha == 0.5
+    for opt, sched in zip(trainer.group.optimizers, trainer.schedulers):
+        group = opt.param_groups[0]
+        assert (group["momentum"], group["weight_decay"], group["initial_lr"]) == (0.5, 0.0, 0.05)
+        assert sched.base_lrs == [0.05]
+        # the cosine schedule of the new 3-epoch run at step 4 of 6
+        assert group["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 4 / 6)))
+    change = json.loads((run_copy / "changes.jsonl").read_text())
+    assert change["step"] == 4 and change["epoch"] == 2
+    assert change["changes"]["momentum"] == {"from": 0.9, "to": 0.5}
+    assert yaml.safe_load((run_copy / "config.yaml").read_text())["momentum"] == 0.5
+    trainer.fit()
+    state = load_checkpoint(run_copy / "checkpoint.pt")
+    assert state["epoch"] == 3 and state["changes"][0]["changes"]["alpha"] == {"from": 1.0, "to": 0.5}
+    assert state["optimizers"][0]["param_groups"][0]["momentum"] == 0.5
+    # and a plain resume now continues the changed run, with nothing more to refuse
+    code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress"], capsys)
+    assert code == 0, err
+
+
+def test_crafted_checkpoint_runs_no_code(run_copy, tmp_path, capsys):
+    proof = tmp_path / "pwned"
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        torch.save({"format_version": 1, "config": {}, "epoch": 1, "step": 1, "x": Exploit(proof)}, run_copy / name)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(run_copy / "checkpoint.pt")
+    code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress"], capsys)
+    assert code == 2 and "unreadable" in err and "never runs code" in err
+    assert not proof.exists()
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(run_copy, caplog):
+    (run_copy / "checkpoint.pt").write_bytes(b"\x00" * 64)
+    trainer = Trainer(resume=run_copy)
+    assert (trainer.epoch, trainer.step) == (1, 2)
+    assert "resuming from the previous checkpoint" in caplog.text
+    assert [json.loads(line)["epoch"] for line in (run_copy / "epochs.jsonl").read_text().splitlines()] == [1]
+    assert len((run_copy / "steps.csv").read_text().splitlines()) == 1 + 2
+
+
+@needs_data
+def test_a_run_without_a_checkpoint_is_resumable_and_restartable(tmp_path, capsys):
+    out = tmp_path / "run"
+    straight = Trainer(TrainConfig(**TINY, data_dir=str(FMNIST), out=str(tmp_path / "straight")))
+    straight.fit()
+    # a run that died before its first checkpoint: marker, config, some rows, even an epoch record
+    first = Trainer(TrainConfig(**TINY, data_dir=str(FMNIST), out=str(out)))
+    first.fit(until_epoch=1)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).unlink(missing_ok=True)
+    (out / ".checkpoint.pt.staged.tmp").write_bytes(b"half a checkpoint")
+    code, err = run_cli(["train", "--resume", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert not (out / ".checkpoint.pt.staged.tmp").exists()
+    assert (out / "steps.csv").read_text() == (tmp_path / "straight" / "steps.csv").read_text()
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)["group"]
+    for k, v in straight.group.state_dict().items():
+        assert torch.equal(v, resumed[k]), k
+    # a fresh run into such a folder starts it again, with no duplicated rows
+    (out / "checkpoint.pt").unlink()
+    (out / "checkpoint.prev.pt").unlink()
+    code, err = run_cli(tiny_args(out), capsys)
+    assert code == 0, err
+    assert (out / "steps.csv").read_text() == (tmp_path / "straight" / "steps.csv").read_text()
+
+
+def test_resume_of_a_folder_with_nothing_says_how_to_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".cdfast-run").write_text("{}")
+    code, err = run_cli(["train", "--resume", str(out)], capsys)
+    assert code == 2 and f"Start it again with `cdfast train --out {out}`" in err
+    code, err = run_cli(["train", "--resume", str(tmp_path)], capsys)
+    assert code == 2 and "is not a cdfast run folder" in err
+    with pytest.raises(RunFolderError, match="no checkpoint and no config.yaml"):
+        Trainer(resume=out)
+
+
+def test_disk_full_names_the_folder_and_keeps_the_checkpoint(run_copy, monkeypatch, capsys):
+    digest = hashlib.sha256((run_copy / "checkpoint.pt").read_bytes()).hexdigest()
+    real_fsync = os.fsync
+
+    def full(fd):
+        if ".checkpoint.pt" in Path(os.readlink(f"/proc/self/fd/{fd}")).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress", "--epochs", "3",
+                         "--resume-with-changes"], capsys)
+    assert code == 1
+    assert f"no space left on the device holding {run_copy} while writing checkpoint.pt" in err
+    assert "The last checkpoint (epoch 2, step 4)" in err and "is intact" in err
+    monkeypatch.undo()
+    assert hashlib.sha256((run_copy / "checkpoint.pt").read_bytes()).hexdigest() == digest
+    assert not [p for p in run_copy.iterdir() if p.name.endswith(".tmp")]
+
+
+@needs_data
+def test_non_finite_evaluation_is_never_recorded_or_checkpointed(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(TrainConfig(**TINY, data_dir=str(FMNIST), out=str(out)))
+    real = trainer.evaluate
+
+    def broken():
+        metrics = real()
+        metrics["test_loss"][1] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(trainer, "evaluate", broken)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite test_loss for network\(s\) \[1\].*No checkpoint "
+                                                 r"exists yet"):
+        trainer.fit()
+    assert not (out / "checkpoint.pt").exists() and not (out / "epochs.jsonl").exists()
+
+
+@needs_data
+def test_diverged_weights_are_never_checkpointed(tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(TrainConfig(**{**TINY, "epochs": 3}, data_dir=str(FMNIST), out=str(out)))
+    trainer.fit(until_epoch=1)
+    digest = hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest()
+    net = trainer.group.networks[0]
+    original = net.forward
+
+    def poisoned(x):
+        with torch.no_grad():
+            next(net.parameters()).fill_(float("inf"))
+        return original(x)
+
+    net.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"The last checkpoint \(epoch 1, step 2\)"):
+        trainer.fit()
+    assert hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest() == digest
+    assert "NaN" not in (out / "epochs.jsonl").read_text() and "Infinity" not in (out / "epochs.jsonl").read_text()
+
+
+# ---- link-safe writes ---------------------------------------------------------------------
+def test_atomic_write_never_follows_a_planted_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".config.yaml.tmp").symlink_to(victim)  # the fixed temp name older versions used
+    atomic_write(run / "config.yaml", "epochs: 1\n")
+    assert victim.read_text() == "precious" and (run / "config.yaml").read_text() == "epochs: 1\n"
+
+
+def test_records_are_never_appended_through_a_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "steps.csv").symlink_to(victim)
+    with pytest.raises(WriteError, match="is a symbolic link"):
+        open_append(tmp_path / "steps.csv")
+    assert victim.read_text() == "precious"
+
+
+@needs_data
+def test_planted_link_in_a_run_folder_is_removed_not_followed(run_copy, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (run_copy / "steps.csv").unlink()
+    (run_copy / "steps.csv").symlink_to(victim)
+    (run_copy / ".epochs.jsonl.abc.tmp").symlink_to(victim)
+    Trainer(resume=run_copy, overrides={"epochs": 3}, allow_changes=True).fit()
+    assert victim.read_text() == "precious"
+    assert not (run_copy / "steps.csv").is_symlink() and not (run_copy / ".epochs.jsonl.abc.tmp").exists()
+
+
+# ---- grids --------------------------------------------------------------------------------
+def grid_yaml(tmp_path, **spec):
+    base = {"base": {**TINY, "data_dir": str(FMNIST), "epochs": 1}, "groups": {"pair": ["resnet8", "resnet8"]},
+            "methods": {"cd": {}}, "seeds": [0]}
+    base.update(spec)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"groups": {"../escape": ["resnet8", "resnet8"]}}, "group name '../escape' is not a plain name"),
+    ({"groups": {"/abs/path": ["resnet8", "resnet8"]}}, "group name '/abs/path' is not a plain name"),
+    ({"methods": {"a/b": {}}}, "method name 'a/b' is not a plain name"),
+    ({"methods": {".hidden": {}}}, "method name '.hidden' is not a plain name"),
+    ({"seeds": ["../x"]}, r"seeds must be integers >= 0, got '../x'"),
+    ({"seeds": 3}, "seeds must be a list"),
+    ({"methods": {"cd": {"epochs": 1.5}}}, "epochs must be an integer"),
+    ({"groups": {"pair": "resnet8,resnet8"}}, "models must be a list"),
+])
+def test_grid_names_and_values_are_checked(tmp_path, spec, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        Grid.from_yaml(grid_yaml(tmp_path, **spec))
+
+
+def test_grid_out_with_foreign_files_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("x")
+    with pytest.raises(ValueError, match="holds files cdfast did not write"):
+        run_grid(Grid.from_yaml(grid_yaml(tmp_path)), out)
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+# ---- the Python API -----------------------------------------------------------------------
+def group(**kw):
+    torch.manual_seed(0)
+    return CompetitiveDistillation([build_model("resnet8", 10, 1) for _ in range(2)], **kw)
+
+
+X, Y = torch.randn(4, 1, 12, 12), torch.randint(0, 10, (4,))
+LOGITS = torch.randn(2, 4, 3)
+
+API_CASES = [
+    ("empty batch", lambda: group().step(X[:0], Y[:0]), ValueError, "the batch is empty"),
+    ("uint8 images", lambda: group().step((X * 50).to(torch.uint8), Y), TypeError, "floating-point tensor, got torch.uint8"),
+    ("float64 images", lambda: group().step(X.double(), Y), TypeError, "images are torch.float64 but the networks"),
+    ("numpy labels", lambda: group().step(X, Y.numpy()), TypeError, "labels must be a torch.Tensor"),
+    ("numpy images", lambda: group().step(X.numpy(), Y), TypeError, "images must be a torch.Tensor"),
+    ("float labels", lambda: group().step(X, Y.float()), TypeError, "integer class indices, got torch.float32"),
+    ("labels elsewhere", lambda: group().step(X, Y.to("meta")), ValueError, "labels are on meta but the networks are on cpu"),
+    ("images elsewhere", lambda: group().step(X.to("meta"), Y), ValueError, "images are on meta"),
+    ("labels out of range", lambda: group().step(X, Y + 10), ValueError, r"labels must lie in \[0, 10\)"),
+    ("string alpha", lambda: group(alpha="1"), TypeError, "alpha must be a number, got str '1'"),
+    ("inf temperature", lambda: group(temperature=float("inf")), ValueError, "temperature must be a finite number"),
+    ("nan alpha", lambda: group(alpha=float("nan")), ValueError, "alpha must be a finite number"),
+    ("negative beta", lambda: group(beta=-1.0), ValueError, "beta must be >= 0"),
+    ("string perturb_prob", lambda: group(perturb_prob="0.5"), TypeError, "perturb_prob must be a number"),
+    ("string feature_loss", lambda: group(feature_loss="no"), TypeError, "feature_loss must be True or False"),
+    ("not a module", lambda: CompetitiveDistillation([build_model("resnet8", 10, 1), "resnet8"]), TypeError,
+     r"networks \[1\] are not torch.nn.Module"),
+    ("int teacher", lambda: cdfast.group_student_loss(LOGITS, None, 1), TypeError, r"use torch.tensor\(1, device="),
+    ("teacher elsewhere", lambda: cdfast.group_student_loss(LOGITS, None, torch.tensor(0, device="meta")), ValueError,
+     "teacher is on meta"),
+    ("string alpha (functional)", lambda: cdfast.group_student_loss(LOGITS, None, torch.tensor(0), alpha="1"),
+     TypeError, "alpha must be a number"),
+    ("[G, N, B, K] logits", lambda: cdfast.group_student_loss(torch.randn(3, 2, 4, 5), None, torch.tensor(0)),
+     ValueError, "takes one group, logits"),
+    ("numpy targets", lambda: cdfast.competitive_ce(LOGITS, np.zeros(4, dtype=np.int64)), TypeError,
+     "targets must be a torch.Tensor"),
+    ("targets elsewhere", lambda: cdfast.competitive_ce(LOGITS, torch.zeros(4, dtype=torch.long, device="meta")),
+     ValueError, "targets is on meta"),
+    ("empty batch (functional)", lambda: cdfast.competitive_ce(torch.randn(2, 0, 3), torch.zeros(0, dtype=torch.long)),
+     ValueError, "empty batch"),
+    ("list of non-tensors", lambda: cdfast.competitive_ce([[1.0], [2.0]], torch.zeros(1, dtype=torch.long)),
+     TypeError, "a list of the networks' tensors"),
+    ("string temperature", lambda: cdfast.student_loss(LOGITS[0], LOGITS[1], temperature="2"), TypeError,
+     "temperature must be a number"),
+]
+
+
+@pytest.mark.parametrize("name,call,error,message", API_CASES, ids=[c[0] for c in API_CASES])
+def test_python_api_errors_are_cdfasts_own(name, call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_lists_are_stacked_like_tensors():
+    teacher = torch.tensor(1)
+    feats = torch.randn(2, 4, 5)
+    a = cdfast.group_student_loss(list(LOGITS), list(feats), teacher)
+    b = cdfast.group_student_loss(LOGITS, feats, teacher)
+    torch.testing.assert_close(a, b)
+
+
+def test_int32_labels_are_accepted_by_the_group():
+    g = group()
+    out = g.losses(X, Y.int())
+    assert out.ce.shape == (2,)
+
+
+@pytest.mark.parametrize("use_op", [True, False])
+def test_non_finite_ce_is_never_elected(monkeypatch, use_op):
+    from cdfast import _ops
+
+    if use_op and not _ops.HAS_EXTENSION:
+        pytest.skip("cdfast._C is not built")
+    monkeypatch.setattr(_ops, "op_available", lambda device: use_op)
+    logits = torch.randn(4, 6, 5)
+    targets = torch.randint(0, 5, (6,))
+    logits[0, 0, targets[0]] = float("-inf")  # CE = +inf
+    logits[1, 2] = float("nan")                # CE = NaN
+    ce, teacher = cdfast.competitive_ce(logits, targets)
+    assert torch.isinf(ce[0]) and torch.isnan(ce[1])
+    assert int(teacher) == 2 + int(torch.argmin(ce[2:]))
+    logits[2:] = float("nan")
+    assert int(cdfast.competitive_ce(logits, targets)[1]) == 0  # all non-finite: 0, and ce shows it
+    assert int(cdfast.elect_teacher(torch.tensor([float("nan"), 0.3, float("inf"), 0.2]))) == 3
+
+
+# ---- the command line's last resort ---------------------------------------------------------
+def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
+    import cdfast.cli
+
+    def boom(args):
+        raise RuntimeError("kaput\nsecond line of a long torch message")
+
+    monkeypatch.setattr(cdfast.cli, "cmd_models", boom)
+    code, err = run_cli(["models"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "unexpected error in `cdfast models`: RuntimeError: kaput" in err and "--debug" in err
+    with pytest.raises(RuntimeError, match="kaput"):
+        main(["--debug", "models"])
