@@ -14,10 +14,11 @@ from cdfast.train.config import TrainConfig
 
 EPILOG = """Settings come from the defaults, then --config FILE (YAML with the same keys, '-' or '_'),
 then the flags given here. --resume DIR continues a run from its last checkpoint (or from step 0
-if it stopped before its first one) with the run's own settings; flags may then change only how
-it executes and reports (device, engine, compile, threads, workers, logging, plots, ...). Any
-other change is refused, listing the differences, unless --resume-with-changes is given: then it
-applies from the resumed step on and is recorded in the run's changes.jsonl."""
+if it stopped before its first one) with the settings stored in it; flags may then change only
+how it executes and reports (engine, compile, channels-last, fused-sgd, threads,
+eval-batch-size, log-interval, tensorboard, plots, progress). Any other change is refused,
+listing the differences, unless --resume-with-changes is given: then it applies from the next
+step on and is recorded in the run's changes.jsonl."""
 
 
 def _base_type(tp):
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cdfast: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cdfast: interrupted; the last checkpoint (if any) is intact, continue with --resume", file=sys.stderr)
+        print("cdfast: interrupted; completed checkpoints are intact: continue a run with `cdfast train --resume "
+              "RUN_DIR`, a grid by running the same `cdfast experiment` again", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the last resort: one line, the traceback on request
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -32,7 +32,7 @@ import yaml
 
 from cdfast.safe_write import atomic_write
 from cdfast.train.config import TrainConfig, read_yaml_mapping
-from cdfast.train.run_folder import has_checkpoint, read_epochs, run_state
+from cdfast.train.run_folder import CONFIG_FILE, has_checkpoint, read_epochs, run_state
 
 RESULTS_FILE = "results.jsonl"
 GRID_FILE = "grid.yaml"
@@ -134,6 +134,10 @@ def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
             continue
         epochs = read_epochs(path)
         n = len(cfg.models)
+        try:  # what the run really trained with (a --resume-with-changes may have changed it)
+            cfg = TrainConfig.from_yaml(path / CONFIG_FILE)
+        except (OSError, ValueError, TypeError):
+            pass
         records.append({
             "group": group, "method": method, "seed": seed, "models": cfg.models,
             "final_acc": epochs[-1]["test_acc"],
@@ -178,6 +182,7 @@ def grid_conflict(saved: dict[str, Any], grid: Grid) -> str | None:
 def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = None) -> Path:
     """Run every missing or unfinished run of the grid; returns the results file."""
     from cdfast.train import Trainer
+    from cdfast.train.trainer import ResumeChangeError, _listed
 
     out = Path(out)
     saved = out / GRID_FILE
@@ -196,8 +201,9 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
                              "original grid file to resume it")
     atomic_write(saved, description)
     runs = grid.runs()
+    overrides = overrides or {}
     for k, (group, method, seed) in enumerate(runs, start=1):
-        cfg = dataclasses.replace(grid.config(group, method, seed, out), **(overrides or {}))
+        cfg = dataclasses.replace(grid.config(group, method, seed, out), **overrides)
         path = run_dir(out, group, method, seed)
         state = run_state(path, cfg.epochs)
         print(f"cdfast experiment [{k}/{len(runs)}] {group} / {method} / seed {seed}: "
@@ -205,8 +211,15 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
         if state == "done":
             continue
         t0 = time.perf_counter()
-        # A run folder without a checkpoint (stopped before its first one) simply starts again.
-        trainer = Trainer(cfg, resume=path if state == "partial" and has_checkpoint(path) else None)
+        if state == "partial" and has_checkpoint(path):
+            try:  # the run continues with its own settings (the grid cannot have changed: see grid_conflict)
+                trainer = Trainer(resume=path, overrides=overrides)
+            except ResumeChangeError as e:
+                raise ValueError(f"run {group} / {method} / seed {seed} in {path} was started with other settings "
+                                 f"than this command gives ({_listed(e.changes)}); rerun without those options, or "
+                                 f"continue that run alone with `cdfast train --resume {path}`") from None
+        else:  # new, or stopped before its first checkpoint: starts (again) from step 0
+            trainer = Trainer(cfg)
         summary = trainer.fit()
         accs = ", ".join(f"{100 * a:.2f}%" for a in summary["final_acc"])
         print(f"cdfast experiment [{k}/{len(runs)}] final test accuracy {accs} "

@@ -241,7 +241,7 @@ def distillation_weights(ce: Tensor, mode: str) -> Tensor:
     if mode == "all-better":
         lower = ce.unsqueeze(0) < ce.unsqueeze(1)  # [i, j]: ce_j < ce_i
         tie_first = (ce.unsqueeze(0) == ce.unsqueeze(1)) & (idx.unsqueeze(0) < idx.unsqueeze(1))
-        better = (lower | tie_first).float()
+        better = ((lower | tie_first) & torch.isfinite(ce).unsqueeze(0)).float()  # a non-finite CE never teaches
         return better / better.sum(1, keepdim=True).clamp(min=1.0)
     if mode == "all":
         return (1.0 - torch.eye(n, device=ce.device)) / (n - 1)

@@ -55,6 +55,15 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; done once, at import, before any threads
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | Path, content: Content) -> None:
     """Replace ``path`` with ``content`` (bytes, text, or a function writing to a binary file).
 
@@ -67,6 +76,7 @@ def atomic_write(path: str | Path, content: Content) -> None:
     except OSError as e:
         raise WriteError(e.errno, describe(e, path)) from e
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; cdfast's files are as readable as any other
         with os.fdopen(fd, "wb") as f:
             if callable(content):
                 content(f)
@@ -87,10 +97,13 @@ def atomic_write(path: str | Path, content: Content) -> None:
 def open_append(path: str | Path, newline: str | None = None) -> IO[str]:
     """Open a text record file for appending; refuses a symlink or a non-regular file at ``path``."""
     path = Path(path)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    # O_NONBLOCK: a planted FIFO must not hang the open; the flag is cleared once it is known to be a file.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = os.open(path, flags, 0o666)
     except OSError as e:
+        if e.errno == errno.ENXIO:  # a FIFO with no reader
+            raise WriteError(e.errno, f"{path} is not a regular file; cdfast will not append its records to it") from e
         if e.errno == errno.ELOOP or path.is_symlink():
             raise WriteError(e.errno, f"{path} is a symbolic link; cdfast writes its records only to regular "
                                       "files it created (remove the link)") from e
@@ -98,6 +111,7 @@ def open_append(path: str | Path, newline: str | None = None) -> IO[str]:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise WriteError(errno.EINVAL, f"{path} is not a regular file; cdfast will not append its records to it")
+    os.set_blocking(fd, True)
     return os.fdopen(fd, "a", newline=newline)
 
 

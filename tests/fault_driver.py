@@ -8,6 +8,7 @@ POINT (the N-th time it is reached in this process):
     epoch-record    right after an epochs.jsonl record is appended (before the checkpoint)
     ckpt-write      halfway through writing a checkpoint's bytes
     ckpt-rotate     after the latest checkpoint became the previous one, before the new one is in place
+    records-rewrite after a resume rewrote one record file to its checkpoint, before the next
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cdfast import CompetitiveDistillation
-from cdfast.train import Trainer, TrainConfig, checkpoint
+from cdfast.train import Trainer, TrainConfig, checkpoint, run_folder
 from cdfast.train.metrics import RunLogger
 
 
@@ -84,6 +85,14 @@ def arm(point: str, n: int) -> None:
             if hit():
                 die()
         checkpoint._keep_as_previous = keep
+    elif point == "records-rewrite":
+        original = run_folder.atomic_write
+
+        def rewrite(path, content):
+            original(path, content)
+            if Path(path).name in ("steps.csv", "epochs.jsonl") and hit():
+                die()
+        run_folder.atomic_write = rewrite
     else:
         raise SystemExit(f"unknown kill point {point}")
 

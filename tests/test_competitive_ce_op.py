@@ -160,3 +160,15 @@ def test_cuda_op_makes_no_host_sync_and_captures_in_a_graph():
     ce_ref, teacher_ref = R.competitive_ce(logits, targets)
     torch.testing.assert_close(ce, ce_ref, atol=1e-5, rtol=1e-5)
     assert teacher.item() == teacher_ref.item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_ce_is_never_elected(device):
+    logits, targets, _, _ = make((4, 6), 5, device, torch.float32)
+    logits[0, 3] = float("nan")   # network 0: NaN CE, which torch.argmin would pick
+    logits[2] += 5 * torch.nn.functional.one_hot(targets[2], 5).to(logits)  # network 2: clearly the best
+    ce, teacher, _ = op(logits, targets)
+    assert torch.isnan(ce[0]) and teacher.item() == 2
+    assert teacher.item() == R.competitive_ce(logits, targets)[1].item()
+    logits[:] = float("nan")
+    assert op(logits, targets)[1].item() == 0  # every CE non-finite: network 0, and ce shows why

@@ -71,7 +71,7 @@ YAML_CASES = [
     ("perturb_ops: [crop, warp9]", ValueError, r"unknown perturbation ops \['warp9'\]"),
     ("lr_milestones: [0.5, 1.5]", ValueError, r"lr_milestones\[1\] must be > 0 and < 1"),
     ("epochs: true", TypeError, "epochs must be an integer, got bool True"),
-    ("device: meta", ValueError, "device must be cpu, cuda, cuda:N or auto"),
+    ("device: meta", ValueError, "device must be cpu, cuda, cuda:N, mps or auto"),
     ("warmup_epochs: 9\nepochs: 2", ValueError, r"warmup_epochs \(9\) exceeds epochs \(2\)"),
     ("nosuchkey: 1", ValueError, r"unknown config keys \['nosuchkey'\]"),
 ]
@@ -91,8 +91,8 @@ FLAG_CASES = [
     (["--warmup-epochs", "-1"], "warmup_epochs must be >= 0"),
     (["--threads", "-1"], "threads must be >= 1"),
     (["--threads", "0"], "threads must be >= 1"),
-    (["--device", "tpu9"], "device must be cpu, cuda, cuda:N or auto, got 'tpu9'"),
-    (["--device", "meta"], "device must be cpu, cuda, cuda:N or auto, got 'meta'"),
+    (["--device", "tpu9"], "device must be cpu, cuda, cuda:N, mps or auto, got 'tpu9'"),
+    (["--device", "meta"], "device must be cpu, cuda, cuda:N, mps or auto, got 'meta'"),
     (["--temperature", "inf"], "temperature must be a finite number, got inf"),
     (["--temperature", "0"], "temperature must be > 0"),
     (["--alpha", "nan"], "alpha must be a finite number, got nan"),
@@ -296,11 +296,17 @@ def test_resume_refuses_to_change_the_run_and_touches_nothing(run_copy, capsys, 
     assert snapshot(run_copy) == before
 
 
-def test_resume_may_change_how_the_run_executes(run_copy, capsys):
-    code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress", "--threads", "2", "--log-interval",
-                         "7", "--engine", "sequential", "--eval-batch-size", "32"], capsys)
+@needs_data
+def test_resume_may_change_how_the_run_executes(tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(TrainConfig(**TINY, data_dir=str(FMNIST), out=str(out))).fit(until_epoch=1)
+    code, err = run_cli(["train", "--resume", str(out), "--no-progress", "--threads", str(torch.get_num_threads()),
+                         "--log-interval", "7", "--engine", "sequential", "--eval-batch-size", "32",
+                         "--no-plots"], capsys)
     assert code == 0, err
-    assert yaml.safe_load((run_copy / "config.yaml").read_text())["log_interval"] == 7
+    assert [json.loads(line)["epoch"] for line in (out / "epochs.jsonl").read_text().splitlines()] == [1, 2]
+    assert yaml.safe_load((out / "config.yaml").read_text())["log_interval"] == 7
+    assert not (out / "changes.jsonl").exists()  # nothing that changes the training was changed
 
 
 def test_resume_with_changes_applies_them_for_real_and_records_them(run_copy, capsys):
@@ -314,7 +320,7 @@ def test_resume_with_changes_applies_them_for_real_and_records_them(run_copy, ca
         # the cosine schedule of the new 3-epoch run at step 4 of 6
         assert group["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 4 / 6)))
     change = json.loads((run_copy / "changes.jsonl").read_text())
-    assert change["step"] == 4 and change["epoch"] == 2
+    assert change["first_step"] == 5 and change["epoch"] == 3  # step 4 ended epoch 2 with the old settings
     assert change["changes"]["momentum"] == {"from": 0.9, "to": 0.5}
     assert yaml.safe_load((run_copy / "config.yaml").read_text())["momentum"] == 0.5
     trainer.fit()
@@ -423,24 +429,23 @@ def test_non_finite_evaluation_is_never_recorded_or_checkpointed(tmp_path, monke
 
 
 @needs_data
-def test_diverged_weights_are_never_checkpointed(tmp_path):
+def test_diverged_weights_are_never_checkpointed(tmp_path, monkeypatch):
     out = tmp_path / "run"
     trainer = Trainer(TrainConfig(**{**TINY, "epochs": 3}, data_dir=str(FMNIST), out=str(out)))
     trainer.fit(until_epoch=1)
     digest = hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest()
-    net = trainer.group.networks[0]
-    original = net.forward
+    real = trainer.evaluate
 
-    def poisoned(x):
-        with torch.no_grad():
-            next(net.parameters()).fill_(float("inf"))
-        return original(x)
+    def poisoned():  # the losses stayed finite; a running statistic did not
+        trainer.group.networks[1].stem[1].running_var.fill_(float("inf"))
+        return real()
 
-    net.forward = poisoned
-    with pytest.raises(NonFiniteLossError, match=r"The last checkpoint \(epoch 1, step 2\)"):
+    monkeypatch.setattr(trainer, "evaluate", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"network 1 \(resnet8\) has non-finite weights after epoch 2 "
+                                                 r"\(stem.1.running_var\).*The last checkpoint \(epoch 1, step 2\)"):
         trainer.fit()
     assert hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest() == digest
-    assert "NaN" not in (out / "epochs.jsonl").read_text() and "Infinity" not in (out / "epochs.jsonl").read_text()
+    assert [json.loads(line)["epoch"] for line in (out / "epochs.jsonl").read_text().splitlines()] == [1]
 
 
 # ---- link-safe writes ---------------------------------------------------------------------
@@ -608,3 +613,156 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
     assert "unexpected error in `cdfast models`: RuntimeError: kaput" in err and "--debug" in err
     with pytest.raises(RuntimeError, match="kaput"):
         main(["--debug", "models"])
+
+
+# ---- review follow-ups: locks, corrupt checkpoints, restarts, links, permissions ----------------
+@needs_data
+def test_one_process_per_run_folder(tmp_path):
+    out = tmp_path / "run"
+    first = Trainer(TrainConfig(**TINY, data_dir=str(FMNIST), out=str(out)))
+    with pytest.raises(RunFolderError, match="in use by another cdfast process"):
+        Trainer(resume=out)
+    first.fit(until_epoch=1)  # fit releases the folder when it returns
+    Trainer(resume=out).close()
+
+
+def test_default_run_folders_never_collide(tmp_path, monkeypatch):
+    from cdfast.train.run_folder import new_run_folder
+
+    monkeypatch.chdir(tmp_path)
+    Path("runs/x").mkdir(parents=True)
+    Path("runs/x-2").mkdir()
+    assert new_run_folder("runs/x") == Path("runs/x-3")
+
+
+def test_a_corrupt_latest_is_set_aside_and_never_becomes_the_previous(run_copy):
+    (run_copy / "checkpoint.pt").write_bytes(b"\x00" * 64)
+    trainer = Trainer(resume=run_copy, overrides={"epochs": 3}, allow_changes=True)
+    assert (run_copy / "checkpoint.corrupt.pt").exists() and not (run_copy / "checkpoint.pt").exists()
+    trainer.fit()
+    assert load_checkpoint(run_copy / "checkpoint.pt")["epoch"] == 3
+    assert load_checkpoint(run_copy / "checkpoint.prev.pt")["epoch"] == 2
+
+
+def test_unreadable_checkpoints_say_how_to_start_again(run_copy, capsys):
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (run_copy / name).write_bytes(b"junk")
+    code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress"], capsys)
+    assert code == 2 and "move checkpoint.pt and checkpoint.prev.pt out of the folder" in err
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (run_copy / name).rename(run_copy.parent / name)
+    code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress"], capsys)  # starts again from step 0
+    assert code == 0, err
+    assert load_checkpoint(run_copy / "checkpoint.pt")["epoch"] == 2
+
+
+def test_resume_from_a_named_checkpoint_file(run_copy):
+    trainer = Trainer(resume=run_copy / "checkpoint.prev.pt")
+    assert (trainer.epoch, trainer.step) == (1, 2)
+    trainer.close()
+
+
+def test_changes_on_a_finished_run_are_refused(run_copy):
+    with pytest.raises(ValueError, match="has finished all 2 epochs: nothing is left to train"):
+        Trainer(resume=run_copy, overrides={"alpha": 0.5}, allow_changes=True)
+
+
+def test_a_lost_uncheckpointed_change_is_reported(run_copy, capsys):
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    (run_copy / "config.yaml").write_text(yaml.safe_dump({**config, "alpha": 0.25}))
+    Trainer(resume=run_copy).close()
+    out = capsys.readouterr().out
+    assert "holds settings its checkpoint does not (alpha: 1.0 -> 0.25)" in out
+    assert yaml.safe_load((run_copy / "config.yaml").read_text())["alpha"] == 1.0
+
+
+@needs_data
+def test_switching_feature_adapters_mid_run_is_refused_clearly(tmp_path):
+    out = tmp_path / "run"
+    Trainer(TrainConfig(**TINY, data_dir=str(FMNIST), out=str(out), models=["resnet8", "resnet8x4"])).fit(until_epoch=1)
+    with pytest.raises(ValueError, match="cannot switch its feature loss on or off mid-run"):
+        Trainer(resume=out, overrides={"feature_loss": False}, allow_changes=True)
+
+
+@needs_data
+def test_a_restart_with_other_models_writes_a_matching_header(tmp_path):
+    out = tmp_path / "run"
+    Trainer(TrainConfig(**TINY, data_dir=str(FMNIST), out=str(out))).fit(until_epoch=1)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).unlink(missing_ok=True)
+    three = ["resnet8", "resnet8", "resnet8"]
+    Trainer(TrainConfig(**{**TINY, "epochs": 1}, data_dir=str(FMNIST), out=str(out), models=three)).fit()
+    header = (out / "steps.csv").read_text().splitlines()[0].split(",")
+    assert "ce_2" in header and len((out / "steps.csv").read_text().splitlines()) == 1 + 2
+
+
+def test_a_leftover_marker_temp_is_not_a_foreign_file(tmp_path):
+    from cdfast.train.run_folder import claim_new, unlock_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "..cdfast-run.abc123.tmp").write_text("half")
+    lock, restarted = claim_new(out)
+    unlock_folder(lock)
+    assert (out / ".cdfast-run").is_file() and not (out / "..cdfast-run.abc123.tmp").exists()
+
+
+def test_perturbation_rng_of_an_absent_gpu_is_skipped():
+    from cdfast.perturb.ops import PerturbRNG
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    rng = PerturbRNG(0)
+    state = rng.state_dict()
+    state["generators"] = {"cuda:0": torch.zeros(16, dtype=torch.uint8)}
+    rng.load_state_dict(state)  # a run moved from a GPU to this CPU-only machine
+    assert rng.on(torch.device("cpu")) is not None
+
+
+def test_all_better_never_learns_from_a_non_finite_network():
+    w = cdfast.distillation_weights(torch.tensor([float("inf"), float("inf"), 0.5, float("nan")]), "all-better")
+    assert w[:, [0, 1, 3]].sum() == 0 and w[0, 2] == 1 and w[1, 2] == 1  # +inf students learn from the finite one
+
+
+def test_planted_link_named_like_the_target_is_replaced_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "config.yaml").symlink_to(victim)
+    atomic_write(tmp_path / "config.yaml", "epochs: 1\n")
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "config.yaml").is_symlink() and (tmp_path / "config.yaml").read_text() == "epochs: 1\n"
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    atomic_write(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_planted_fifo_is_refused_without_hanging(tmp_path):
+    os.mkfifo(tmp_path / "steps.csv")
+    with pytest.raises(WriteError, match="not a regular file"):
+        open_append(tmp_path / "steps.csv")
+
+
+def test_a_full_disk_while_appending_records_is_a_clear_error(tmp_path, monkeypatch):
+    from cdfast.train.metrics import RunLogger
+
+    logger = RunLogger(tmp_path, 2, tensorboard=False)
+
+    def full(rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logger._steps, "writerows", full)
+    with pytest.raises(WriteError, match=f"no space left on the device holding {tmp_path} while writing steps.csv"):
+        logger.write_steps([{}])
+    logger.close()
+
+
+def test_tensorboard_link_is_refused(tmp_path):
+    from cdfast.train.metrics import RunLogger
+
+    (tmp_path / "tensorboard").symlink_to(tmp_path.parent)
+    with pytest.raises(WriteError, match="tensorboard is a link or a file"):
+        RunLogger(tmp_path, 2, tensorboard=True)

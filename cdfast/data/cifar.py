@@ -25,16 +25,27 @@ def _how_to_get(num_classes: int) -> str:
 # (pickled by numpy 1.x or 2.x, protocol 2 or 5; protocol 2 spells bytes as _codecs.encode
 # of a str). Nothing else can be built, so a crafted file cannot run code.
 _ALLOWED_GLOBALS = {
-    ("_codecs", "encode"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
 }
 
 
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes, and nothing more."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused to encode with {encoding!r}: a CIFAR batch holds latin1 bytes only")
+    return text.encode("latin1")
+
+
 class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
+        if module.startswith("numpy.core.") and int(np.__version__.split(".")[0]) >= 2:
+            module = "numpy._core." + module[len("numpy.core."):]  # numpy 1.x pickles under numpy 2
+        if module.startswith("numpy._core.") and int(np.__version__.split(".")[0]) < 2:
+            module = "numpy.core." + module[len("numpy._core."):]
+        if (module.replace("numpy.core.", "numpy._core."), name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR batch holds only dicts, lists, "
                                      "strings and NumPy arrays")
@@ -49,7 +60,8 @@ def safe_unpickle(path: Path) -> Any:
 def _read(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         batch = safe_unpickle(path)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, LookupError,
+            MemoryError, OverflowError, ImportError) as e:
         raise ValueError(f"{path} is not a readable CIFAR python batch ({type(e).__name__}: {e})") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path} is not a CIFAR python batch (it holds a {type(batch).__name__}, not a dict)")

@@ -91,13 +91,13 @@ class FolderLoader:
     def __iter__(self):
         for batch, bad in self.loader:
             if bad:
-                path, reason = bad[0]
                 if not self.skip_bad_images:
+                    path, reason = bad[0]
                     raise BadImageError(f"cannot read image {path} ({reason}); {SKIP_HINT}")
-                new = [p for p, _ in bad if p not in self.skipped]
-                self.skipped.update(new)
+                new = [(p, why) for p, why in bad if p not in self.skipped]
+                self.skipped.update(p for p, _ in new)
                 if new:
-                    warnings.warn(f"cdfast: skipped unreadable image {new[0]} ({reason}); "
+                    warnings.warn(f"cdfast: skipped unreadable image {new[0][0]} ({new[0][1]}); "
                                   f"{len(self.skipped)} skipped so far", stacklevel=2)
             if batch is not None:
                 yield batch

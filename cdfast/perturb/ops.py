@@ -67,7 +67,10 @@ class PerturbRNG:
         self.seed = state["seed"]
         self.host.setstate(state["host"])
         for key, gen_state in state["generators"].items():
-            self.on(torch.device(key)).set_state(gen_state)
+            device = torch.device(key)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                continue  # a run moved off the GPU (a recorded change): its CPU generator is seeded afresh
+            self.on(device).set_state(gen_state)
 
 
 def _uniform(low: float, high: float, n: int, x: Tensor, rng: PerturbRNG) -> Tensor:

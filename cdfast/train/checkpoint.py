@@ -14,7 +14,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,7 +49,7 @@ def _keep_as_previous(latest: Path, prev: Path) -> None:
     link = latest.with_name(f".{prev.name}.link.tmp")
     link.unlink(missing_ok=True)
     try:
-        os.link(latest, link)
+        os.link(latest, link, follow_symlinks=False)
     except OSError:
         os.replace(latest, prev)
         return
@@ -96,14 +96,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_latest(folder: str | Path) -> tuple[dict[str, Any], Path] | None:
+class Loaded(NamedTuple):
+    state: dict[str, Any]
+    path: Path
+    corrupt: list[Path]  # newer checkpoints that could not be read (to be moved aside)
+
+
+def load_latest(folder: str | Path) -> Loaded | None:
     """The newest readable checkpoint of a run folder, or None if it has none at all.
 
-    A corrupt ``checkpoint.pt`` falls back to ``checkpoint.prev.pt`` with a warning;
-    if every checkpoint present is unreadable, the first error is raised.
+    A corrupt ``checkpoint.pt`` falls back to ``checkpoint.prev.pt`` with a warning; if
+    every checkpoint present is unreadable, the error says how to start the run again.
     """
     folder = Path(folder)
     errors: list[CheckpointError] = []
+    corrupt: list[Path] = []
     for name in (CHECKPOINT, PREV_CHECKPOINT):
         path = folder / name
         if not path.is_file():
@@ -112,11 +119,22 @@ def load_latest(folder: str | Path) -> tuple[dict[str, Any], Path] | None:
             state = load_checkpoint(path)
         except CheckpointError as e:
             errors.append(e)
+            corrupt.append(path)
             continue
         if errors:
             log.warning("cdfast: %s; resuming from the previous checkpoint %s (epoch %s) instead",
                         errors[0], path, state["epoch"])
-        return state, path
+        return Loaded(state, path, corrupt)
     if errors:
-        raise errors[0]
+        names = " and ".join(p.name for p in corrupt)
+        raise CheckpointError(f"{errors[0]}. No readable checkpoint is left in {folder}: move {names} out of the "
+                              f"folder to start the run again from step 0 with --resume {folder}, or start a new "
+                              "run in another --out folder")
     return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint out of the rotation (it must never become the 'previous' one)."""
+    target = path.with_name(path.name.replace(".pt", ".corrupt.pt"))
+    os.replace(path, target)
+    return target

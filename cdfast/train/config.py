@@ -11,6 +11,7 @@ take their ranges from :mod:`cdfast.options`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -29,7 +30,7 @@ from cdfast.perturb import DEFAULT_OPS, OPS
 from cdfast.safe_write import atomic_write
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RANGE_KEYS = ("ge", "gt", "le", "lt")
 
 
@@ -102,7 +103,12 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         try:
             for f in dataclasses.fields(self):
-                _check_field(f, getattr(self, f.name), hints[f.name])
+                value = getattr(self, f.name)
+                if isinstance(value, os.PathLike):  # Path objects from Python code: stored as text
+                    setattr(self, f.name, value := os.fspath(value))
+                elif isinstance(value, tuple):  # a tuple of models or ops from Python code: stored as a list
+                    setattr(self, f.name, value := list(value))
+                _check_field(f, value, hints[f.name])
             self._check_relations()
         except (TypeError, ValueError) as e:
             raise type(e)(f"invalid config: {e}") from None
@@ -126,7 +132,7 @@ class TrainConfig:
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         if not DEVICE_PATTERN.fullmatch(self.device):
-            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+            raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,12 +219,10 @@ def _check_scalar(name: str, value: Any, kind: type, bounds: dict[str, float]) -
 # How a resume may differ from the checkpoint it continues (see Trainer):
 # RESUME_FREE settings change how the run executes or reports, never what it computes beyond floating-point
 # rounding; RESUME_FIXED settings define what the checkpoint holds and can never change; every other setting
-# changes the training trajectory and may change only with --resume-with-changes, which records it.
-RESUME_FREE = ("device", "engine", "compile", "compile_mode", "channels_last", "fused_sgd", "threads", "workers",
-               "eval_batch_size", "skip_bad_images", "out", "log_interval", "tensorboard", "plots", "progress")
+# (device, workers and skip_bad_images included: they change the random draws) changes the training
+# trajectory and may change only with --resume-with-changes, which records it.
+RESUME_FREE = ("engine", "compile", "compile_mode", "channels_last", "fused_sgd", "threads", "eval_batch_size",
+               "out", "log_interval", "tensorboard", "plots", "progress")
 RESUME_FIXED = ("data", "models", "features", "seed", "train_subset", "batch_size", "image_size")
-
-
-def trajectory_fields() -> tuple[str, ...]:
-    """The settings a plain resume must not change."""
-    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESUME_FREE)
+_unknown = set(RESUME_FREE + RESUME_FIXED) - set(TrainConfig.__dataclass_fields__)
+assert not _unknown, f"RESUME_FREE / RESUME_FIXED name no config field: {_unknown}"

@@ -11,13 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cdfast.algorithm import StepResult
-from cdfast.safe_write import open_append
+from cdfast.safe_write import WriteError, describe, open_append
 from cdfast.train.run_folder import EPOCHS_FILE, STEPS_FILE, TENSORBOARD_DIR
 
 
@@ -89,16 +90,24 @@ class RunLogger:
             self._steps.writeheader()
         self.tb = None
         if tensorboard:
+            tb_dir = out / TENSORBOARD_DIR
+            if tb_dir.is_symlink() or (tb_dir.exists() and not tb_dir.is_dir()):
+                self._steps_file.close()
+                raise WriteError(0, f"{tb_dir} is a link or a file; cdfast writes TensorBoard events only into a "
+                                    "folder it created (remove it, or pass --no-tensorboard)")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=first_step + 1 if first_step else None)
+                self.tb = SummaryWriter(str(tb_dir), purge_step=first_step + 1 if first_step else None)
             except ImportError:
                 print("cdfast: tensorboard is not installed; skipping TensorBoard logs (pip install tensorboard)")
 
     def write_steps(self, rows: list[dict[str, Any]]) -> None:
-        self._steps.writerows(rows)
-        self._steps_file.flush()
+        try:
+            self._steps.writerows(rows)
+            self._steps_file.flush()
+        except OSError as e:
+            raise WriteError(e.errno, describe(e, self.steps_path)) from e
         if self.tb is not None:
             for row in rows:
                 for i in range(self.n):
@@ -107,15 +116,24 @@ class RunLogger:
                 self.tb.add_scalar("train/teacher", row["teacher"], row["step"])
 
     def write_epoch(self, record: dict[str, Any]) -> None:
+        """Append the epoch's record; it and the step rows are on disk before the checkpoint is written."""
         line = json.dumps(record, allow_nan=False) + "\n"  # NaN is not JSON; the trainer checks first
-        with open_append(self.epochs_path) as f:
-            f.write(line)
-            f.flush()
-        if self.tb is not None:
+        try:
+            with open_append(self.epochs_path) as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            os.fsync(self._steps_file.fileno())
+        except WriteError:
+            raise
+        except OSError as e:
+            raise WriteError(e.errno, describe(e, self.epochs_path)) from e
+        if self.tb is not None:  # logged at the global step, so a resume's purge_step covers them too
+            step = record["step"]
             for i, acc in enumerate(record["test_acc"]):
-                self.tb.add_scalar(f"test/acc_{i}", acc, record["epoch"])
-                self.tb.add_scalar(f"teacher_share/{i}", record["teacher_share"][i], record["epoch"])
-            self.tb.add_scalar("test/acc_ensemble", record["ensemble_acc"], record["epoch"])
+                self.tb.add_scalar(f"test/acc_{i}", acc, step)
+                self.tb.add_scalar(f"teacher_share/{i}", record["teacher_share"][i], step)
+            self.tb.add_scalar("test/acc_ensemble", record["ensemble_acc"], step)
             self.tb.flush()
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ STEPS_FILE, EPOCHS_FILE, TENSORBOARD_DIR = "steps.csv", "epochs.jsonl", "tensorb
 
 __all__ = ["MARKER", "CONFIG_FILE", "CHANGES_FILE", "SUMMARY_FILE", "STEPS_FILE", "EPOCHS_FILE", "TENSORBOARD_DIR",
            "RunFolderError", "is_run_folder", "has_checkpoint", "claim_new", "resolve_resume", "run_state",
-           "read_epochs", "truncate_records", "reset_records", "write_changes", "remove_stale_temp"]
+           "lock_folder", "unlock_folder", "mark", "read_epochs", "truncate_records", "reset_records",
+           "write_changes", "remove_stale_temp"]
 
 
 class RunFolderError(ValueError):
@@ -52,41 +54,84 @@ def has_checkpoint(path: Path) -> bool:
     return (Path(path) / CHECKPOINT).is_file() or (Path(path) / PREV_CHECKPOINT).is_file()
 
 
-def _mark(path: Path) -> None:
+def mark(path: Path) -> None:
+    """Write the marker (once) and clear what interrupted writes left; only in a folder known to be cdfast's."""
     if not (path / MARKER).is_file():
         atomic_write(path / MARKER, json.dumps({"cdfast_run": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    removed = remove_stale_temp(path)
+    if removed:
+        print(f"cdfast: removed {len(removed)} temporary file(s) an interrupted write left in {path}")
 
 
-def claim_new(path: str | Path) -> bool:
-    """Make ``path`` the folder of a new run. Returns True if it restarts a run that never checkpointed.
+def lock_folder(path: Path) -> int:
+    """Take the run folder's lock (an exclusive ``flock`` on the folder) or refuse: one process per run."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock on this platform: run unguarded
+        pass
+    except OSError:
+        os.close(fd)
+        raise RunFolderError(f"{path} is in use by another cdfast process; wait for it to finish, or use another "
+                             "--out folder (nothing there was touched)") from None
+    return fd
+
+
+def unlock_folder(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _user_entries(path: Path) -> list[str]:
+    """What is in a folder, less the temp file an interrupted marker write may leave."""
+    return sorted(p.name for p in path.iterdir() if not p.name.startswith(f".{MARKER}."))
+
+
+def claim_new(path: str | Path) -> tuple[int, bool]:
+    """Make ``path`` the folder of a new run and lock it: ``(lock, restarted)``.
 
     Accepted: a missing or empty folder, or a cdfast run folder that holds no checkpoint
-    (a run stopped before its first checkpoint: nothing trained is lost by starting over).
-    Refused, with nothing touched: a folder with a checkpoint (continue it with --resume),
-    or one holding files cdfast did not write.
+    (a run stopped before its first checkpoint: nothing trained is lost by starting over;
+    ``restarted`` is then True and its records are gone). Refused, with nothing touched:
+    a folder with files cdfast did not write, or one with a checkpoint (continue it with
+    --resume), or one another process is using.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"--out {path} is a file, not a folder; pass a new or empty folder")
-    if path.is_dir():
+    entries = _user_entries(path) if path.is_dir() else []
+    if entries and not is_run_folder(path):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise RunFolderError(f"--out {path} holds files cdfast did not write ({shown}); pass a new or empty "
+                             "folder (nothing there was touched)")
+    path.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(path)
+    try:
         if has_checkpoint(path):
             raise FileExistsError(f"{path} already holds a run; continue it with --resume {path}, "
                                   "or pass another --out folder (nothing there was touched)")
-        entries = sorted(p.name for p in path.iterdir())
-        if entries and not is_run_folder(path):
-            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-            raise RunFolderError(f"--out {path} holds files cdfast did not write ({shown}); pass a new or empty "
-                                 "folder (nothing there was touched)")
         if entries:
             reset_records(path)
-            return True
-    path.mkdir(parents=True, exist_ok=True)
-    _mark(path)
-    return False
+        mark(path)
+    except BaseException:
+        unlock_folder(lock)
+        raise
+    return lock, bool(entries)
+
+
+def new_run_folder(base: str) -> Path:
+    """A folder name no other run has: ``base``, else ``base-2``, ``base-3``, ... (runs started in the same second)."""
+    path, k = Path(base), 1
+    while path.exists():
+        k += 1
+        path = Path(f"{base}-{k}")
+    return path
 
 
 def resolve_resume(path: str | Path) -> Path:
-    """The run folder named by ``--resume`` (the folder, or a checkpoint file in it)."""
+    """The run folder named by ``--resume`` (the folder, or a checkpoint file in it); nothing is written."""
     path = Path(path)
     folder = path.parent if path.is_file() else path
     if not folder.is_dir():
@@ -94,10 +139,6 @@ def resolve_resume(path: str | Path) -> Path:
     if not is_run_folder(folder):
         raise RunFolderError(f"cannot resume: {folder} is not a cdfast run folder (it has no {MARKER} marker, "
                              f"or no {CONFIG_FILE} and checkpoint)")
-    _mark(folder)
-    removed = remove_stale_temp(folder)
-    if removed:
-        print(f"cdfast: removed {len(removed)} temporary file(s) an interrupted write left in {folder}")
     return folder
 
 
@@ -116,7 +157,7 @@ def run_state(path: str | Path, epochs: int) -> str:
 def read_epochs(out: str | Path) -> list[dict[str, Any]]:
     """The per-epoch records; a line cut short by a crash is skipped."""
     path = Path(out) / EPOCHS_FILE
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():
         return []
     records = []
     for line in path.read_text().splitlines():
@@ -144,20 +185,17 @@ def truncate_records(out: str | Path, step: int, epoch: int) -> None:
             writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\r\n")
             writer.writeheader()
             writer.writerows(rows)
-        steps_path.unlink()  # a planted link is removed, never written through
-        atomic_write(steps_path, buffer.getvalue())
+        atomic_write(steps_path, buffer.getvalue())  # os.replace replaces a planted link, never its target
     if epochs_path.is_file() or epochs_path.is_symlink():
-        keep = [json.dumps(r) for r in read_epochs(out) if r["epoch"] <= epoch] if epochs_path.is_file() else []
-        epochs_path.unlink()
+        keep = [json.dumps(r) for r in read_epochs(out) if r["epoch"] <= epoch] if not epochs_path.is_symlink() else []
         atomic_write(epochs_path, "".join(line + "\n" for line in keep))
 
 
 def reset_records(out: str | Path) -> None:
     """Start a run folder's records over (a run that never checkpointed starts again from step 0)."""
     out = Path(out)
-    truncate_records(out, 0, 0)
-    for name in (CHANGES_FILE, SUMMARY_FILE):
-        (out / name).unlink(missing_ok=True)
+    for name in (STEPS_FILE, EPOCHS_FILE, CHANGES_FILE, SUMMARY_FILE):
+        (out / name).unlink(missing_ok=True)  # a link is removed itself, never its target
     tb = out / TENSORBOARD_DIR
     if tb.is_symlink():
         tb.unlink()

@@ -17,7 +17,7 @@ from cdfast.data import BadImageError, load_data
 from cdfast.models import build_model
 from cdfast.safe_write import WriteError, atomic_write
 from cdfast.train import run_folder
-from cdfast.train.checkpoint import load_latest, save_checkpoint
+from cdfast.train.checkpoint import load_checkpoint, load_latest, save_checkpoint, set_aside
 from cdfast.train.config import RESUME_FIXED, RESUME_FREE, TrainConfig
 from cdfast.train.metrics import NonFiniteLossError, RunLogger, StepBuffer
 from cdfast.train.run_folder import CONFIG_FILE, SUMMARY_FILE, RunFolderError, read_epochs
@@ -32,6 +32,8 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but Apple's MPS backend is not available here; use --device cpu")
     return device
 
 
@@ -56,6 +58,14 @@ def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[A
             if f.name not in RESUME_FREE and getattr(before, f.name) != getattr(cfg, f.name)}
 
 
+class ResumeChangeError(ValueError):
+    """A resume would change settings that change the training; ``changes`` lists them."""
+
+    def __init__(self, changes: dict[str, tuple[Any, Any]], message: str):
+        super().__init__(message)
+        self.changes = changes
+
+
 def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
@@ -76,33 +86,123 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig | None = None, resume: str | Path | None = None, *,
                  overrides: dict[str, Any] | None = None, allow_changes: bool = False):
-        state, folder = None, None
-        if resume is not None:
-            folder = run_folder.resolve_resume(resume)
-            loaded = load_latest(folder)
-            state = loaded[0] if loaded else None
+        self.lock = None
+        state = self._open_folder(cfg, resume, overrides or {}, allow_changes)
+        try:
+            self._build()
+            if state is not None:
+                self._load(state)
+            elif resume is not None:
+                run_folder.reset_records(self.out)  # no checkpoint yet: the run starts again from step 0
+            # Only now, with everything built and loaded, is the folder brought up to date.
+            run_folder.mark(self.out)
+            for path in self.corrupt:
+                print(f"cdfast: set the unreadable {path.name} aside as {set_aside(path).name}")
+            self.cfg.save(self.out / CONFIG_FILE)
+            run_folder.write_changes(self.out, self.changes)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- the run folder: a new run, or the same run resumed ---------------------------
+    def _open_folder(self, cfg, resume, overrides, allow_changes) -> dict[str, Any] | None:
+        """Validate the settings, claim and lock the folder, load the checkpoint: the state to resume or None."""
+        self.corrupt: list[Path] = []
+        if resume is None:
+            cfg = dataclasses.replace(cfg or TrainConfig(), **overrides)
+            self.cfg = cfg.validate()
+            self.device = resolve_device(cfg.device)
+            self.out = Path(cfg.out) if cfg.out else run_folder.new_run_folder(
+                f"runs/{cfg.data}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.lock, restarted = run_folder.claim_new(self.out)
+            if restarted:
+                print(f"cdfast: {self.out} held a run that stopped before its first checkpoint; starting it again")
+            self.changes, self.epoch, self.step, self.saved_at = [], 0, 0, None
+            return None
+        folder = run_folder.resolve_resume(resume)
+        self.lock = run_folder.lock_folder(folder)
+        try:
+            if Path(resume).is_file():  # a checkpoint named explicitly: that one, no fallback
+                state = load_checkpoint(resume)
+            else:
+                loaded = load_latest(folder)
+                state = loaded.state if loaded else None
+                self.corrupt = loaded.corrupt if loaded else []
             saved = state["config"] if state else self._saved_config(folder)
             base = cfg if cfg is not None else TrainConfig.from_dict(saved)
-            cfg = dataclasses.replace(base, **{**(overrides or {}), "out": str(folder)})
-        elif cfg is None:
-            cfg = TrainConfig()
-        if resume is None and overrides:
-            cfg = dataclasses.replace(cfg, **overrides)
-        self.cfg = cfg.validate()
-        self.device = resolve_device(cfg.device)
-        self.changes: list[dict[str, Any]] = list(state.get("changes", [])) if state else []
-        self.epoch, self.step = (state["epoch"], state["step"]) if state else (0, 0)
-        if folder is not None:
-            self._check_changes(saved, folder, state is not None, allow_changes)
+            self.cfg = dataclasses.replace(base, **{**overrides, "out": str(folder)}).validate()
+            self.device = resolve_device(self.cfg.device)
             self.out = folder
-        else:
-            self.out = Path(cfg.out or f"runs/{cfg.data}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-            if run_folder.claim_new(self.out):
-                print(f"cdfast: {self.out} held a run that stopped before its first checkpoint; starting it again")
-        self.saved_at = (self.epoch, self.step) if state else None  # (epoch, step) of the checkpoint on disk
+            self.changes = list(state.get("changes", [])) if state else []
+            self.epoch, self.step = (state["epoch"], state["step"]) if state else (0, 0)
+            self.saved_at = (self.epoch, self.step) if state else None  # (epoch, step) of the checkpoint on disk
+            self._check_changes(saved, state is not None, allow_changes)
+            if state is not None and not allow_changes:
+                self._warn_if_config_file_differs(saved)
+        except BaseException:
+            self.close()
+            raise
+        return state
+
+    @staticmethod
+    def _saved_config(folder: Path) -> dict[str, Any]:
+        """Settings of a run that has no checkpoint yet (it starts again from step 0)."""
+        if not (folder / CONFIG_FILE).is_file():
+            raise RunFolderError(
+                f"{folder} holds no checkpoint and no {CONFIG_FILE}: the run stopped before it began. Start it "
+                f"again with `cdfast train --out {folder}` and its settings (a folder without a checkpoint is accepted)")
+        return TrainConfig.from_yaml(folder / CONFIG_FILE).to_dict()
+
+    def _check_changes(self, saved: dict[str, Any], has_state: bool, allow: bool) -> None:
+        folder = self.out
+        changes = config_changes(saved, self.cfg)
+        if not changes:
+            return
+        fixed = {k: v for k, v in changes.items() if k in RESUME_FIXED}
+        if fixed and has_state:
+            raise ValueError(f"cannot resume {folder} with other {', '.join(fixed)} ({_listed(fixed)}): its "
+                             "checkpoint holds networks and data order made with the saved values; start a new run "
+                             "in another --out folder instead")
+        if not allow:
+            raise ResumeChangeError(
+                changes,
+                f"resuming {folder} with these flags would change the run: {_listed(changes)}. Resume without "
+                "them to continue the same run, pass --resume-with-changes to apply them from step "
+                f"{self.step + 1} on (recorded in {run_folder.CHANGES_FILE}), or start a new run in another --out folder")
+        if self.cfg.epochs < self.epoch:
+            raise ValueError(f"epochs={self.cfg.epochs} is below the {self.epoch} epochs {folder} has already trained")
+        if has_state and self.cfg.epochs == self.epoch:
+            raise ValueError(f"{folder} has finished all {self.epoch} epochs: nothing is left to train with the "
+                             f"changed settings (to train longer, pass --epochs N > {self.epoch} with them)")
+        self.changes.append({"first_step": self.step + 1, "epoch": self.epoch + 1,
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
+        print(f"cdfast: from step {self.step + 1} on: {_listed(changes)} (recorded in {run_folder.CHANGES_FILE})")
+
+    def _warn_if_config_file_differs(self, saved: dict[str, Any]) -> None:
+        """A --resume-with-changes that never reached a checkpoint leaves config.yaml ahead of it: say so."""
+        try:
+            written = TrainConfig.from_yaml(self.out / CONFIG_FILE)
+        except (OSError, ValueError, TypeError):
+            return
+        lost = config_changes(saved, written)
+        if lost:
+            print(f"cdfast: warning: {self.out / CONFIG_FILE} holds settings its checkpoint does not ({_listed(lost)}): "
+                  "a --resume-with-changes that never reached a checkpoint, or an edit. Continuing with the "
+                  "checkpoint's settings; pass the changes again with --resume-with-changes to apply them")
+
+    def close(self) -> None:
+        """Release the run folder (also done at the end of :meth:`fit`)."""
+        run_folder.unlock_folder(self.lock)
+        self.lock = None
+
+    def __del__(self):
+        self.close()
+
+    def _build(self) -> None:
+        cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         data_device = self.device if cfg.data != "imagefolder" else "cpu"
@@ -132,43 +232,6 @@ class Trainer:
             for opt in self.group.optimizers
         ]
         self.teacher_counts = [0] * self.group.n
-        if state is not None:
-            self._load(state)
-        elif folder is not None:
-            run_folder.reset_records(self.out)  # no checkpoint yet: the run starts again from step 0
-        # Only now, with everything built and loaded, is the folder brought up to date.
-        cfg.save(self.out / CONFIG_FILE)
-        run_folder.write_changes(self.out, self.changes)
-
-    # ---- resume: the same run, or recorded changes ----------------------------------
-    @staticmethod
-    def _saved_config(folder: Path) -> dict[str, Any]:
-        """Settings of a run that has no checkpoint yet (it starts again from step 0)."""
-        if not (folder / CONFIG_FILE).is_file():
-            raise RunFolderError(
-                f"{folder} holds no checkpoint and no {CONFIG_FILE}: the run stopped before it began. Start it "
-                f"again with `cdfast train --out {folder}` and its settings (a folder without a checkpoint is accepted)")
-        return TrainConfig.from_yaml(folder / CONFIG_FILE).to_dict()
-
-    def _check_changes(self, saved: dict[str, Any], folder: Path, has_state: bool, allow: bool) -> None:
-        changes = config_changes(saved, self.cfg)
-        if not changes:
-            return
-        fixed = {k: v for k, v in changes.items() if k in RESUME_FIXED}
-        if fixed and has_state:
-            raise ValueError(f"cannot resume {folder} with other {', '.join(fixed)} ({_listed(fixed)}): its "
-                             "checkpoint holds networks and data order made with the saved values; start a new run "
-                             "in another --out folder instead")
-        if not allow:
-            raise ValueError(
-                f"resuming {folder} with these flags would change the run: {_listed(changes)}. Resume without "
-                "them to continue the same run, pass --resume-with-changes to apply them from step "
-                f"{self.step} on (recorded in {run_folder.CHANGES_FILE}), or start a new run in another --out folder")
-        if self.cfg.epochs < self.epoch:
-            raise ValueError(f"epochs={self.cfg.epochs} is below the {self.epoch} epochs {folder} has already trained")
-        self.changes.append({"step": self.step, "epoch": self.epoch, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                             "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
-        print(f"cdfast: from step {self.step} on: {_listed(changes)} (recorded in {run_folder.CHANGES_FILE})")
 
     def _sgd_options(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -209,6 +272,14 @@ class Trainer:
         }
 
     def _load(self, state: dict[str, Any]) -> None:
+        saved_keys, keys = set(state["group"]), set(self.group.state_dict())
+        if saved_keys != keys and {k.split(".")[0] for k in saved_keys ^ keys} == {"adapters"}:
+            raise ValueError(
+                f"the checkpoint in {self.out} was trained {'with' if any(k.startswith('adapters') for k in saved_keys) else 'without'}"
+                " feature adapters, and these settings (feature_loss, beta, mode) would build the group "
+                f"{'without' if any(k.startswith('adapters') for k in saved_keys) else 'with'} them; a heterogeneous "
+                "group cannot switch its feature loss on or off mid-run. Resume with the run's own settings, or start "
+                "a new run in another --out folder")
         try:
             self.group.load_state_dict(state["group"])
             for opt, s in zip(self.group.optimizers, state["optimizers"], strict=True):
@@ -276,20 +347,27 @@ class Trainer:
         """
         cfg = self.cfg
         last = min(cfg.epochs, until_epoch or cfg.epochs)
-        self.logger = RunLogger(self.out, self.group.n, cfg.tensorboard, first_step=self.step)
+        if self.lock is None:
+            self.lock = run_folder.lock_folder(self.out)
+        self.logger = None
         try:
-            while self.epoch < last:
-                record = self._train_epoch(self.epoch + 1)
-                self.epoch = record["epoch"]
-                self.logger.write_epoch(record)
-                self.save_checkpoint()
-                self._print_epoch(record)
-        except (NonFiniteLossError, BadImageError, WriteError) as e:
-            message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise type(e)(f"{message}. {self.checkpoint_note()}") from e
+            try:
+                self.logger = RunLogger(self.out, self.group.n, cfg.tensorboard, first_step=self.step)
+                while self.epoch < last:
+                    record = self._train_epoch(self.epoch + 1)
+                    self.epoch = record["epoch"]
+                    self.logger.write_epoch(record)
+                    self.save_checkpoint()
+                    self._print_epoch(record)
+            except (NonFiniteLossError, BadImageError, WriteError) as e:
+                message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise type(e)(f"{message}. {self.checkpoint_note()}") from e
+            finally:
+                if self.logger is not None:
+                    self.logger.close()
+            return self.finish() if self.epoch >= cfg.epochs else self.summary()
         finally:
-            self.logger.close()
-        return self.finish() if self.epoch >= cfg.epochs else self.summary()
+            self.close()
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training data and the evaluation after it: the epoch's record."""
@@ -399,6 +477,8 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         s = self.summary()
+        if not s.get("epochs"):
+            return s  # no epoch records (removed by hand?): nothing to summarise
         table = self.summary_table(s)
         atomic_write(self.out / SUMMARY_FILE, table + "\n")
         if self.cfg.plots:
