@@ -10,13 +10,15 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 
-.PHONY: help setup data train test test-interpret bench clean
+.PHONY: help setup data train test test-interpret bench gpu-check clean
 
 help:
 	@echo "make train   set up, then train the default group on real Fashion-MNIST (configs/fashion_mnist.yaml)"
 	@echo "make test    set up, then run the test suite (CPU; CUDA tests skip without a GPU)"
 	@echo "make test-interpret   only the Triton kernel tests, under Triton's CPU interpreter"
 	@echo "make bench   set up, then run the pytest-benchmark suites in bench/"
+	@echo "make gpu-check OUT=dir   on the GPU machine (its own python, no venv): build, CUDA tests, benchmarks,"
+	@echo "             sanitizer, dir/summary.md with every target; a dry run without a GPU"
 	@echo "make setup   only create/refresh the virtualenv $(VENV)"
 	@echo "make data    only install Debian's dataset-fashion-mnist (as root) or say how"
 
@@ -57,6 +59,12 @@ test-interpret: setup
 bench: setup data
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=mean,median,stddev,rounds \
 		--benchmark-json=bench/results/$$($(PY) -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else 'cpu')")-$$(date +%Y%m%d).json $(PYTEST_ARGS)
+
+# The one prepared command for a lent GPU machine: no venv, no downloads, a hard deadline (bench/gpu_check.sh).
+GPU_PYTHON ?= python3
+OUT ?= bench/results/gpu-check-$(shell date +%Y%m%d-%H%M%S)
+gpu-check:
+	PYTHON=$(GPU_PYTHON) MAX_JOBS=16 bash bench/gpu_check.sh $(OUT) $(GPU_DEADLINE)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks

@@ -41,7 +41,7 @@ def extension_modules():
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no GPU to ask: target A100 and H100
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))  # schemas, autograd, CPU
     cxx = ["-O3"]  # the C++ standard comes from torch (C++20 for torch >= 2.13)
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

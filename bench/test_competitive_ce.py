@@ -1,8 +1,11 @@
 """The election op vs the PyTorch composition (N cross-entropies + stack + argmin).
 
-Forward and forward+backward at the sizes of the issue; pytest-benchmark groups
-put both implementations of one size side by side. Run on the GPU machine to
-measure the CUDA kernel; on CPU it measures the C++ kernel.
+Forward and forward+backward, synced per call (the time the GPU needs), and a
+host-overhead variant: many calls, one sync at the end (what a launch-bound step
+pays on the CPU side). Each fwd+bwd benchmark also records how many GPU kernels
+and memsets one call launches (``launches`` in extra_info, from torch.profiler).
+Target (issue 11): the op's fwd+bwd >= 3x the composition at N=2..4, B=128, K=100.
+On the CPU this measures the C++ kernel.
 """
 
 import pytest
@@ -12,18 +15,19 @@ import torch.nn.functional as F
 from cdfast import _ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SIZES = [(2, 128, 10), (2, 128, 100), (4, 256, 1000), (8, 1024, 1000)]
+SIZES = [(2, 128, 10), (2, 128, 100), (3, 128, 100), (4, 128, 100), (4, 256, 1000), (8, 1024, 1000)]
+HOST_CALLS = 50
 
 pytestmark = pytest.mark.skipif(not _ops.op_available(torch.device(DEVICE)), reason=f"no compiled op for {DEVICE}")
 
 
 def composition(logits, targets):
-    ce = torch.stack([F.cross_entropy(logits[i], targets[i]) for i in range(logits.shape[0])])
+    ce = torch.stack([F.cross_entropy(logits[i], targets) for i in range(logits.shape[0])])
     return ce, torch.argmin(ce)
 
 
 def fused(logits, targets):
-    ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets, None, None)
+    ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets.expand(logits.shape[:-1]), None, None)
     return ce, teacher
 
 
@@ -32,24 +36,72 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def count_launches(fn) -> int | None:
+    """GPU kernels and memsets one call of ``fn`` issues (None on the CPU)."""
+    if DEVICE != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def setup(size, backward):
+    n, b, k = size
+    torch.manual_seed(0)
+    logits = torch.randn(n, b, k, device=DEVICE, requires_grad=backward)
+    targets = torch.randint(0, k, (b,), device=DEVICE)  # one label set shared by the group, as in training
+    return logits, targets
+
+
+def one_call(impl, logits, targets, backward):
+    def run():
+        ce, teacher = impl(logits, targets)
+        if backward:
+            ce.sum().backward()
+            logits.grad = None
+    return run
+
+
 @pytest.mark.parametrize("impl", [composition, fused], ids=["torch", "cdfast"])
 @pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
 @pytest.mark.parametrize("size", SIZES, ids=[f"N{n}-B{b}-K{k}" for n, b, k in SIZES])
 def test_election(benchmark, impl, pass_, size):
     n, b, k = size
-    torch.manual_seed(0)
-    logits = torch.randn(n, b, k, device=DEVICE, requires_grad=pass_ == "forward_backward")
-    targets = torch.randint(0, k, (n, b), device=DEVICE)
+    backward = pass_ == "forward_backward"
+    logits, targets = setup(size, backward)
+    call = one_call(impl, logits, targets, backward)
     benchmark.group = f"election {pass_} N={n} B={b} K={k} ({DEVICE})"
 
     def run():
-        ce, teacher = impl(logits, targets)
-        if pass_ == "forward_backward":
-            ce.sum().backward()
-            logits.grad = None
+        call()
         _sync()
 
     for _ in range(3):
         run()
+    launches = count_launches(call)
     benchmark(run)
-    benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl.__name__, pass_=pass_)
+    benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl.__name__, pass_=pass_, launches=launches)
+
+
+@pytest.mark.parametrize("impl", [composition, fused], ids=["torch", "cdfast"])
+@pytest.mark.parametrize("size", SIZES[1:4], ids=[f"N{n}-B{b}-K{k}" for n, b, k in SIZES[1:4]])
+def test_election_host_overhead(benchmark, impl, size):
+    """fwd+bwd issued HOST_CALLS times, one sync: the host's cost per call when the GPU keeps up."""
+    n, b, k = size
+    logits, targets = setup(size, True)
+    call = one_call(impl, logits, targets, True)
+    benchmark.group = f"election host overhead fwd+bwd x{HOST_CALLS} N={n} B={b} K={k} ({DEVICE})"
+
+    def run():
+        for _ in range(HOST_CALLS):
+            call()
+        _sync()
+
+    run()
+    benchmark(run)
+    benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl.__name__, calls=HOST_CALLS,
+                                seconds_per_call=benchmark.stats["mean"] / HOST_CALLS)

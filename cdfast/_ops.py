@@ -1,6 +1,8 @@
-"""The compiled ops of ``cdfast._C``: loading, fake (meta) implementations and autograd.
+"""The compiled ops of ``cdfast._C``: loading and fake (meta) implementations.
 
-The schemas and kernels live in csrc/ (torch.library namespace ``cdfast``).
+The schemas, kernels and the autograd of ``cdfast::competitive_ce`` live in csrc/
+(torch.library namespace ``cdfast``; the autograd is C++, so a call never enters
+Python to build its graph node).
 When the compiled library is missing (a CDFAST_BUILD_EXT=0 install, or a
 build for another torch), cdfast still imports, logs one line, and
 :mod:`cdfast.functional` uses the PyTorch reference instead.
@@ -54,14 +56,3 @@ if HAS_EXTENSION:
     @torch.library.register_fake("cdfast::competitive_ce_backward")
     def _competitive_ce_backward_fake(grad_ce, grad_lse, logits, targets, targets_b, lam, lse):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    def _setup_context(ctx, inputs, output):
-        logits, targets, targets_b, lam = inputs
-        ctx.save_for_backward(logits, targets, targets_b, lam, output[2])
-
-    def _backward(ctx, grad_ce, grad_teacher, grad_lse):
-        logits, targets, targets_b, lam, lse = ctx.saved_tensors
-        grad = torch.ops.cdfast.competitive_ce_backward(grad_ce, grad_lse, logits, targets, targets_b, lam, lse)
-        return grad, None, None, None  # labels and the mixing weights get no gradient
-
-    torch.library.register_autograd("cdfast::competitive_ce", _backward, setup_context=_setup_context)

@@ -39,8 +39,9 @@ def _forward_reference(logits, feats, teacher, temperature, alpha, beta):
 
 
 def _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, beta):
-    return reference.group_student_loss_backward(grad, logits, feats, teacher, temperature=temperature,
-                                                 alpha=alpha, beta=beta)
+    grad_logits, grad_feats = reference.group_student_loss_backward(grad, logits, feats, teacher,
+                                                                    temperature=temperature, alpha=alpha, beta=beta)
+    return grad_logits.contiguous(), grad_feats.contiguous()
 
 
 @torch.library.custom_op("cdfast::group_student_loss", mutates_args=())
@@ -51,8 +52,10 @@ def group_student_loss(logits: Tensor, feats: Tensor, teacher: Tensor, temperatu
 
 @group_student_loss.register_kernel("cuda")
 def _group_student_loss_cuda(logits, feats, teacher, temperature, alpha, beta):
-    impl = student_loss_forward if HAS_TRITON else _forward_reference
-    return impl(logits, feats, teacher, temperature, alpha, beta)
+    if not HAS_TRITON:
+        return _forward_reference(logits, feats, teacher, temperature, alpha, beta)
+    with torch.cuda.device(logits.device):  # Triton launches on the current device: make it the tensors'
+        return student_loss_forward(logits, feats, teacher, temperature, alpha, beta)
 
 
 @group_student_loss.register_fake
@@ -69,13 +72,16 @@ def group_student_loss_backward(grad: Tensor, logits: Tensor, feats: Tensor, tea
 
 @group_student_loss_backward.register_kernel("cuda")
 def _group_student_loss_backward_cuda(grad, logits, feats, teacher, lse, temperature, alpha, beta):
-    impl = student_loss_backward if HAS_TRITON else _backward_reference
-    return impl(grad, logits, feats, teacher, lse, temperature, alpha, beta)
+    if not HAS_TRITON:
+        return _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, beta)
+    with torch.cuda.device(logits.device):
+        return student_loss_backward(grad, logits, feats, teacher, lse, temperature, alpha, beta)
 
 
 @group_student_loss_backward.register_fake
 def _group_student_loss_backward_fake(grad, logits, feats, teacher, lse, temperature, alpha, beta):
-    return torch.empty_like(logits), torch.empty_like(feats)
+    # contiguous, like every real kernel's output (not empty_like, which copies the inputs' strides)
+    return logits.new_empty(logits.shape), feats.new_empty(feats.shape)
 
 
 def _setup_context(ctx, inputs, output):

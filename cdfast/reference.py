@@ -73,7 +73,9 @@ def _kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, temperature: 
     """KL(p_t || p_s) summed over classes, averaged over the batch dim (-2)."""
     logp_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     logp_t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean(-1)
+    p_t = logp_t.exp()
+    # classes the teacher rules out (p_t = 0, e.g. -inf logits) add 0, never 0 * inf = NaN
+    return torch.where(p_t > 0, p_t * (logp_t - logp_s), 0.0).sum(-1).mean(-1)
 
 
 def _feature_mse(student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
@@ -164,6 +166,7 @@ def group_student_loss_backward(
 def pairwise_kl(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """``M[i, j] = KL(p_j || p_i)`` for a group ``[N, B, K]``, with p_j constant. ``[N, N]``."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp.clamp(min=torch.finfo(logp.dtype).min)  # -inf logits (masked classes): 0 * -inf would be NaN
     logp_const = logp.detach()
     p_const = logp_const.exp()
     batch = logits.shape[1]

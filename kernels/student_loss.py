@@ -5,12 +5,17 @@ device tensor, network i's loss is
 
     alpha * T^2 * mean_b KL(softmax(z_t/T) || softmax(z_i/T)) + beta * mean((F_i - F_t)^2),  0 for i == t.
 
-One program per (network, sample): the teacher index is loaded inside the
-kernel, so there is no host sync and no Python branch on who teaches. Forward:
-two passes over K (online max/sum, then the KL sum) and one over D, then a
-deterministic sum over the batch. Backward: gradients to the students only
-(the teacher's outputs are constants), ``alpha*T/B * (p_i - p_t)`` and
-``2*beta/(B*D) * (F_i - F_t)``. Accumulation is fp32 for fp32/fp16/bf16 inputs.
+The grid is one-dimensional over the N*B rows (no 65,535 cap on B), ``ROWS`` rows
+per program (several for small K, so a program has enough work). The teacher index
+is loaded inside the kernel, so there is no host sync and no Python branch on who
+teaches; an index outside [0, N) gives NaN losses instead of reading out of bounds.
+Forward: when a row fits one block (``SINGLE``), one pass over the logits held in
+registers; otherwise an online max/sum pass and a KL pass. Then one pass over D and a
+deterministic sum over the batch. Backward: gradients to the students only (the
+teacher's outputs are constants), ``alpha*T/B * (p_i - p_t)`` and
+``2*beta/(B*D) * (F_i - F_t)``. ``-inf`` logits (masked classes) are exact: no
+``0 * inf`` or ``exp(-inf - -inf)`` anywhere. Accumulation is fp32 for
+fp32/fp16/bf16 inputs.
 """
 
 from __future__ import annotations
@@ -19,108 +24,148 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _feature_diff(fs_row, ft_row, offs, mask):
-    """F_i - F_t for one block of a sample's features, in fp32."""
-    return tl.load(fs_row + offs, mask=mask, other=0.0).to(tl.float32) - \
-        tl.load(ft_row + offs, mask=mask, other=0.0).to(tl.float32)
+MAX_BLOCK = 4096  # widest block over K or D; wider rows loop
 
 
 @triton.jit
-def _scaled_logits(row, offs, mask, inv_t, other: tl.constexpr):
-    """z/T for one block of a row, in fp32; masked lanes hold ``other``."""
-    return tl.load(row + offs, mask=mask, other=other).to(tl.float32) * inv_t
+def _load_scaled(ptr, rows, offs, K, row_mask, inv_t):
+    """z/T of a [ROWS, BLOCK] tile in fp32; masked lanes hold -inf."""
+    mask = row_mask[:, None] & (offs[None, :] < K)
+    z = tl.load(ptr + rows[:, None] * K + offs[None, :], mask=mask, other=float("-inf"))
+    return z.to(tl.float32) * inv_t
+
+
+@triton.jit
+def _exp_shifted(z, m):
+    """exp(z - m) per row, 0 where z is -inf (also when m is -inf)."""
+    return tl.where(z == float("-inf"), 0.0, tl.exp(z - m[:, None]))
+
+
+@triton.jit
+def _kl_terms(zs, zt, lse_t):
+    """p_t * (z_t - z_s) per element, 0 where p_t is 0 (never 0 * inf)."""
+    pt = _exp_shifted(zt, lse_t)
+    return tl.where(pt > 0.0, pt * (zt - zs), 0.0)
+
+
+@triton.jit
+def _teacher(teacher_ptr, N):
+    """The teacher index and whether it is valid; an invalid one is replaced by 0 for addressing."""
+    t = tl.load(teacher_ptr).to(tl.int64)
+    ok = (t >= 0) & (t < N)
+    return tl.where(ok, t, 0), ok
 
 
 @triton.jit
 def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
-                    B, K, D, inv_t, kl_scale, fl_scale,
-                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FEATS: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    t = tl.load(teacher_ptr).to(tl.int64)
-    s_row = logits_ptr + (i * B + b) * K
-    t_row = logits_ptr + (t * B + b) * K
+                    N, B, K, D, inv_t, kl_scale, fl_scale,
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    SINGLE: tl.constexpr, HAS_FEATS: tl.constexpr):
+    t, t_ok = _teacher(teacher_ptr, N)
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # rows of the flattened [N, B]
+    row_mask = r < N * B
+    i = r // B
+    b = r - i * B
+    tr = t * B + b  # the teacher's row for the same sample
 
-    # pass 1: log-sum-exp of z/T for the student row and the teacher row (online max and sum)
-    m_s = tl.full([], float("-inf"), tl.float32)
-    m_t = tl.full([], float("-inf"), tl.float32)
-    d_s = tl.zeros([], tl.float32)
-    d_t = tl.zeros([], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        zs = _scaled_logits(s_row, offs, mask, inv_t, float("-inf"))
-        zt = _scaled_logits(t_row, offs, mask, inv_t, float("-inf"))
-        new_s = tl.maximum(m_s, tl.max(zs, axis=0))
-        new_t = tl.maximum(m_t, tl.max(zt, axis=0))
-        d_s = d_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(zs - new_s), axis=0)
-        d_t = d_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(zt - new_t), axis=0)
-        m_s = new_s
-        m_t = new_t
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
-
-    # pass 2: KL(p_t || p_s) = sum_k p_t (z_t - z_s)/T - lse_t + lse_s
-    acc = tl.zeros([], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        zs = _scaled_logits(s_row, offs, mask, inv_t, 0.0)
-        zt = _scaled_logits(t_row, offs, mask, inv_t, 0.0)
-        pt = tl.where(mask, tl.exp(zt - lse_t), 0.0)
-        acc += tl.sum(pt * (zt - zs), axis=0)
+    if SINGLE:  # the whole row in registers: one read of the logits
+        offs = tl.arange(0, BLOCK_K)
+        zs = _load_scaled(logits_ptr, r, offs, K, row_mask, inv_t)
+        zt = _load_scaled(logits_ptr, tr, offs, K, row_mask, inv_t)
+        m_s = tl.max(zs, axis=1)
+        m_t = tl.max(zt, axis=1)
+        lse_s = m_s + tl.log(tl.sum(_exp_shifted(zs, m_s), axis=1))
+        lse_t = m_t + tl.log(tl.sum(_exp_shifted(zt, m_t), axis=1))
+        acc = tl.sum(_kl_terms(zs, zt, lse_t), axis=1)
+    else:
+        # pass 1: log-sum-exp of z/T for the student and the teacher rows (online max and sum)
+        m_s = tl.full([ROWS], float("-inf"), tl.float32)
+        m_t = tl.full([ROWS], float("-inf"), tl.float32)
+        d_s = tl.zeros([ROWS], tl.float32)
+        d_t = tl.zeros([ROWS], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            zs = _load_scaled(logits_ptr, r, offs, K, row_mask, inv_t)
+            zt = _load_scaled(logits_ptr, tr, offs, K, row_mask, inv_t)
+            new_s = tl.maximum(m_s, tl.max(zs, axis=1))
+            new_t = tl.maximum(m_t, tl.max(zt, axis=1))
+            d_s = tl.where(m_s == float("-inf"), 0.0, d_s * tl.exp(m_s - new_s)) + tl.sum(_exp_shifted(zs, new_s), axis=1)
+            d_t = tl.where(m_t == float("-inf"), 0.0, d_t * tl.exp(m_t - new_t)) + tl.sum(_exp_shifted(zt, new_t), axis=1)
+            m_s = new_s
+            m_t = new_t
+        lse_s = m_s + tl.log(d_s)
+        lse_t = m_t + tl.log(d_t)
+        # pass 2: sum_k p_t (z_t - z_s)/T
+        acc = tl.zeros([ROWS], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            zs = _load_scaled(logits_ptr, r, offs, K, row_mask, inv_t)
+            zt = _load_scaled(logits_ptr, tr, offs, K, row_mask, inv_t)
+            acc += tl.sum(_kl_terms(zs, zt, lse_t), axis=1)
+    # KL(p_t || p_s) = sum_k p_t (z_t - z_s)/T - lse_t + lse_s
     loss = (acc - lse_t + lse_s) * kl_scale
 
     if HAS_FEATS:
-        fs_row = feats_ptr + (i * B + b) * D
-        ft_row = feats_ptr + (t * B + b) * D
-        sq = tl.zeros([], tl.float32)
+        sq = tl.zeros([ROWS], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs = d0 + tl.arange(0, BLOCK_D)
-            mask = offs < D
-            diff = _feature_diff(fs_row, ft_row, offs, mask)
-            sq += tl.sum(diff * diff, axis=0)
+            mask = row_mask[:, None] & (offs[None, :] < D)
+            fs = tl.load(feats_ptr + r[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            ft = tl.load(feats_ptr + tr[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            diff = fs - ft
+            sq += tl.sum(diff * diff, axis=1)
         loss += sq * fl_scale
 
-    tl.store(rows_ptr + i * B + b, tl.where(i == t, 0.0, loss))
-    tl.store(lse_ptr + i * B + b, lse_s)
+    loss = tl.where(i == t, 0.0, loss)
+    loss = tl.where(t_ok, loss, float("nan"))
+    tl.store(rows_ptr + r, loss, mask=row_mask)
+    tl.store(lse_ptr + r, lse_s, mask=row_mask)
 
 
 @triton.jit
 def _backward_kernel(grad_ptr, logits_ptr, feats_ptr, teacher_ptr, lse_ptr, grad_logits_ptr, grad_feats_ptr,
-                     B, K, D, inv_t, kl_grad_scale, fl_grad_scale,
-                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FEATS: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    t = tl.load(teacher_ptr).to(tl.int64)
-    g = tl.where(i == t, 0.0, tl.load(grad_ptr + i).to(tl.float32))  # the teacher gets nothing
-    lse_s = tl.load(lse_ptr + i * B + b)
-    lse_t = tl.load(lse_ptr + t * B + b)
-    s_row = logits_ptr + (i * B + b) * K
-    t_row = logits_ptr + (t * B + b) * K
-    out_row = grad_logits_ptr + (i * B + b) * K
+                     N, B, K, D, inv_t, kl_grad_scale, fl_grad_scale,
+                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FEATS: tl.constexpr):
+    t, t_ok = _teacher(teacher_ptr, N)
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = r < N * B
+    i = r // B
+    b = r - i * B
+    tr = t * B + b
+    student = (i != t) & t_ok  # the teacher's rows get exactly 0 (no 0 * inf)
+    g = tl.load(grad_ptr + i, mask=row_mask, other=0.0).to(tl.float32)
+    lse_s = tl.load(lse_ptr + r, mask=row_mask, other=0.0)
+    lse_t = tl.load(lse_ptr + tr, mask=row_mask, other=0.0)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        zs = _scaled_logits(s_row, offs, mask, inv_t, 0.0)
-        zt = _scaled_logits(t_row, offs, mask, inv_t, 0.0)
-        value = g * kl_grad_scale * (tl.exp(zs - lse_s) - tl.exp(zt - lse_t))
-        tl.store(out_row + offs, value.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        mask = row_mask[:, None] & (offs[None, :] < K)
+        zs = _load_scaled(logits_ptr, r, offs, K, row_mask, inv_t)
+        zt = _load_scaled(logits_ptr, tr, offs, K, row_mask, inv_t)
+        value = (g * kl_grad_scale)[:, None] * (_exp_shifted(zs, lse_s) - _exp_shifted(zt, lse_t))
+        value = tl.where(student[:, None], value, 0.0)
+        tl.store(grad_logits_ptr + r[:, None] * K + offs[None, :], value.to(grad_logits_ptr.dtype.element_ty), mask=mask)
     if HAS_FEATS:
-        fs_row = feats_ptr + (i * B + b) * D
-        ft_row = feats_ptr + (t * B + b) * D
-        out_f = grad_feats_ptr + (i * B + b) * D
         for d0 in range(0, D, BLOCK_D):
             offs = d0 + tl.arange(0, BLOCK_D)
-            mask = offs < D
-            diff = _feature_diff(fs_row, ft_row, offs, mask)
-            tl.store(out_f + offs, (g * fl_grad_scale * diff).to(grad_feats_ptr.dtype.element_ty), mask=mask)
+            mask = row_mask[:, None] & (offs[None, :] < D)
+            fs = tl.load(feats_ptr + r[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            ft = tl.load(feats_ptr + tr[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            value = tl.where(student[:, None], (g * fl_grad_scale)[:, None] * (fs - ft), 0.0)
+            tl.store(grad_feats_ptr + r[:, None] * D + offs[None, :], value.to(grad_feats_ptr.dtype.element_ty),
+                     mask=mask)
 
 
-def _blocks(k: int, d: int) -> tuple[int, int]:
-    return min(triton.next_power_of_2(max(k, 1)), 4096), min(triton.next_power_of_2(max(d, 1)), 4096)
+def launch_config(k: int, d: int) -> dict:
+    """Block sizes, rows per program and warps: a program touches about 4K elements per tile."""
+    block_k = min(triton.next_power_of_2(max(k, 1)), MAX_BLOCK)
+    block_d = min(triton.next_power_of_2(max(d, 1)), MAX_BLOCK)
+    rows = max(1, min(16, 2048 // max(block_k, block_d)))
+    tile = rows * max(block_k, block_d)
+    return dict(ROWS=rows, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=max(1, min(8, tile // 512)))
+
+
+def _grid(n: int, b: int, rows: int) -> tuple[int]:
+    return (triton.cdiv(n * b, rows),)
 
 
 def student_loss_forward(logits: torch.Tensor, feats: torch.Tensor, teacher: torch.Tensor,
@@ -134,28 +179,32 @@ def student_loss_forward(logits: torch.Tensor, feats: torch.Tensor, teacher: tor
     logits, feats = logits.contiguous(), feats.contiguous()
     rows = torch.empty(n, b, device=logits.device, dtype=torch.float32)
     lse = torch.empty(n, b, device=logits.device, dtype=torch.float32)
-    block_k, block_d = _blocks(k, d)
+    if n * b == 0 or k == 0:
+        return rows.sum(1), lse
+    config = launch_config(k, d)
     has_feats = d > 0 and beta != 0.0
-    _forward_kernel[(n, b)](
-        logits, feats, teacher, rows, lse, b, k, d, 1.0 / temperature,
+    _forward_kernel[_grid(n, b, config["ROWS"])](
+        logits, feats, teacher, rows, lse, n, b, k, d, 1.0 / temperature,
         alpha * temperature * temperature / b, (beta / (b * d)) if has_feats else 0.0,
-        BLOCK_K=block_k, BLOCK_D=block_d, HAS_FEATS=has_feats)
+        SINGLE=k <= config["BLOCK_K"], HAS_FEATS=has_feats, **config)
     return rows.sum(1), lse
 
 
 def student_loss_backward(grad: torch.Tensor, logits: torch.Tensor, feats: torch.Tensor, teacher: torch.Tensor,
                           lse: torch.Tensor, temperature: float, alpha: float, beta: float
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward: gradients w.r.t. logits and feats (zero rows for the teacher)."""
+    """Launch the backward: gradients w.r.t. logits and feats (zero rows for the teacher), contiguous."""
     n, b, k = logits.shape
     d = feats.shape[-1]
     logits, feats = logits.contiguous(), feats.contiguous()
     grad_logits = torch.empty_like(logits)
-    grad_feats = torch.zeros_like(feats) if d == 0 or beta == 0.0 else torch.empty_like(feats)
-    block_k, block_d = _blocks(k, d)
     has_feats = d > 0 and beta != 0.0
-    _backward_kernel[(n, b)](
-        grad.contiguous().float(), logits, feats, teacher, lse, grad_logits, grad_feats, b, k, d, 1.0 / temperature,
-        alpha * temperature / b, (2.0 * beta / (b * d)) if has_feats else 0.0,
-        BLOCK_K=block_k, BLOCK_D=block_d, HAS_FEATS=has_feats)
+    grad_feats = torch.empty_like(feats) if has_feats else torch.zeros_like(feats)
+    if n * b == 0 or k == 0:
+        return grad_logits, grad_feats
+    config = launch_config(k, d)
+    _backward_kernel[_grid(n, b, config["ROWS"])](
+        grad.contiguous().float(), logits, feats, teacher, lse.contiguous(), grad_logits, grad_feats, n, b, k, d,
+        1.0 / temperature, alpha * temperature / b, (2.0 * beta / (b * d)) if has_feats else 0.0,
+        HAS_FEATS=has_feats, **config)
     return grad_logits, grad_feats

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import cdfast
-from cdfast.perturb import Perturbed, PerturbationPool
+from cdfast.perturb import OPS, Perturbed, PerturbationPool
 from helpers import TinyNet
 
 
@@ -227,6 +227,55 @@ def test_step_makes_no_host_sync_on_cuda():
         group.step(x, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", list(OPS))
+def test_step_with_every_perturbation_makes_no_host_sync(op):
+    torch.manual_seed(0)
+    nets = [TinyNet().cuda() for _ in range(2)]
+    group = cdfast.CompetitiveDistillation(nets, perturb=True, perturb_ops=[op], seed=1)
+    x, y = torch.randn(16, 1, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    group.step(x, y)  # warm-up (lazy init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            assert group.step(x, y).perturbation == op
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_gpu_resident_loader_makes_no_host_sync_per_batch():
+    from cdfast.data import TensorLoader
+
+    images = torch.randint(0, 255, (64, 1, 8, 8), dtype=torch.uint8)
+    loader = TensorLoader(images, torch.randint(0, 10, (64,)), 16, mean=(0.5,), std=(0.5,), shuffle=True,
+                          augment_pad=2, device="cuda")
+    batches = iter(loader)
+    next(batches)  # the epoch's order is copied once, at its start
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, _ in batches:
+            assert x.is_cuda
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_loader_augmentation_is_the_same_stream_on_every_device():
+    from cdfast.data.augment import pad_crop_flip
+
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    a = pad_crop_flip(x, 1, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same draws, by hand, in the documented order
+    offsets = torch.randint(0, 3, (2, 2), generator=g)
+    mirror = torch.rand(2, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(2):
+        crop = padded[i, :, offsets[0, i]:offsets[0, i] + 4, offsets[1, i]:offsets[1, i] + 4]
+        torch.testing.assert_close(a[i], crop.flip(-1) if mirror[i] else crop)
 
 
 class BNNet(TinyNet):

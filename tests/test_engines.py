@@ -123,3 +123,11 @@ def test_gpu_engines_match_sequential(engine):
     torch.cuda.synchronize()
     for (name, p), q in zip(ref.state_dict().items(), other.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-8, rtol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+def test_streams_engine_finds_every_output_tensor_however_nested():
+    from cdfast.engines.streams import _tensors
+
+    a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    found = _tensors((a, {"pooled": b, "maps": [c, None]}))
+    assert len(found) == 3 and all(any(t is f for f in found) for t in (a, b, c))

@@ -1,8 +1,9 @@
 """The fused Triton student loss against the reference: values and every gradient.
 
-Without a GPU the raw launchers run on CPU tensors under TRITON_INTERPRET=1
-(set in conftest.py); with one, on CUDA tensors. bf16 only on a GPU: the
-interpreter computes bf16 wrongly.
+Every launcher test runs twice: on CPU tensors under TRITON_INTERPRET=1 (set in
+conftest.py on machines without a GPU) and on CUDA tensors (marked ``cuda``, so
+``pytest -m cuda`` on a GPU runs them all). bf16 only on a GPU: the interpreter
+computes bf16 wrongly.
 """
 
 import os
@@ -16,10 +17,9 @@ from cdfast.kernels import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_kernels = pytest.mark.skipif(not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1",
-                                   reason="needs a GPU or TRITON_INTERPRET=1")
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+DEVICES = [pytest.param("cpu", marks=interpreted), pytest.param("cuda", marks=pytest.mark.cuda)]
 
 # (N, B, K, D, T): every N, K, D and T of the issue appears, B odd.
 CASES = [
@@ -31,26 +31,27 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3,
        torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 
 
-def inputs(n, b, k, d, dtype, seed=0):
+def inputs(n, b, k, d, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    logits = (2 * torch.randn(n, b, k, generator=g)).to(DEVICE, dtype)
-    feats = torch.randn(n, b, d, generator=g).to(DEVICE, dtype)
+    logits = (2 * torch.randn(n, b, k, generator=g)).to(device, dtype)
+    feats = torch.randn(n, b, d, generator=g).to(device, dtype)
     return logits, feats
 
 
-def compare(n, b, k, d, temperature, dtype, alpha=0.7, beta=0.3):
+def compare(n, b, k, d, temperature, dtype, device, alpha=0.7, beta=0.3, logits=None, feats=None):
     from cdfast.kernels.student_loss import student_loss_backward, student_loss_forward
 
-    logits, feats = inputs(n, b, k, d, dtype)
+    if logits is None:
+        logits, feats = inputs(n, b, k, d, dtype, device)
     tol = TOL[dtype]
     for t in range(n):
-        teacher = torch.tensor(t, device=DEVICE)
+        teacher = torch.tensor(t, device=device)
         loss, lse = student_loss_forward(logits, feats, teacher, temperature, alpha, beta)
         z, f = logits.float().clone().requires_grad_(), feats.float().clone().requires_grad_()
         ref = R.group_student_loss(z, f if d else None, teacher, temperature=temperature, alpha=alpha, beta=beta)
         assert loss.dtype == torch.float32 and loss[t].item() == 0.0
         torch.testing.assert_close(loss, ref.detach(), **tol)
-        grad = torch.linspace(0.5, 1.5, n, device=DEVICE)
+        grad = torch.linspace(0.5, 1.5, n, device=device)
         (ref * grad).sum().backward()
         grad_logits, grad_feats = student_loss_backward(grad, logits, feats, teacher, lse, temperature, alpha, beta)
         assert grad_logits.dtype == dtype and grad_feats.dtype == dtype
@@ -60,17 +61,40 @@ def compare(n, b, k, d, temperature, dtype, alpha=0.7, beta=0.3):
             torch.testing.assert_close(grad_feats.float(), f.grad, **tol)
 
 
-@needs_kernels
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,b,k,d,temperature", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_launchers_match_reference(n, b, k, d, temperature, dtype):
-    compare(n, b, k, d, temperature, dtype)
+def test_launchers_match_reference(n, b, k, d, temperature, dtype, device):
+    compare(n, b, k, d, temperature, dtype, device)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("n,b,k,d,temperature", CASES[:4])
 def test_launchers_bf16_on_gpu(n, b, k, d, temperature):
-    compare(n, b, k, d, temperature, torch.bfloat16)
+    compare(n, b, k, d, temperature, torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [10, 5000])  # one block (single pass) and several blocks (two passes)
+def test_masked_classes_with_minus_inf_logits(device, k):
+    logits, feats = inputs(3, 4, k, 8, torch.float32, device)
+    logits[:, :, : k // 2] = float("-inf")  # the first blocks hold nothing: no exp(-inf - -inf)
+    logits[1, 2, -1] = float("-inf")
+    compare(3, 4, k, 8, 2.0, torch.float32, device, logits=logits, feats=feats)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_teacher_index_out_of_range_gives_nan_not_a_wild_read(device):
+    from cdfast.kernels.student_loss import student_loss_forward
+
+    logits, feats = inputs(2, 3, 10, 4, torch.float32, device)
+    loss, _ = student_loss_forward(logits, feats, torch.tensor(7, device=device), 1.0, 1.0, 1.0)
+    assert torch.isnan(loss).all()
+
+
+@pytest.mark.cuda
+def test_batches_beyond_the_old_65535_grid_cap():
+    compare(2, 70_000, 10, 4, 1.0, torch.float32, "cuda")
 
 
 def test_reference_backward_matches_autograd():
@@ -91,6 +115,10 @@ def test_op_opcheck_and_autograd_on_cpu():
         logits = torch.randn(3, 4, 10, requires_grad=True)
         feats = torch.randn(3, 4, d, requires_grad=True)
         torch.library.opcheck(op, (logits, feats, torch.tensor(1), 2.0, 0.5, 0.25))
+    # non-contiguous inputs: the fake must promise the strides the kernels really return
+    logits_t = torch.randn(10, 4, 3).permute(2, 1, 0).requires_grad_()
+    feats_t = torch.randn(6, 4, 3).permute(2, 1, 0).requires_grad_()
+    torch.library.opcheck(op, (logits_t, feats_t, torch.tensor(2), 1.5, 1.0, 0.5))
     loss, _ = op(logits, feats, torch.tensor(0), 1.0, 1.0, 1.0)
     loss.sum().backward()
     assert torch.count_nonzero(logits.grad[0]) == 0
@@ -117,7 +145,7 @@ def test_op_under_torch_compile_fullgraph():
 
 @pytest.mark.cuda
 def test_functional_uses_fused_kernels_without_host_sync():
-    logits, feats = inputs(4, 256, 1000, 2048, torch.float32)
+    logits, feats = inputs(4, 256, 1000, 2048, torch.float32, "cuda")
     logits.requires_grad_()
     teacher = torch.tensor(2, device="cuda")
     out = cdfast.group_student_loss(logits, feats, teacher)
@@ -128,3 +156,13 @@ def test_functional_uses_fused_kernels_without_host_sync():
         cdfast.group_student_loss(logits, feats, teacher).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_the_tensors_device_not_the_current_one():
+    logits, feats = inputs(2, 3, 10, 4, torch.float32, "cuda:1")
+    torch.cuda.set_device(0)
+    loss, _ = torch.ops.cdfast.group_student_loss(logits, feats, torch.tensor(0, device="cuda:1"), 1.0, 1.0, 1.0)
+    ref = R.group_student_loss(logits, feats, torch.tensor(0, device="cuda:1"))
+    torch.testing.assert_close(loss, ref)

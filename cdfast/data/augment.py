@@ -7,15 +7,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without a sync: pinned, then an asynchronous copy."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def pad_crop_flip(x: Tensor, pad: int, gen: torch.Generator, flip: bool = True) -> Tensor:
     """Per-sample random ``pad``-pixel translation crop and a coin-flip mirror, batched.
 
     Random numbers come from ``gen`` (a CPU generator, so the stream is the same on
-    every device) and are moved to ``x``'s device.
+    every device) and reach ``x``'s device in one asynchronous copy from pinned memory
+    (a pageable copy would make the host wait for the GPU every batch).
     """
     b, _, h, w = x.shape
+    # Draw in the same order as always (offsets, then mirror), only what is used: the CPU stream stays the same.
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=gen) if pad > 0 else torch.zeros(2, b, dtype=torch.int64)
+    mirror = (torch.rand(b, generator=gen) < 0.5).long() if flip else torch.zeros(b, dtype=torch.int64)
+    draws = _to_device(torch.cat([offsets.reshape(-1), mirror]), x.device)
+    offsets, mirror = draws[:2 * b].view(2, b), draws[2 * b:].bool()
     if pad > 0:
-        offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=gen).to(x.device)
         padded = F.pad(x, (pad, pad, pad, pad))
         rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]
@@ -23,6 +35,5 @@ def pad_crop_flip(x: Tensor, pad: int, gen: torch.Generator, flip: bool = True) 
         chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = padded[batch, chans, rows, cols]
     if flip:
-        mirror = (torch.rand(b, generator=gen) < 0.5).to(x.device)[:, None, None, None]
-        x = torch.where(mirror, x.flip(-1), x)
+        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
     return x

@@ -16,15 +16,15 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 
 from cdfast.engines.batchnorm import frozen_batchnorm_stats
 from cdfast.engines.compiled import CompiledNetworks
 
 
 def _tensors(out) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    return [t for t in out if isinstance(t, Tensor)]
+    """Every tensor in a network's output, however nested (tuples, lists, dicts of features)."""
+    return [t for t in tree_leaves(out) if isinstance(t, Tensor)]
 
 
 class StreamsEngine(CompiledNetworks):
