@@ -2,9 +2,11 @@
 
 ``group_student_loss(logits [N, B, K], feats [N, B, D], teacher, T, alpha, beta)
 -> (loss [N] float32, lse [N, B] float32)``; D may be 0 (no feature term). It
-has a fake implementation and autograd (gradients to the students only), so
-``torch.compile(fullgraph=True)`` and CUDA-graph capture see one opaque op
-with no host sync. The kernels live in ``kernels/`` (``cdfast.kernels``).
+is a ``torch.library.triton_op`` (when Triton is installed): eager calls launch
+the kernels directly, and ``torch.compile`` traces into the op's body, so
+inductor sees the Triton kernels themselves rather than an opaque call. Its
+autograd sends gradients to the students only; there is no host sync, so it
+can be captured in a CUDA graph. The kernels live in ``kernels/`` (``cdfast.kernels``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from cdfast.kernels import HAS_TRITON
 log = logging.getLogger("cdfast")
 
 if HAS_TRITON:
+    from torch.library import wrap_triton
+
     from cdfast.kernels.student_loss import student_loss_backward, student_loss_forward
 
 
@@ -44,44 +48,43 @@ def _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, b
     return grad_logits.contiguous(), grad_feats.contiguous()
 
 
-@torch.library.custom_op("cdfast::group_student_loss", mutates_args=())
+def _define(name: str):
+    """``torch.library.triton_op`` where Triton is installed (torch.compile then traces into the Triton
+    kernels and schedules them with the rest of the graph), an opaque ``custom_op`` otherwise."""
+    if HAS_TRITON:
+        return torch.library.triton_op(name, mutates_args=())
+    return torch.library.custom_op(name, mutates_args=())
+
+
+@_define("cdfast::group_student_loss")
 def group_student_loss(logits: Tensor, feats: Tensor, teacher: Tensor, temperature: float, alpha: float,
                        beta: float) -> tuple[Tensor, Tensor]:
-    return _forward_reference(logits, feats, teacher, temperature, alpha, beta)  # devices without Triton
-
-
-@group_student_loss.register_kernel("cuda")
-def _group_student_loss_cuda(logits, feats, teacher, temperature, alpha, beta):
-    if not HAS_TRITON:
+    if not fused_available(logits.device):  # a static branch: the device is known when this is traced
         return _forward_reference(logits, feats, teacher, temperature, alpha, beta)
     with torch.cuda.device(logits.device):  # Triton launches on the current device: make it the tensors'
-        return student_loss_forward(logits, feats, teacher, temperature, alpha, beta)
+        return student_loss_forward(logits, feats, teacher, temperature, alpha, beta, launch=wrap_triton)
 
 
-@group_student_loss.register_fake
-def _group_student_loss_fake(logits, feats, teacher, temperature, alpha, beta):
-    n, b = logits.shape[:2]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, b, dtype=torch.float32)
-
-
-@torch.library.custom_op("cdfast::group_student_loss_backward", mutates_args=())
+@_define("cdfast::group_student_loss_backward")
 def group_student_loss_backward(grad: Tensor, logits: Tensor, feats: Tensor, teacher: Tensor, lse: Tensor,
                                 temperature: float, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
-    return _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, beta)
-
-
-@group_student_loss_backward.register_kernel("cuda")
-def _group_student_loss_backward_cuda(grad, logits, feats, teacher, lse, temperature, alpha, beta):
-    if not HAS_TRITON:
+    if not fused_available(logits.device):
         return _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, beta)
     with torch.cuda.device(logits.device):
-        return student_loss_backward(grad, logits, feats, teacher, lse, temperature, alpha, beta)
+        return student_loss_backward(grad, logits, feats, teacher, lse, temperature, alpha, beta, launch=wrap_triton)
 
 
-@group_student_loss_backward.register_fake
-def _group_student_loss_backward_fake(grad, logits, feats, teacher, lse, temperature, alpha, beta):
-    # contiguous, like every real kernel's output (not empty_like, which copies the inputs' strides)
-    return logits.new_empty(logits.shape), feats.new_empty(feats.shape)
+if not HAS_TRITON:  # a triton_op's fake is its own traced body; a custom_op needs one
+
+    @group_student_loss.register_fake
+    def _group_student_loss_fake(logits, feats, teacher, temperature, alpha, beta):
+        n, b = logits.shape[:2]
+        return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, b, dtype=torch.float32)
+
+    @group_student_loss_backward.register_fake
+    def _group_student_loss_backward_fake(grad, logits, feats, teacher, lse, temperature, alpha, beta):
+        # contiguous, like every real kernel's output (not empty_like, which copies the inputs' strides)
+        return logits.new_empty(logits.shape), feats.new_empty(feats.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -168,11 +168,17 @@ def _grid(n: int, b: int, rows: int) -> tuple[int]:
     return (triton.cdiv(n * b, rows),)
 
 
+def _direct(kernel):
+    return kernel
+
+
 def student_loss_forward(logits: torch.Tensor, feats: torch.Tensor, teacher: torch.Tensor,
-                         temperature: float, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         temperature: float, alpha: float, beta: float, launch=_direct
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. logits ``[N, B, K]``, feats ``[N, B, D]`` (D may be 0), teacher 0-d int64.
 
     Returns ``(loss [N] float32, lse [N, B] float32)``; lse (of z/T) is kept for the backward.
+    ``launch``: how to call a kernel (``torch.library.wrap_triton`` inside a triton_op).
     """
     n, b, k = logits.shape
     d = feats.shape[-1]
@@ -183,7 +189,7 @@ def student_loss_forward(logits: torch.Tensor, feats: torch.Tensor, teacher: tor
         return rows.sum(1), lse
     config = launch_config(k, d)
     has_feats = d > 0 and beta != 0.0
-    _forward_kernel[_grid(n, b, config["ROWS"])](
+    launch(_forward_kernel)[_grid(n, b, config["ROWS"])](
         logits, feats, teacher, rows, lse, n, b, k, d, 1.0 / temperature,
         alpha * temperature * temperature / b, (beta / (b * d)) if has_feats else 0.0,
         SINGLE=k <= config["BLOCK_K"], HAS_FEATS=has_feats, **config)
@@ -191,7 +197,7 @@ def student_loss_forward(logits: torch.Tensor, feats: torch.Tensor, teacher: tor
 
 
 def student_loss_backward(grad: torch.Tensor, logits: torch.Tensor, feats: torch.Tensor, teacher: torch.Tensor,
-                          lse: torch.Tensor, temperature: float, alpha: float, beta: float
+                          lse: torch.Tensor, temperature: float, alpha: float, beta: float, launch=_direct
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward: gradients w.r.t. logits and feats (zero rows for the teacher), contiguous."""
     n, b, k = logits.shape
@@ -203,7 +209,7 @@ def student_loss_backward(grad: torch.Tensor, logits: torch.Tensor, feats: torch
     if n * b == 0 or k == 0:
         return grad_logits, grad_feats
     config = launch_config(k, d)
-    _backward_kernel[_grid(n, b, config["ROWS"])](
+    launch(_backward_kernel)[_grid(n, b, config["ROWS"])](
         grad.contiguous().float(), logits, feats, teacher, lse.contiguous(), grad_logits, grad_feats, n, b, k, d,
         1.0 / temperature, alpha * temperature / b, (2.0 * beta / (b * d)) if has_feats else 0.0,
         HAS_FEATS=has_feats, **config)

@@ -166,3 +166,20 @@ def test_launches_on_the_tensors_device_not_the_current_one():
     loss, _ = torch.ops.cdfast.group_student_loss(logits, feats, torch.tensor(0, device="cuda:1"), 1.0, 1.0, 1.0)
     ref = R.group_student_loss(logits, feats, torch.tensor(0, device="cuda:1"))
     torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.cuda
+def test_inductor_traces_into_the_triton_op():
+    logits, feats = inputs(3, 64, 100, 32, torch.float32, "cuda")
+    teacher = torch.tensor(1, device="cuda")
+
+    def loss_fn(z, f):
+        return torch.ops.cdfast.group_student_loss(z, f, teacher, 2.0, 0.7, 0.3)[0].sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    z1, f1 = logits.clone().requires_grad_(), feats.clone().requires_grad_()
+    z2, f2 = logits.clone().requires_grad_(), feats.clone().requires_grad_()
+    compiled(z1, f1).backward()
+    loss_fn(z2, f2).backward()
+    torch.testing.assert_close(z1.grad, z2.grad)
+    torch.testing.assert_close(f1.grad, f2.grad)
