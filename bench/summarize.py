@@ -2,8 +2,9 @@
 
     python bench/summarize.py OUT     # writes OUT/summary.md and prints it
 
-Reads ``steps.tsv``, ``junit.xml`` and the pytest-benchmark JSON files that
-``bench/gpu_check.sh`` writes; anything missing is reported as not run.
+Reads ``raw/steps.tsv``, ``raw/environment.txt``, ``junit-cuda.xml``, ``junit.xml`` and the
+pytest-benchmark JSON files that ``bench/gpu_check.sh`` writes; anything missing or unreadable
+is reported as such, never as a pass.
 """
 
 from __future__ import annotations
@@ -71,28 +72,59 @@ def host_overhead(out: Path) -> list[str]:
     return lines
 
 
-def tests_line(out: Path) -> str:
-    path = out / "junit.xml"
+def tests_line(out: Path, name: str, what: str) -> str:
+    path = out / name
     if not path.is_file():
-        return "tests: not run"
-    root = ET.parse(path).getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    get = lambda k: int(suite.get(k, 0))  # noqa: E731
-    failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+        return f"{what}: not run"
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:  # a run killed while writing its XML
+        return f"{what}: {name} unreadable ({err})"
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    get = lambda k: sum(int(suite.get(k, 0)) for suite in suites)  # noqa: E731
+    failed = [f"{case.get('classname')}::{case.get('name')}" for suite in suites for case in suite.iter("testcase")
               if case.find("failure") is not None or case.find("error") is not None]
-    line = (f"tests: {get('tests') - get('failures') - get('errors') - get('skipped')} passed, "
+    line = (f"{what}: {get('tests') - get('failures') - get('errors') - get('skipped')} passed, "
             f"{get('failures')} failed, {get('errors')} errors, {get('skipped')} skipped")
     return line + ("".join(f"\n  - FAILED {name}" for name in failed[:20]))
 
 
+def engines_table(out: Path) -> list[str]:
+    rows = load_benchmarks(out, "bench-engines.json")
+    if not rows:
+        return []
+    lines = ["", "## Engines (step time; images/s per network)", "",
+             "| group | precision | engine | independent | competitive | CD / independent |", "|---|---|---|---|---|---|"]
+    table: dict[tuple, dict] = {}
+    for b in rows:
+        info = b.get("extra_info", {})
+        engine = info.get("engine", "?") + ("+compile" if info.get("compiled") else "")
+        table.setdefault((info.get("group"), info.get("precision"), engine), {})[info.get("mode")] = b["stats"]["mean"]
+    for (group, precision, engine), modes in sorted(table.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        ind, cd = modes.get("independent"), modes.get("competitive")
+        cell = lambda t: f"{1e3 * t:.2f} ms" if t else "—"  # noqa: E731
+        ratio = f"{cd / ind:.2f}x" if ind and cd else "—"
+        lines.append(f"| {group} | {precision} | {engine} | {cell(ind)} | {cell(cd)} | {ratio} |")
+    return lines
+
+
+def read_lines(out: Path, *names: str) -> list[str]:
+    for name in names:
+        if (out / name).is_file():
+            return (out / name).read_text(errors="replace").splitlines()
+    return []
+
+
 def main(out: str) -> str:
     out = Path(out)
-    env = (out / "environment.txt").read_text().splitlines()[:3] if (out / "environment.txt").exists() else []
+    env = read_lines(out, "raw/environment.txt", "environment.txt")[:5]
     lines = ["# gpu-check summary", "", *[f"- {line}" for line in env], ""]
-    if (out / "steps.tsv").exists():
-        rows = [r.split("\t") for r in (out / "steps.tsv").read_text().splitlines()[1:] if r.strip()]
+    steps = read_lines(out, "raw/steps.tsv", "steps.tsv")[1:]
+    if steps:
+        rows = [r.split("\t") for r in steps if r.strip()]
         lines += ["| step | status | seconds |", "|---|---|---|", *[f"| {' | '.join(r)} |" for r in rows], ""]
-    lines += [tests_line(out), "", "## Targets", "", *targets_table(out), *host_overhead(out)]
+    lines += [tests_line(out, "junit-cuda.xml", "CUDA tests"), "", tests_line(out, "junit.xml", "other tests"), "",
+              "## Targets", "", *targets_table(out), *host_overhead(out), *engines_table(out)]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text

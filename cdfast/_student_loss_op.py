@@ -27,9 +27,13 @@ if HAS_TRITON:
     from cdfast.kernels.student_loss import student_loss_backward, student_loss_forward
 
 
-def fused_available(device: torch.device) -> bool:
-    """Whether the Triton kernels serve tensors on ``device`` (CUDA with Triton installed)."""
-    return HAS_TRITON and device.type == "cuda"
+def fused_available(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether the Triton kernels serve tensors on ``device`` (CUDA with Triton installed) of ``dtype``.
+
+    float64 is not served: the kernels accumulate in float32, and whoever trains in float64 wants
+    float64 all the way (the reference gives it).
+    """
+    return HAS_TRITON and device.type == "cuda" and dtype != torch.float64
 
 
 def _feats_or_none(feats: Tensor) -> Tensor | None:

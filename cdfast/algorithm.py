@@ -289,8 +289,9 @@ class CompetitiveDistillation(nn.Module):
             if out.lam < 1.0:
                 targets = torch.stack([out.y_a if i == r else y for i in range(n)])
                 targets_b = torch.stack([out.y_b if i == r else y for i in range(n)])
-                lam = torch.ones(n, device=x.device)  # filled on the device: no host-to-device copy, no sync
-                lam[r] = out.lam
+                # fill_ takes the scalar as a kernel argument: no host-to-device copy, no sync
+                lam = torch.ones(n, device=x.device)
+                lam[r:r + 1].fill_(out.lam)
         return inputs, targets, targets_b, lam, r, op_name
 
     def losses(self, x: Tensor, y: Tensor) -> GroupLosses:

@@ -241,7 +241,7 @@ def group_student_loss(
         )
     if teacher.dim() != 0 or teacher.dtype != torch.int64:
         raise ValueError(f"teacher must be a 0-d int64 tensor (from competitive_ce), got {teacher.dtype} {list(teacher.shape)}")
-    if _student_loss_op.fused_available(logits.device) and logits.dim() == 3:
+    if _student_loss_op.fused_available(logits.device, logits.dtype):
         # Fused Triton kernels: all students in one launch, the teacher read on the device (kernels/).
         flat = feats.flatten(2) if (feats is not None and beta != 0.0) else logits.new_zeros(*logits.shape[:2], 0)
         loss, _ = torch.ops.cdfast.group_student_loss(logits, flat, teacher, float(temperature), float(alpha),

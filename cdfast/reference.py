@@ -57,7 +57,7 @@ def competitive_ce(
     logits ``[*G, N, B, K]``, targets ``[*G, N, B]`` (int64 class indices).
     With mixed labels (mixup/cutmix perturbations), network ``i`` is scored by
     ``lam[i] * CE(z_i, targets[i]) + (1 - lam[i]) * CE(z_i, targets_b[i])``
-    with ``lam`` of shape ``[*G, N]``. Returns ``ce [*G, N]`` (float32) and
+    with ``lam`` of shape ``[*G, N]``. Returns ``ce [*G, N]`` (float32; float64 for float64 logits) and
     ``teacher [*G]`` (int64).
     """
     logp = torch.log_softmax(_acc(logits), dim=-1)
@@ -71,8 +71,8 @@ def competitive_ce(
 
 def _kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """KL(p_t || p_s) summed over classes, averaged over the batch dim (-2)."""
-    logp_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    logp_t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    logp_s = torch.log_softmax(_acc(student_logits) / temperature, dim=-1)
+    logp_t = torch.log_softmax(_acc(teacher_logits.detach()) / temperature, dim=-1)
     p_t = logp_t.exp()
     # classes the teacher rules out (p_t = 0, e.g. -inf logits) add 0, never 0 * inf = NaN
     return torch.where(p_t > 0, p_t * (logp_t - logp_s), 0.0).sum(-1).mean(-1)
@@ -80,7 +80,7 @@ def _kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, temperature: 
 
 def _feature_mse(student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
     """Mean squared difference over everything but the leading group dims."""
-    diff = student_feats.float() - teacher_feats.detach().float()
+    diff = _acc(student_feats) - _acc(teacher_feats.detach())
     return diff.square().flatten(-2).mean(-1)
 
 
@@ -94,7 +94,7 @@ def student_loss(
     alpha: float = 1.0,
     beta: float = 1.0,
 ) -> Tensor:
-    """Distillation loss of one student towards one teacher (a float32 scalar).
+    """Distillation loss of one student towards one teacher (a float32 scalar; float64 for float64 inputs).
 
     ``alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + beta * mean((F_s - F_t)^2)``.
     The teacher's outputs are treated as constants.
@@ -116,7 +116,7 @@ def group_student_loss(
     alpha: float = 1.0,
     beta: float = 1.0,
 ) -> Tensor:
-    """Student loss of every network of a group towards the teacher, ``[N]`` float32.
+    """Student loss of every network of a group towards the teacher, ``[N]`` float32 (float64 for float64 logits).
 
     logits ``[N, B, K]``, feats ``[N, B, ...]`` or None, teacher a 0-d int64
     device tensor. Entry ``teacher`` is exactly 0 and sends no gradient; the
@@ -149,14 +149,13 @@ def group_student_loss_backward(
     rows are 0 (its outputs are constants). The twin of the fused backward kernel.
     """
     n, b = logits.shape[:2]
-    is_student = (torch.arange(n, device=logits.device) != teacher).float()
-    g = grad.float() * is_student
+    g = torch.where(torch.arange(n, device=logits.device) != teacher, _acc(grad), 0.0)
     t = teacher.reshape(1)
-    p = torch.softmax(logits.float() / temperature, dim=-1)
+    p = torch.softmax(_acc(logits) / temperature, dim=-1)
     grad_logits = (g * alpha * temperature / b).view(n, 1, 1) * (p - p.index_select(0, t))
     grad_feats = None
     if feats is not None:
-        flat = feats.flatten(2).float()
+        flat = _acc(feats.flatten(2))
         d = flat.shape[-1]
         scale = (g * 2.0 * beta / (b * d)) if (d > 0 and beta != 0.0) else torch.zeros_like(g)
         grad_feats = (scale.view(n, 1, 1) * (flat - flat.index_select(0, t))).view(feats.shape).to(feats.dtype)
@@ -165,7 +164,7 @@ def group_student_loss_backward(
 
 def pairwise_kl(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """``M[i, j] = KL(p_j || p_i)`` for a group ``[N, B, K]``, with p_j constant. ``[N, N]``."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
     logp = logp.clamp(min=torch.finfo(logp.dtype).min)  # -inf logits (masked classes): 0 * -inf would be NaN
     logp_const = logp.detach()
     p_const = logp_const.exp()
@@ -179,7 +178,7 @@ def pairwise_feature_l2(
     feats: Tensor | Sequence[Tensor],
     adapt: Callable[[int, int, Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """``L[i, j] = mean((A_ij(F_i) - F_j)^2)`` with F_j constant. ``[N, N]`` float32.
+    """``L[i, j] = mean((A_ij(F_i) - F_j)^2)`` with F_j constant. ``[N, N]`` float32 (float64 for float64 features).
 
     ``feats`` is a stacked ``[N, B, ...]`` tensor or a list of per-network
     tensors (shapes may differ). ``adapt(i, j, F_i)`` maps student i's
@@ -188,7 +187,7 @@ def pairwise_feature_l2(
     """
     n = len(feats)
     if adapt is None and isinstance(feats, Tensor):
-        flat = feats.flatten(2).float()
+        flat = _acc(feats.flatten(2))
         diff = flat.unsqueeze(1) - flat.detach().unsqueeze(0)  # [i, j, B, D]
         return diff.square().flatten(2).mean(-1)
     rows = []

@@ -54,8 +54,9 @@ class CompetitiveCe : public torch::autograd::Function<CompetitiveCe> {
     const at::Tensor& grad_ce = grads[0];
     const at::Tensor& grad_lse = grads[2];
     if (!grad_ce.defined() && !grad_lse.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    // Only lse was used (rare): the ce part of the gradient is zero.
-    const at::Tensor gce = grad_ce.defined() ? grad_ce : at::zeros(lse.sizes().slice(0, lse.dim() - 1), lse.options());
+    // Only lse was used (rare): the ce part of the gradient is zero. Symbolic sizes keep this
+    // traceable with dynamic shapes.
+    const at::Tensor gce = grad_ce.defined() ? grad_ce : at::zeros_symint(lse.sym_sizes().slice(0, lse.dim() - 1), lse.options());
     at::Tensor grad = call_backward(gce, defined_or_none(grad_lse), logits, saved[1], defined_or_none(saved[2]),
                                     defined_or_none(saved[3]), lse);
     return {grad, at::Tensor(), at::Tensor(), at::Tensor()};

@@ -89,8 +89,8 @@ def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
             zt = _load_scaled(logits_ptr, tr, offs, K, row_mask, inv_t)
             new_s = tl.maximum(m_s, tl.max(zs, axis=1))
             new_t = tl.maximum(m_t, tl.max(zt, axis=1))
-            d_s = tl.where(m_s == float("-inf"), 0.0, d_s * tl.exp(m_s - new_s)) + tl.sum(_exp_shifted(zs, new_s), axis=1)
-            d_t = tl.where(m_t == float("-inf"), 0.0, d_t * tl.exp(m_t - new_t)) + tl.sum(_exp_shifted(zt, new_t), axis=1)
+            d_s = tl.where(m_s == float("-inf"), d_s, d_s * tl.exp(m_s - new_s)) + tl.sum(_exp_shifted(zs, new_s), axis=1)
+            d_t = tl.where(m_t == float("-inf"), d_t, d_t * tl.exp(m_t - new_t)) + tl.sum(_exp_shifted(zt, new_t), axis=1)
             m_s = new_s
             m_t = new_t
         lse_s = m_s + tl.log(d_s)

@@ -185,3 +185,19 @@ def test_non_finite_ce_is_never_elected(device):
     assert teacher.item() == R.competitive_ce(logits, targets)[1].item()
     logits[:] = float("nan")
     assert op(logits, targets)[1].item() == 0  # every CE non-finite: network 0, and ce shows why
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_nan_logit_anywhere_in_a_row_makes_that_ce_nan(device):
+    # A NaN as the first logit a lane sees, beside -inf and finite ones: an online log-sum-exp that
+    # resets on "max is -inf" (or whose max ignores NaN) loses it, and the network could win.
+    k = 101
+    logits, targets, _, _ = make((3, 9), k, device, torch.float32, seed=3)
+    targets = targets % 30
+    rows = torch.arange(9, device=device)
+    logits[1, :, :40] = float("-inf")
+    logits[1, rows, targets[1]] = 50.0  # network 1 would be the clear teacher...
+    logits[1, 4, (targets[1, 4] + 1) % k] = float("nan")  # ...but one NaN logit in one row
+    ce, teacher, lse = op(logits, targets)
+    assert torch.isnan(ce[1]) and torch.isnan(lse[1, 4]) and teacher.item() != 1
+    torch.testing.assert_close(ce, R.competitive_ce(logits, targets)[0], equal_nan=True)

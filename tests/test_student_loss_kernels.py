@@ -84,6 +84,24 @@ def test_masked_classes_with_minus_inf_logits(device, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [10, 5000])
+def test_a_nan_logit_beside_masked_ones_gives_a_nan_loss(device, k):
+    # The NaN sits in a block that is otherwise -inf, before finite blocks: an online log-sum-exp
+    # that resets its sum whenever the running max is -inf would drop it.
+    from cdfast.kernels.student_loss import student_loss_forward
+
+    logits, feats = inputs(3, 4, k, 8, torch.float32, device)
+    logits[:, :, : k // 2] = float("-inf")
+    logits[1, 2, 0] = float("nan")  # a student's row
+    loss, lse = student_loss_forward(logits, feats, torch.tensor(0, device=device), 2.0, 0.7, 0.3)
+    assert torch.isnan(loss[1]) and torch.isnan(lse[1, 2]) and torch.isfinite(loss[2]) and loss[0] == 0
+    logits[1, 2, 0] = 0.0
+    logits[0, 1, 0] = float("nan")  # the teacher's row: every student's loss is NaN
+    loss, _ = student_loss_forward(logits, feats, torch.tensor(0, device=device), 2.0, 0.7, 0.3)
+    assert torch.isnan(loss[1:]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_teacher_index_out_of_range_gives_nan_not_a_wild_read(device):
     from cdfast.kernels.student_loss import student_loss_forward
 
@@ -183,3 +201,14 @@ def test_inductor_traces_into_the_triton_op():
     loss_fn(z2, f2).backward()
     torch.testing.assert_close(z1.grad, z2.grad)
     torch.testing.assert_close(f1.grad, f2.grad)
+
+
+def test_float64_is_served_by_the_reference_in_float64():
+    # The kernels accumulate in float32: a float64 group keeps float64 (the reference) on any device.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits, feats = inputs(3, 5, 10, 4, torch.float64, device)
+    loss = cdfast.group_student_loss(logits, feats, torch.tensor(1, device=device))
+    assert loss.dtype == torch.float64 and loss.grad_fn is None
+    torch.testing.assert_close(loss, R.group_student_loss(logits, feats, torch.tensor(1, device=device)))
+    from cdfast import _student_loss_op
+    assert not _student_loss_op.fused_available(torch.device("cuda"), torch.float64)

@@ -63,7 +63,8 @@ int sm_count(int device) {
 // nothing (s = 0); it must not compute exp(-inf - -inf) = NaN.
 template <typename acc>
 __device__ __forceinline__ void lse_merge(acc& m, acc& s, acc m_o, acc s_o) {
-  const acc m_new = max(m, m_o);
+  // fmax ignores a NaN operand; a NaN logit must give a NaN LSE (and a CE never elected)
+  const acc m_new = (isnan(m) || isnan(m_o)) ? acc(NAN) : max(m, m_o);
   s = (m == -INFINITY ? acc(0) : s * exp(m - m_new)) + (m_o == -INFINITY ? acc(0) : s_o * exp(m_o - m_new));
   m = m_new;
 }

@@ -1,0 +1,62 @@
+"""bench/summarize.py: the one page a GPU check leaves must report what ran, what failed and every
+target's verdict, and never call something that did not run (or cannot be read) a pass."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("summarize", ROOT / "bench" / "summarize.py")
+summarize = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(summarize)
+
+JUNIT = """<?xml version="1.0"?><testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">
+<testcase classname="tests.test_a" name="test_ok"/>
+<testcase classname="tests.test_a" name="test_bad"><failure message="x"/></testcase>
+<testcase classname="tests.test_a" name="test_skip"><skipped/></testcase>
+</testsuite></testsuites>"""
+
+
+def bench(group, impl, mean, **extra):
+    return {"group": group, "stats": {"mean": mean}, "extra_info": {"impl": impl, **extra}}
+
+
+def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "steps.tsv").write_text("step\tstatus\tseconds\nbuild\tok\t40\ncuda tests\tfailed (rc 1)\t30\n")
+    (tmp_path / "raw" / "environment.txt").write_text("python 3.12 | torch 2.11\ngpu NVIDIA H100 sm_90\n")
+    (tmp_path / "junit-cuda.xml").write_text(JUNIT)
+    (tmp_path / "junit.xml").write_text(JUNIT[:80])  # killed while writing
+    group = "election forward_backward N=2 B=128 K=100"
+    (tmp_path / "bench-election.json").write_text(json.dumps({"benchmarks": [
+        bench(group, "fused", 10e-6, launches=3), bench(group, "composition", 40e-6, launches=18)]}))
+    student = "student loss forward_backward N=2 B=128 K=100 D=256"
+    (tmp_path / "bench-student-loss.json").write_text(json.dumps({"benchmarks": [
+        bench(student, "fused", 30e-6), bench(student, "eager", 45e-6), bench(student, "compiled", 20e-6)]}))
+    (tmp_path / "bench-engines.json").write_text(json.dumps({"benchmarks": [
+        {"group": "g", "stats": {"mean": m}, "extra_info": {"group": "2xresnet32-cifar", "precision": "fp32",
+                                                             "engine": "streams", "compiled": False, "mode": mode}}
+        for mode, m in (("independent", 0.010), ("competitive", 0.011))]}))
+
+    text = summarize.main(str(tmp_path))
+
+    assert "CUDA tests: 1 passed, 1 failed, 0 errors, 1 skipped" in text
+    assert "FAILED tests.test_a::test_bad" in text
+    assert "other tests: junit.xml unreadable" in text
+    assert "| cuda tests | failed (rc 1) | 30 |" in text and "- gpu NVIDIA H100 sm_90" in text
+    lines = text.splitlines()
+    row = lambda start: next(line for line in lines if line.startswith(start))  # noqa: E731
+    assert "4.00x" in row("| election fwd+bwd N=2 ") and "PASS" in row("| election fwd+bwd N=2 ")
+    assert "3 / 18" in row("| election fwd+bwd N=2 ")
+    assert "not run" in row("| election fwd+bwd N=3 ")
+    assert "1.50x" in row("| student loss fwd+bwd N=2 B=128 K=100 D=256: fused vs eager")
+    assert "FAIL" in row("| student loss fwd+bwd N=2 B=128 K=100 D=256: fused vs eager")
+    assert "PASS" not in row("| student loss fwd+bwd N=2 B=128 K=100 D=256: fused vs compiled")
+    assert "| 2xresnet32-cifar | fp32 | streams | 10.00 ms | 11.00 ms | 1.10x |" in text
+    assert (tmp_path / "summary.md").read_text() == text
+
+
+def test_summary_of_an_empty_folder_says_nothing_ran(tmp_path):
+    text = summarize.main(str(tmp_path))
+    assert "CUDA tests: not run" in text and "other tests: not run" in text
+    assert "PASS" not in text and "FAIL" not in text
