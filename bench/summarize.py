@@ -108,6 +108,47 @@ def engines_table(out: Path) -> list[str]:
     return lines
 
 
+def engine_targets(out: Path) -> list[str]:
+    """The graph engine issue's targets, from bench-engines.json (group steps and networks alone)."""
+    rows = load_benchmarks(out, "bench-engines.json")
+    if not rows:
+        return []
+    time = {}
+    for b in rows:
+        i = b.get("extra_info", {})
+        name = i.get("engine", "?") + ("+compile" if i.get("compiled") else "")
+        time[(i.get("group"), i.get("precision"), name, i.get("mode"))] = b["stats"]["mean"]
+
+    def best(group, precision, mode):
+        cands = {k[2]: t for k, t in time.items() if k[0] == group and k[1] == precision and k[3] == mode}
+        return min(cands.items(), key=lambda kv: kv[1]) if cands else (None, None)
+
+    lines = ["", "## Engine targets", "", "| target | measured | needed | verdict |", "|---|---|---|---|"]
+    seq = time.get(("2xresnet32-cifar", "fp32", "sequential", "competitive"))
+    name, t = best("2xresnet32-cifar", "fp32", "competitive")
+    if seq and t:
+        ratio = seq / t
+        lines.append(f"| 2x ResNet-32 B=128 fp32 CD step: best engine ({name}) vs sequential eager | {ratio:.2f}x | "
+                     f">= 5x | {'PASS' if ratio >= 5 else 'FAIL'} |")
+    else:
+        lines.append("| 2x ResNet-32 B=128 fp32 CD step: best engine vs sequential eager | not run | >= 5x | — |")
+    if name and ("2xresnet32-cifar", "fp32", name, "independent") in time:
+        ratio = t / time[("2xresnet32-cifar", "fp32", name, "independent")]
+        lines.append(f"| 2x ResNet-32 fp32, {name}: CD step / independent step | {ratio:.2f}x | <= 1.10x | "
+                     f"{'PASS' if ratio <= 1.10 else 'FAIL'} |")
+    else:
+        lines.append("| 2x ResNet-32 fp32: CD step / independent step (best engine) | not run | <= 1.10x | — |")
+    group_name, group_t = best("2xresnet50-224", "bf16", "competitive")
+    alone_name, alone_t = best("resnet50-224", "bf16", "alone")
+    if group_t and alone_t:
+        ratio = alone_t / group_t  # per-network images/s of the group over images/s of one network alone
+        lines.append(f"| 2x ResNet-50 bf16 B=128: per-network images/s ({group_name}) vs one alone ({alone_name}) | "
+                     f"{ratio:.2f}x | >= 0.9x | {'PASS' if ratio >= 0.9 else 'FAIL'} |")
+    else:
+        lines.append("| 2x ResNet-50 bf16: per-network images/s vs one ResNet-50 alone | not run | >= 0.9x | — |")
+    return lines
+
+
 def read_lines(out: Path, *names: str) -> list[str]:
     for name in names:
         if (out / name).is_file():
@@ -124,7 +165,7 @@ def main(out: str) -> str:
         rows = [r.split("\t") for r in steps if r.strip()]
         lines += ["| step | status | seconds |", "|---|---|---|", *[f"| {' | '.join(r)} |" for r in rows], ""]
     lines += [tests_line(out, "junit-cuda.xml", "CUDA tests"), "", tests_line(out, "junit.xml", "other tests"), "",
-              "## Targets", "", *targets_table(out), *host_overhead(out), *engines_table(out)]
+              "## Targets", "", *targets_table(out), *host_overhead(out), *engine_targets(out), *engines_table(out)]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text

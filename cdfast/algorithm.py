@@ -19,7 +19,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from cdfast import functional as CF
-from cdfast.engines import check_engine_name, get_engine, network_device
+from cdfast.engines import get_engine, network_device, split_engine_name
+from cdfast.engines.graph import GraphStep
 from cdfast.options import check_number, check_option
 from cdfast.models.adapters import FeatureAdapters
 from cdfast.perturb import PerturbationPool, PerturbOp
@@ -72,6 +73,11 @@ def default_optimizer(params: list) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
+def graph_optimizer(params: list) -> torch.optim.Optimizer:
+    """The paper's optimizer in its capturable form (fused SGD; the graph engine's default)."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+
+
 class CompetitiveDistillation(nn.Module):
     """A group of networks trained by Competitive Distillation (or a baseline mode).
 
@@ -102,8 +108,11 @@ class CompetitiveDistillation(nn.Module):
         channels_last: feed the networks channels-last batches.
         engine: how the N networks execute: ``"sequential"``, ``"streams"`` (CUDA),
             ``"fused"`` (identical networks as one vmapped network) or ``"auto"`` (on a GPU
-            fused for identical networks, else streams; sequential on the CPU); see
-            :mod:`cdfast.engines`.
+            fused for identical networks, else streams; sequential on the CPU); ``"graph"``
+            (= ``"sequential+graph"``) or ``"fused+graph"`` capture the whole :meth:`step` in
+            CUDA graphs and replay them (CUDA; optimizers must be capturable, e.g.
+            ``SGD(..., fused=True)``, which the default optimizer then is); see
+            :mod:`cdfast.engines` and :mod:`cdfast.engines.graph`.
         compile: ``torch.compile`` the networks' forwards inside the engine: ``True`` for the
             defaults, or a dict of ``torch.compile`` keyword arguments (e.g.
             ``{"mode": "max-autotune"}``). The losses and optimizer steps stay eager.
@@ -166,17 +175,22 @@ class CompetitiveDistillation(nn.Module):
         self.perturb_bn_stats = perturb_bn_stats
         self.pool = perturb_ops if isinstance(perturb_ops, PerturbationPool) else PerturbationPool(perturb_ops, seed=seed)
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
-        self.engine_name = engine
+        self.engine_name, graphed = split_engine_name(engine)
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be True/False or a dict of torch.compile options, got {compile!r}")
         self.compile_options = None if compile is False else {} if compile is True else dict(compile)
         self._engine, self._engine_device = None, None
-        check_engine_name(engine)
+        self._graph_step = GraphStep(self) if graphed else None
         self.input_shape = tuple(input_shape) if input_shape is not None else None
 
         shapes = self._probe_feature_shapes() if self.input_shape is not None else None
         self.adapters = FeatureAdapters(shapes if (shapes and self.feature_loss) else [])
         self.optimizers = self._build_optimizers(optimizers)
+
+    @property
+    def graphed(self) -> bool:
+        """Whether :meth:`step` runs as CUDA graph replays (engine ``"graph"`` or ``"<engine>+graph"``)."""
+        return self._graph_step is not None
 
     @property
     def n(self) -> int:
@@ -227,7 +241,7 @@ class CompetitiveDistillation(nn.Module):
     def _build_optimizers(self, optimizers) -> list[torch.optim.Optimizer]:
         param_sets = [list(net.parameters()) + self.adapters.parameters_of(i) for i, net in enumerate(self.networks)]
         if optimizers is None or callable(optimizers):
-            factory = optimizers or default_optimizer
+            factory = optimizers or (graph_optimizer if self.graphed else default_optimizer)
             return [factory(params) for params in param_sets]
         optimizers = list(optimizers)
         if len(optimizers) != self.n:
@@ -276,23 +290,26 @@ class CompetitiveDistillation(nn.Module):
                 )
         return y if y.dtype == torch.int64 else y.long()
 
-    def _mutate(self, x: Tensor, y: Tensor):
-        """Inputs and targets per network: one random network gets a perturbed batch."""
+    def _draw_mutation(self) -> tuple[int, int]:
+        """Host choices of this step: the network to mutate (-1: none) and the op's index in the pool."""
+        r = self.pool.choose_network(self.n, self.perturb_prob) if self.perturb else -1
+        return r, (self.pool.choose_op() if r >= 0 else -1)
+
+    def _mutate(self, x: Tensor, y: Tensor, r: int, op: int):
+        """Inputs and targets per network: network ``r`` gets the batch perturbed by op ``op``."""
         n = self.n
         inputs = [x] * n
         targets, targets_b, lam = y, None, None
-        r = self.pool.choose_network(n, self.perturb_prob) if self.perturb else -1
-        op_name = None
         if r >= 0:
-            out, op_name = self.pool.perturb(x, y)
+            out = self.pool.apply(op, x, y)
             inputs[r] = out.x
-            if out.lam < 1.0:
+            if out.mixes_labels:
                 targets = torch.stack([out.y_a if i == r else y for i in range(n)])
                 targets_b = torch.stack([out.y_b if i == r else y for i in range(n)])
-                # fill_ takes the scalar as a kernel argument: no host-to-device copy, no sync
+                # fill_ from a 0-d device tensor (or a number) is a kernel: no copy to the host, no sync
                 lam = torch.ones(n, device=x.device)
                 lam[r:r + 1].fill_(out.lam)
-        return inputs, targets, targets_b, lam, r, op_name
+        return inputs, targets, targets_b, lam
 
     def losses(self, x: Tensor, y: Tensor) -> GroupLosses:
         """Forward the group on a batch and return every network's loss, attached to the graph.
@@ -301,10 +318,16 @@ class CompetitiveDistillation(nn.Module):
         gives each network exactly the gradient of its own loss.
         """
         y = self._check_batch(x, y)
+        return self._losses(x, y, *self._draw_mutation())
+
+    def _losses(self, x: Tensor, y: Tensor, r: int, op: int) -> GroupLosses:
+        """The step's forward part for host choices ``(r, op)``: nothing here reads the device."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        inputs, targets, targets_b, lam, r, op_name = self._mutate(x, y)
-        autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype)
+        inputs, targets, targets_b, lam = self._mutate(x, y, r, op)
+        op_name = self.pool.names[op] if r >= 0 else None
+        # autocast's weight cache must be off where the step is captured in a CUDA graph
+        autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=not self.graphed)
                     if self.autocast_dtype is not None else nullcontext())
         frozen_bn = r if not self.perturb_bn_stats else -1
         with autocast:
@@ -347,12 +370,29 @@ class CompetitiveDistillation(nn.Module):
         return CF.weighted_student_loss(logits, feature_l2, weights, **kw)
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
-        """One full training iteration: mutation, forwards, election, losses, backward, N optimizer steps."""
+        """One full training iteration: mutation, forwards, election, losses, backward, N optimizer steps.
+
+        With the graph engine the iteration is a CUDA graph replay, and the returned tensors are
+        slots of a ring of ``ring_size`` (1024) steps: read them within that many steps.
+        """
+        if self._graph_step is not None:
+            return self._graph_step.step(x, y)
+        y = self._check_batch(x, y)
+        return self._eager_step(x, y, *self._draw_mutation())
+
+    def _eager_step(self, x: Tensor, y: Tensor, r: int, op: int) -> StepResult:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        out = self.losses(x, y)
+        out = self._losses(x, y, r, op)
         out.loss.sum().backward()  # losses are decoupled: each network gets only its own gradient
         for opt in self.optimizers:
             opt.step()
         return StepResult(out.loss.detach(), out.ce.detach(), out.distill.detach(), out.teacher,
                           out.correct, out.perturbed, out.perturbation)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As :meth:`torch.nn.Module.load_state_dict`; captured steps are dropped (``assign`` may move tensors)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._graph_step is not None:
+            self._graph_step._reset()
+        return result

@@ -18,3 +18,26 @@ class TinyNet(nn.Module):
         fmap = torch.relu(self.conv(x))
         pooled = fmap.mean((2, 3))
         return self.fc(pooled), (fmap if self.feature_map else pooled)
+
+
+class _ReplayBody:
+    """A stand-in CUDA graph: replay() runs the recorded step body again."""
+
+    def __init__(self, group, body):
+        self.group, self.body = group, body
+
+    def replay(self):
+        for opt in self.group.optimizers:
+            opt.zero_grad(set_to_none=True)  # a captured backward writes its gradients afresh
+        self.body()
+
+
+def graph_engine_on_cpu(group):
+    """Run a group's graph engine logic on the CPU: its four CUDA parts (can-capture, memory pool,
+    side-stream warm-up, record) replaced by a stand-in whose graph re-runs the recorded body."""
+    gs = group._graph_step
+    gs._can_capture = lambda device: True
+    gs._new_pool = lambda: None
+    gs._warmup_step = lambda x, y, r, op: group._eager_step(x, y, r, op)
+    gs._record = lambda body: _ReplayBody(group, body)
+    return gs

@@ -33,10 +33,18 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
     student = "student loss forward_backward N=2 B=128 K=100 D=256"
     (tmp_path / "bench-student-loss.json").write_text(json.dumps({"benchmarks": [
         bench(student, "fused", 30e-6), bench(student, "eager", 45e-6), bench(student, "compiled", 20e-6)]}))
+    def step(group, precision, engine, mode, mean):
+        return {"group": "g", "stats": {"mean": mean}, "extra_info": {
+            "group": group, "precision": precision, "engine": engine, "compiled": False, "mode": mode}}
+
     (tmp_path / "bench-engines.json").write_text(json.dumps({"benchmarks": [
-        {"group": "g", "stats": {"mean": m}, "extra_info": {"group": "2xresnet32-cifar", "precision": "fp32",
-                                                             "engine": "streams", "compiled": False, "mode": mode}}
-        for mode, m in (("independent", 0.010), ("competitive", 0.011))]}))
+        step("2xresnet32-cifar", "fp32", "streams", "independent", 0.010),
+        step("2xresnet32-cifar", "fp32", "streams", "competitive", 0.011),
+        step("2xresnet32-cifar", "fp32", "sequential", "competitive", 0.012),
+        step("2xresnet32-cifar", "fp32", "graph", "competitive", 0.002),
+        step("2xresnet32-cifar", "fp32", "graph", "independent", 0.0019),
+        step("2xresnet50-224", "bf16", "fused", "competitive", 0.200),
+        step("resnet50-224", "bf16", "alone", "alone", 0.095)]}))
 
     text = summarize.main(str(tmp_path))
 
@@ -53,6 +61,9 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
     assert "FAIL" in row("| student loss fwd+bwd N=2 B=128 K=100 D=256: fused vs eager")
     assert "PASS" not in row("| student loss fwd+bwd N=2 B=128 K=100 D=256: fused vs compiled")
     assert "| 2xresnet32-cifar | fp32 | streams | 10.00 ms | 11.00 ms | 1.10x |" in text
+    assert "best engine (graph) vs sequential eager | 6.00x | >= 5x | PASS |" in text
+    assert "graph: CD step / independent step | 1.05x | <= 1.10x | PASS |" in text
+    assert "(fused) vs one alone (alone) | 0.47x | >= 0.9x | FAIL |" in text
     assert (tmp_path / "summary.md").read_text() == text
 
 
@@ -60,3 +71,4 @@ def test_summary_of_an_empty_folder_says_nothing_ran(tmp_path):
     text = summarize.main(str(tmp_path))
     assert "CUDA tests: not run" in text and "other tests: not run" in text
     assert "PASS" not in text and "FAIL" not in text
+    assert "## Engine targets" not in text

@@ -94,3 +94,91 @@ def test_custom_ops_and_errors():
         PerturbationPool([])
     with pytest.raises(TypeError, match="Perturbed"):
         PerturbationPool([lambda x, y, rng: x]).perturb(*batch())
+
+
+# ---- device-side draws: the same laws as the host-drawn versions they replaced -------------------
+
+def ks_statistic(a, b) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs. Values
+    are rounded to 1e-6 first, so a discrete law's atoms (float32 vs float64) line up."""
+    a, b = (torch.sort((torch.as_tensor(v, dtype=torch.float64) * 1e6).round())[0] for v in (a, b))
+    grid = torch.cat([a, b])
+    cdf_a = torch.searchsorted(a, grid, right=True) / len(a)
+    cdf_b = torch.searchsorted(b, grid, right=True) / len(b)
+    return (cdf_a - cdf_b).abs().max().item()
+
+
+KS_LIMIT = 1.95 * (2 / 3000) ** 0.5  # two samples of 3000: p < 0.001 if the laws were equal
+
+
+def host_cutmix_lam(rnd, alpha, h, w):
+    """The host-drawn cut-out box of earlier versions (random.Random), reduced to its mixing weight."""
+    import math
+    ratio = math.sqrt(1.0 - rnd.betavariate(alpha, alpha))
+    cut_h, cut_w = int(h * ratio), int(w * ratio)
+    cy, cx = rnd.randrange(h), rnd.randrange(w)
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    return 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+@pytest.mark.parametrize("alpha", [0.4, 1.0])
+def test_device_drawn_mixup_and_cutmix_weights_follow_the_host_laws(alpha):
+    import random
+    x, y = batch(b=2, h=9, w=7)
+    rng, rnd = PerturbRNG(11), random.Random(11)
+    mix = [Mixup(alpha)(x, y, rng).lam.item() for _ in range(3000)]
+    cut = [CutMix(alpha)(x, y, rng).lam.item() for _ in range(3000)]
+    host_mix = [rnd.betavariate(alpha, alpha) for _ in range(3000)]
+    host_cut = [host_cutmix_lam(rnd, alpha, 9, 7) for _ in range(3000)]
+    assert ks_statistic(mix, host_mix) < KS_LIMIT
+    assert ks_statistic(cut, host_cut) < KS_LIMIT
+    assert ks_statistic(mix, [random.Random(5).random() ** 3 for _ in range(3000)]) > KS_LIMIT  # the test can fail
+
+
+def test_device_drawn_noise_std_is_uniform_over_its_range():
+    x = torch.zeros(1, 1, 64, 64)
+    noise = OPS["noise"](std=(0.1, 0.5))
+    rng = PerturbRNG(2)
+    stds = torch.tensor([noise(x, torch.zeros(1, dtype=torch.long), rng).x.std().item() for _ in range(600)])
+    assert 0.09 < stds.min() < 0.13 and 0.47 < stds.max() < 0.52  # 4096 pixels: the std is within ~2%
+    assert ks_statistic(stds, torch.rand(600, generator=torch.Generator().manual_seed(0)) * 0.4 + 0.1) < 0.1
+
+
+def test_partner_is_a_uniform_permutation():
+    from cdfast.perturb.ops import _partner
+    x = torch.zeros(4, 1, 1, 1)
+    rng = PerturbRNG(0)
+    perms = [tuple(_partner(x, rng).tolist()) for _ in range(4800)]
+    counts = {p: perms.count(p) for p in set(perms)}
+    assert len(counts) == 24 and all(140 < c < 260 for c in counts.values())  # 200 expected each
+
+
+def test_drawn_weights_are_device_tensors_and_labels_mix_without_a_host_read():
+    x, y = batch()
+    for op in (Mixup(), CutMix()):
+        out = op(x, y, PerturbRNG(0))
+        assert isinstance(out.lam, torch.Tensor) and out.lam.dim() == 0 and out.mixes_labels
+    assert not OPS["crop"]()(x, y, PerturbRNG(0)).mixes_labels
+    assert Perturbed(x, y, y, 0.5).mixes_labels and not Perturbed(x, y, y, 1.0).mixes_labels
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(OPS))
+def test_every_op_captures_in_a_cuda_graph_and_draws_afresh_each_replay(name):
+    x, y = batch(b=8, h=16, w=16)
+    x, y = x.cuda(), y.cuda()
+    rng = PerturbRNG(4)
+    op = OPS[name]()
+    op(x, y, rng)  # warm-up outside the capture (allocations, lazy init)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(rng.on(x.device))
+    with torch.cuda.graph(graph):
+        out = op(x, y, rng)
+    results = []
+    for _ in range(3):
+        graph.replay()
+        results.append(out.x.clone())
+    assert not torch.equal(results[0], results[1]) and not torch.equal(results[1], results[2])
+    assert torch.isfinite(results[2]).all()

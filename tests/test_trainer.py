@@ -190,3 +190,29 @@ def test_fused_sgd_trains_like_the_default(tmp_path, fmnist_root):
         runs.append(weights(trainer))
     for k in runs[0]:
         torch.testing.assert_close(runs[0][k].float(), runs[1][k].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_graph_engine_trains_like_eager_and_resumes_from_portable_checkpoints(tmp_path, fmnist_root):
+    # The trainer's side of the graph engine, on the CPU with the stand-in graph (tests/helpers.py):
+    # cosine schedule into the captured learning rate, metrics read from the ring every 3 steps,
+    # then a resume that must drop the captured steps and go on exactly.
+    from helpers import graph_engine_on_cpu
+
+    eager = Trainer(small_config(tmp_path, fmnist_root, "eager", engine="sequential", fused_sgd=True, train_subset=640,
+                                 perturb_ops=["noise", "mixup"]))
+    eager.fit()
+    graphed = Trainer(small_config(tmp_path, fmnist_root, "graph", engine="graph", train_subset=640, perturb_ops=["noise", "mixup"]))
+    assert graphed.group.optimizers[0].param_groups[0]["fused"] is True
+    graph_engine_on_cpu(graphed.group)
+    graphed.fit(until_epoch=1)
+    assert graphed.group._graph_step.captures >= 2
+    state = torch.load(tmp_path / "graph" / "checkpoint.pt", weights_only=True)
+    assert all(isinstance(g["lr"], float) for opt in state["optimizers"] for g in opt["param_groups"])
+    resumed = Trainer(small_config(tmp_path, fmnist_root, "graph", engine="graph", train_subset=640, perturb_ops=["noise", "mixup"]),
+                      resume=tmp_path / "graph")
+    graph_engine_on_cpu(resumed.group)
+    resumed.fit()
+    a, b = weights(eager), weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between the eager and the graph engine"
+    assert (tmp_path / "eager" / "steps.csv").read_text() == (tmp_path / "graph" / "steps.csv").read_text()

@@ -5,6 +5,9 @@
 - ``fused``: identical networks stacked and run as one with ``torch.func.vmap``.
 - ``auto``: on a GPU, ``fused`` for identical networks and ``streams`` otherwise; on the
   CPU ``sequential`` (fused is slower there, streams do not exist).
+- ``graph`` (= ``sequential+graph``), ``fused+graph``: the whole training step (mutation,
+  forwards, election, losses, backward, optimizer steps) captured in CUDA graphs and
+  replayed (:mod:`cdfast.engines.graph`); the part before ``+`` runs the forwards.
 
 Contract: ``forward(networks, inputs, frozen_bn=-1) -> [output of each network]``,
 where network ``frozen_bn`` must not update its BatchNorm running statistics.
@@ -28,7 +31,8 @@ from cdfast.engines.streams import StreamsEngine
 log = logging.getLogger("cdfast")
 
 ENGINES = {"sequential": SequentialEngine, "streams": StreamsEngine, "fused": FusedEngine}
-ENGINE_CHOICES = ("auto", *ENGINES)
+GRAPHED = {"graph": "sequential", "sequential+graph": "sequential", "fused+graph": "fused"}
+ENGINE_CHOICES = ("auto", *ENGINES, *GRAPHED)
 
 
 def network_device(networks: Sequence[nn.Module]) -> torch.device:
@@ -38,8 +42,18 @@ def network_device(networks: Sequence[nn.Module]) -> torch.device:
 
 
 def check_engine_name(name: str) -> None:
+    if name == "streams+graph":
+        raise ValueError("engine 'streams+graph' is not offered: side streams inside a captured step are not "
+                         "supported here, and the graph already removes the launch gaps streams hide; use "
+                         "'graph' or 'fused+graph'")
     if name not in ENGINE_CHOICES:
         raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_CHOICES)}")
+
+
+def split_engine_name(name: str) -> tuple[str, bool]:
+    """``(engine that runs the forwards, whether the step is captured in CUDA graphs)``."""
+    check_engine_name(name)
+    return (GRAPHED[name], True) if name in GRAPHED else (name, False)
 
 
 def get_engine(name: str, networks: Sequence[nn.Module], compile_options: dict | None = None):
@@ -64,5 +78,5 @@ def get_engine(name: str, networks: Sequence[nn.Module], compile_options: dict |
     return ENGINES[name](compile_options)
 
 
-__all__ = ["get_engine", "check_engine_name", "network_device", "ENGINES", "ENGINE_CHOICES",
+__all__ = ["get_engine", "check_engine_name", "split_engine_name", "network_device", "ENGINES", "ENGINE_CHOICES",
            "SequentialEngine", "StreamsEngine", "FusedEngine", "why_not_fusable"]

@@ -1,11 +1,14 @@
 """The perturbation operations: strong, batched, device-agnostic image transforms.
 
 Every op takes a normalized float batch ``x [B, C, H, W]``, its labels ``y [B]``
-and a :class:`PerturbRNG`, and returns a :class:`Perturbed` batch. Per-sample
-random parameters are drawn on the batch's device, so the ops run on CPU and
-GPU tensors alike without copies; scalar choices come from a host RNG. An op
-that mixes images also mixes labels: the loss is
-``lam * CE(z, y_a) + (1 - lam) * CE(z, y_b)``.
+and a :class:`PerturbRNG`, and returns a :class:`Perturbed` batch. Every random
+number an op uses (per-sample boxes and matrices, and the per-batch noise std,
+mixing weight and cut-out box alike) is drawn on the batch's device from the
+pool's seeded generator for that device: an op never reads a value back to the
+host and never copies one to the device, so it runs without a sync and can be
+captured in a CUDA graph (the graph engine registers the generator). An op that
+mixes images also mixes labels: the loss is
+``lam * CE(z, y_a) + (1 - lam) * CE(z, y_b)``, with ``lam`` a 0-d device tensor.
 """
 
 from __future__ import annotations
@@ -37,11 +40,17 @@ class Perturbed:
     x: Tensor
     y_a: Tensor
     y_b: Tensor
-    lam: float  # weight of y_a; 1.0 when labels are not mixed
+    lam: float | Tensor  # weight of y_a: 1.0 when labels are not mixed, a 0-d device tensor when drawn
+
+    @property
+    def mixes_labels(self) -> bool:
+        """Whether the loss needs ``y_b``: a drawn (tensor) weight, or a number below 1. No sync."""
+        return isinstance(self.lam, Tensor) or self.lam < 1.0
 
 
 class PerturbRNG:
-    """Seeded randomness of the pool: a host RNG for scalars, one generator per device for tensors."""
+    """Seeded randomness of the pool: a host RNG for the choices of network and op (they pick
+    which code runs, so they are host values), one generator per device for everything an op draws."""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -76,6 +85,18 @@ class PerturbRNG:
 def _uniform(low: float, high: float, n: int, x: Tensor, rng: PerturbRNG) -> Tensor:
     gen = rng.on(x.device)
     return low + (high - low) * torch.rand(n, generator=gen, device=x.device, dtype=torch.float32)
+
+
+def _beta(alpha: float, x: Tensor, rng: PerturbRNG) -> Tensor:
+    """One draw of Beta(alpha, alpha) as a 0-d float32 tensor on x's device: g1 / (g1 + g2) with
+    g1, g2 ~ Gamma(alpha) (the same law as ``random.betavariate(alpha, alpha)``)."""
+    g = torch._standard_gamma(torch.full((2,), float(alpha), device=x.device), generator=rng.on(x.device))
+    return g[0] / g.sum()
+
+
+def _randint(high: int, x: Tensor, rng: PerturbRNG) -> Tensor:
+    """One uniform integer in [0, high) as a 0-d int64 tensor on x's device (like ``randrange``)."""
+    return (_uniform(0.0, float(high), 1, x, rng).floor().long()).clamp(max=high - 1)[0]
 
 
 def _warp(x: Tensor, theta: Tensor) -> Tensor:
@@ -120,13 +141,15 @@ class GaussianNoise:
         self.std = std
 
     def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
-        sigma = rng.host.uniform(*self.std)
+        sigma = _uniform(*self.std, 1, x, rng).to(x.dtype)
         noise = torch.randn(x.shape, generator=rng.on(x.device), device=x.device, dtype=x.dtype)
         return _same_labels(x + sigma * noise, y)
 
 
 def _partner(x: Tensor, rng: PerturbRNG) -> Tensor:
-    return torch.randperm(x.shape[0], generator=rng.on(x.device), device=x.device)
+    """A uniform random permutation of the batch: the order of uniform keys (rand + sort, which a
+    CUDA graph captures on every torch version; ties have probability ~0)."""
+    return torch.argsort(_uniform(0.0, 1.0, x.shape[0], x, rng))
 
 
 class Mixup:
@@ -138,9 +161,10 @@ class Mixup:
         self.alpha = alpha
 
     def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
-        lam = rng.host.betavariate(self.alpha, self.alpha)
+        lam = _beta(self.alpha, x, rng)
         perm = _partner(x, rng)
-        mixed = lam * x + (1.0 - lam) * x.index_select(0, perm)
+        w = lam.to(x.dtype)
+        mixed = w * x + (1.0 - w) * x.index_select(0, perm)
         return Perturbed(x=mixed, y_a=y, y_b=y.index_select(0, perm), lam=lam)
 
 
@@ -154,15 +178,19 @@ class CutMix:
 
     def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
         h, w = x.shape[-2:]
-        ratio = math.sqrt(1.0 - rng.host.betavariate(self.alpha, self.alpha))
-        cut_h, cut_w = int(h * ratio), int(w * ratio)
-        cy, cx = rng.host.randrange(h), rng.host.randrange(w)
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        # The box: side ratio sqrt(1 - Beta(a, a)), centre uniform over the pixels, clipped to the
+        # image; every number stays on the device (a mask, not slicing by host ints).
+        ratio = (1.0 - _beta(self.alpha, x, rng)).sqrt()
+        half_h, half_w = (h * ratio).floor().long() // 2, (w * ratio).floor().long() // 2
+        cy, cx = _randint(h, x, rng), _randint(w, x, rng)
+        y0, y1 = (cy - half_h).clamp(min=0), (cy + half_h).clamp(max=h)
+        x0, x1 = (cx - half_w).clamp(min=0), (cx + half_w).clamp(max=w)
+        rows = torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device)
+        box = ((rows >= y0) & (rows < y1)).unsqueeze(1) & ((cols >= x0) & (cols < x1)).unsqueeze(0)
         perm = _partner(x, rng)
-        out = x.clone()
-        out[..., y0:y1, x0:x1] = x.index_select(0, perm)[..., y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+        out = torch.where(box, x.index_select(0, perm), x)
+        lam = 1.0 - ((y1 - y0) * (x1 - x0)).float() / (h * w)
         return Perturbed(x=out, y_a=y, y_b=y.index_select(0, perm), lam=lam)
 
 

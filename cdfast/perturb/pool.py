@@ -36,8 +36,9 @@ class PerturbationPool:
 
     ``ops`` holds op names from :data:`OPS` or your own callables
     ``op(x, y, rng) -> Perturbed``. Each step, :meth:`choose_network` picks the
-    network to mutate (host RNG, so it never waits on the device) and
-    :meth:`perturb` applies one op drawn uniformly from the pool.
+    network to mutate and :meth:`choose_op` the op (host RNG: they select which
+    code runs, and never wait on the device); :meth:`apply` runs the op, whose
+    own random numbers are drawn on the device. :meth:`perturb` does both.
     """
 
     def __init__(self, ops: Iterable[Union[str, PerturbOp]] | None = None, seed: int = 0):
@@ -67,15 +68,24 @@ class PerturbationPool:
             return -1
         return self.rng.host.randrange(n_networks)
 
-    def perturb(self, x: Tensor, y: Tensor) -> tuple[Perturbed, str]:
-        """Apply one op drawn from the pool; returns the perturbed batch and the op's name."""
-        op = self.ops[self.rng.host.randrange(len(self.ops))]
+    def choose_op(self) -> int:
+        """Index of the op to apply this step, drawn uniformly (host RNG: it selects code to run)."""
+        return self.rng.host.randrange(len(self.ops))
+
+    def apply(self, index: int, x: Tensor, y: Tensor) -> Perturbed:
+        """Apply op ``index`` to the batch; its own random numbers are drawn on the batch's device."""
+        op = self.ops[index]
         out = op(x, y, self.rng)
         if not isinstance(out, Perturbed):
             raise TypeError(f"perturbation {_op_name(op)!r} returned {type(out).__name__}, expected cdfast.perturb.Perturbed")
         if out.x.shape != x.shape:
             raise ValueError(f"perturbation {_op_name(op)!r} changed the batch shape {list(x.shape)} -> {list(out.x.shape)}")
-        return out, _op_name(op)
+        return out
+
+    def perturb(self, x: Tensor, y: Tensor) -> tuple[Perturbed, str]:
+        """Apply one op drawn from the pool; returns the perturbed batch and the op's name."""
+        index = self.choose_op()
+        return self.apply(index, x, y), self.names[index]
 
     def state_dict(self) -> dict:
         return self.rng.state_dict()

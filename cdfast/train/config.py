@@ -66,7 +66,8 @@ class TrainConfig:
     perturb_ops: list[str] = _f(list(DEFAULT_OPS), f"perturbation pool, comma-separated from: {', '.join(OPS)}")
     perturb_bn_stats: bool = _f(False, "let perturbed batches update the mutated network's BatchNorm running statistics")
     engine: str = _f("auto", "how the networks execute: auto (GPU: fused for identical networks, else streams; "
-                     "CPU: sequential), sequential, streams, fused",
+                     "CPU: sequential), sequential, streams, fused; graph or fused+graph capture the whole step in "
+                     "CUDA graphs (fused SGD; eager on the CPU)",
                      choices=ENGINE_CHOICES)
     compile: bool = _f(False, "torch.compile the networks' forwards (inductor; the first steps compile)")
     compile_mode: str | None = _f(None, "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, "
@@ -84,7 +85,7 @@ class TrainConfig:
     lr_gamma: float = _f(0.1, "step schedule: lr factor at each milestone", gt=0)
     warmup_epochs: float = _f(0.0, "linear learning-rate warm-up, in epochs", ge=0)
     fused_sgd: bool = _f(False, "PyTorch's fused SGD kernel (all parameters of a network in one step kernel); "
-                                "default: foreach on CUDA, per-parameter on the CPU")
+                                "default: foreach on CUDA, per-parameter on the CPU; always fused with a graph engine")
     # execution
     seed: int = _f(0, "random seed (models, data order, augmentation, perturbations)", ge=0, lt=2**63)
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
@@ -93,7 +94,7 @@ class TrainConfig:
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", ge=1)
     # output
     out: str | None = _f(None, "output folder (default: runs/<data>-<mode>-<time>); must be new, empty, or a cdfast run")
-    log_interval: int = _f(20, "steps between metric reads (host syncs) and progress updates", ge=1)
+    log_interval: int = _f(20, "steps between metric reads (host syncs) and progress updates", ge=1, le=1000)
     tensorboard: bool = _f(True, "also write TensorBoard event files")
     plots: bool = _f(True, "write PNG plots at the end")
     progress: bool = _f(True, "show progress bars")

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from cdfast.algorithm import CompetitiveDistillation, split_output
 from cdfast.data import BadImageError, load_data
+from cdfast.engines import split_engine_name
 from cdfast.models import build_model
 from cdfast.safe_write import WriteError, atomic_write
 from cdfast.train import run_folder
@@ -35,6 +36,17 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device 'mps' requested but Apple's MPS backend is not available here; use --device cpu")
     return device
+
+
+def portable_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``opt.state_dict()`` with hyper-parameters as numbers: a graph engine keeps the learning
+    rate as a device tensor, and a checkpoint must load on any device (and with weights_only)."""
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        for key in ("lr", "initial_lr"):
+            if isinstance(group.get(key), torch.Tensor):
+                group[key] = float(group[key])
+    return state
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -235,8 +247,10 @@ class Trainer:
 
     def _sgd_options(self) -> dict[str, Any]:
         cfg = self.cfg
+        # A graph engine captures the optimizer step: fused SGD reads its learning rate from the device.
+        graphed = split_engine_name(cfg.engine)[1]
         return dict(momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                    weight_decay=cfg.weight_decay, fused=True if cfg.fused_sgd else None)
+                    weight_decay=cfg.weight_decay, fused=True if (cfg.fused_sgd or graphed) else None)
 
     def _apply_hyperparameters(self) -> None:
         """Optimizer and schedule settings from the config, also over what a checkpoint restored.
@@ -258,7 +272,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "group": self.group.state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.group.optimizers],
+            "optimizers": [portable_optimizer_state(opt) for opt in self.group.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "pool": self.group.pool.state_dict(),
             "train_loader": self.data.train.state_dict(),
@@ -417,7 +431,7 @@ class Trainer:
             self.teacher_counts[i] += epoch_teacher[i]
         return {
             "epoch": epoch, "step": self.step,
-            "lr": self.schedulers[0].get_last_lr()[0],
+            "lr": float(self.schedulers[0].get_last_lr()[0]),  # a device tensor with a graph engine
             "train_loss": [s / done for s in sums["loss"]],
             "train_ce": [s / done for s in sums["ce"]],
             "train_acc": [s / done for s in sums["acc"]],

@@ -1,0 +1,209 @@
+"""The graph engine (cdfast/engines/graph.py).
+
+On the CPU a stand-in replaces the four CUDA parts (can-capture, pool, warm-up stream, record):
+its "graph" re-runs the recorded step body on each replay, with the gradients reset as a real
+graph's captured backward does. Everything else (warm-up per (network, op) pair, static buffers,
+learning rate as a tensor that schedulers and trainers write, the metrics ring, recapture after a
+state load) runs as on a GPU and must train exactly like the eager engine. The CUDA-marked tests
+prove the captures themselves on a GPU.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import cdfast
+from cdfast.engines import split_engine_name
+from cdfast.engines.graph import why_not_capturable
+from cdfast.models import build_model
+from helpers import graph_engine_on_cpu as on_cpu
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+
+
+def make(engine, models=("resnet8", "resnet8"), **kw):
+    torch.manual_seed(0)
+    nets = [build_model(m, 10, 1) for m in models]
+    kw.setdefault("optimizers", sgd)
+    return cdfast.CompetitiveDistillation(nets, engine=engine, input_shape=(1, 12, 12), seed=5, **kw)
+
+
+def batches(k, b=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 1, 12, 12, generator=g), torch.randint(0, 10, (b,), generator=g)) for _ in range(k)]
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_engine_names():
+    assert split_engine_name("graph") == ("sequential", True)
+    assert split_engine_name("fused+graph") == ("fused", True)
+    assert split_engine_name("streams") == ("streams", False)
+    with pytest.raises(ValueError, match="streams\\+graph.*not offered"):
+        split_engine_name("streams+graph")
+    with pytest.raises(ValueError, match="unknown engine"):
+        make("graphs")
+
+
+@pytest.mark.parametrize("engine", ["graph", "fused+graph"])
+def test_replayed_steps_train_exactly_like_the_eager_engine(engine):
+    # 2 networks x 5 ops: 40 steps cover warm-ups, captures and replays of many pairs; the results of
+    # every step are read only at the end, as a trainer reading every log_interval steps does.
+    graphed, eager = make(engine), make("sequential")
+    gs = on_cpu(graphed)
+    sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in graphed.optimizers]
+    sched_e = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in eager.optimizers]
+    results = []
+    for x, y in batches(40):
+        results.append((graphed.step(x, y), eager.step(x, y)))
+        for s in sched + sched_e:
+            s.step()
+    assert gs.captures >= 4 and len(gs.graphs) == gs.captures
+    replayed = 0
+    for a, b in results:
+        assert (a.perturbed, a.perturbation) == (b.perturbed, b.perturbation)
+        assert int(a.teacher) == int(b.teacher)
+        for name in ("loss", "ce", "distill", "correct"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-6)
+        replayed += a.loss.data_ptr() != b.loss.data_ptr() and a.loss._base is gs.ring
+    assert replayed > 20  # most steps came from the ring
+    if engine == "graph":  # the same arithmetic in the same order: bit for bit
+        assert_same_state(graphed, eager)
+    lr = graphed.optimizers[0].param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr is gs.lr[0][0]
+    assert float(lr) == pytest.approx(0.05 / 41)
+
+
+def test_a_learning_rate_assigned_as_a_number_reaches_the_captured_steps():
+    graphed, eager = make("graph", perturb=False), make("sequential", perturb=False)
+    on_cpu(graphed)
+    data = batches(6)
+    for x, y in data[:3]:
+        graphed.step(x, y), eager.step(x, y)
+    for opt in graphed.optimizers + eager.optimizers:
+        for pg in opt.param_groups:
+            pg["lr"] = 0.2  # what a trainer's resume or a hand-written schedule does
+    for x, y in data[3:]:
+        graphed.step(x, y), eager.step(x, y)
+    assert_same_state(graphed, eager)
+
+
+def test_a_state_load_or_a_changed_setting_captures_again():
+    graphed = make("graph", perturb=False)
+    gs = on_cpu(graphed)
+    data = batches(5)
+    for x, y in data[:3]:
+        graphed.step(x, y)
+    assert gs.captures == 1
+    for opt in graphed.optimizers:  # a resume: new optimizer state objects
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    graphed.step(*data[3])
+    assert gs.captures == 1 and not gs.graphs  # dropped, and the pair warms up again
+    graphed.step(*data[4])
+    assert gs.captures == 2
+    graphed.optimizers[0].param_groups[0]["momentum"] = 0.5
+    graphed.step(*data[0])
+    assert not gs.graphs
+    graphed.load_state_dict(graphed.state_dict())
+    assert not gs.graphs and gs.static is None
+
+
+def test_a_batch_of_another_shape_runs_eagerly_and_the_graphs_stay():
+    graphed, eager = make("graph", perturb=False), make("sequential", perturb=False)
+    gs = on_cpu(graphed)
+    data = batches(3) + batches(1, b=7, seed=2) + batches(2, seed=3)
+    for x, y in data:
+        a, b = graphed.step(x, y), eager.step(x, y)
+        torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-6)
+    assert gs.captures == 1
+    assert_same_state(graphed, eager)
+
+
+def test_metrics_ring_keeps_every_step_until_it_wraps():
+    graphed = make("graph", perturb=False)
+    gs = on_cpu(graphed)
+    gs.ring_size = 4
+    out, ce = [], []
+    for x, y in batches(7):
+        out.append(graphed.step(x, y))
+        ce.append(out[-1].ce.clone())  # the value right after its step
+    assert not torch.equal(ce[-1], ce[-2])
+    # steps 0 (warm-up, eager) and 1.. (ring slots 0, 1, 2, 3, 0, 1): the last 4 replays are intact
+    assert all(r.ce._base is gs.ring for r in out[1:])
+    assert out[5].ce.data_ptr() == out[1].ce.data_ptr()  # slot 0 again
+    torch.testing.assert_close(torch.stack(ce[-4:]), torch.stack([r.ce for r in out[-4:]]))
+    assert not torch.equal(out[1].ce, ce[1])  # a result kept longer than the ring was overwritten
+
+
+def test_optimizers_must_be_capturable_and_compile_modes_with_their_own_graphs_are_refused():
+    assert why_not_capturable(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)) is not None
+    assert "fused=True" in why_not_capturable(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+    assert why_not_capturable(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1, fused=True)) is None
+    assert why_not_capturable(torch.optim.Adam([torch.nn.Parameter(torch.ones(1))], capturable=True)) is None
+    group = make("graph", optimizers=lambda p: torch.optim.SGD(p, lr=0.1))
+    on_cpu(group)
+    with pytest.raises(ValueError, match="network 0's SGD was built without fused=True"):
+        group.step(*batches(1)[0])
+    with pytest.raises(ValueError, match="reduce-overhead.*captures CUDA graphs itself"):
+        make("graph", compile={"mode": "reduce-overhead"})
+    assert make("graph", optimizers=None).optimizers[0].param_groups[0]["fused"] is True  # the default is capturable
+
+
+def test_on_the_cpu_the_graph_engine_is_the_eager_step(caplog):
+    graphed, eager = make("graph"), make("sequential")
+    for x, y in batches(4):
+        a, b = graphed.step(x, y), eager.step(x, y)
+        assert a.perturbation == b.perturbation
+    assert "needs CUDA" in caplog.text
+    assert_same_state(graphed, eager)
+
+
+# ---- on a GPU: real captures ------------------------------------------------------------------
+
+def cuda_pair(engine, models=("resnet8", "resnet8"), **kw):
+    torch.manual_seed(0)
+    nets = [build_model(m, 10, 1).cuda() for m in models]
+    return cdfast.CompetitiveDistillation(nets, engine=engine, input_shape=(1, 12, 12), seed=5, optimizers=sgd, **kw)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("engine", ["graph", "fused+graph"])
+def test_cuda_graph_engine_matches_eager_after_many_steps(engine):
+    # fp32, cuDNN deterministic: the replays must do what the eager steps do, for every pair.
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    graphed, eager = cuda_pair(engine), cuda_pair("sequential")
+    data = [(x.cuda(), y.cuda()) for x, y in batches(60)]
+    for x, y in data:
+        a, b = graphed.step(x, y), eager.step(x, y)
+        assert a.perturbation == b.perturbation
+        torch.testing.assert_close(a.loss, b.loss, atol=1e-4, rtol=1e-4)
+    assert graphed._graph_step.captures >= 8
+    sa, sb = graphed.state_dict(), eager.state_dict()
+    for name in sa:  # tolerance: fp32 kernels may pick other reduction orders under capture
+        torch.testing.assert_close(sa[name], sb[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.cuda
+def test_cuda_graph_steps_do_not_sync_and_compose_with_bf16_and_channels_last():
+    # one op: 2 (network, op) pairs, both captured within the first 20 steps
+    group = cuda_pair("graph", autocast_dtype=torch.bfloat16, channels_last=True, perturb_ops=["noise"])
+    data = [(x.cuda(), y.cuda()) for x, y in batches(30)]
+    for x, y in data[:20]:
+        group.step(x, y)
+    assert group._graph_step.captures == 2
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y in data[20:]:
+            group.step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(torch.stack([p.detach().float().sum() for p in group.parameters()])).all()
