@@ -14,6 +14,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
+import logging
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -24,6 +26,8 @@ from cdfast.engines.graph import GraphStep
 from cdfast.options import check_number, check_option
 from cdfast.models.adapters import FeatureAdapters
 from cdfast.perturb import PerturbationPool, PerturbOp
+
+log = logging.getLogger("cdfast")
 
 __all__ = ["CompetitiveDistillation", "GroupLosses", "StepResult", "MODES", "TEACHER_RULES", "split_output"]
 
@@ -107,8 +111,8 @@ class CompetitiveDistillation(nn.Module):
         autocast_dtype: e.g. ``torch.bfloat16`` to run the forwards under autocast.
         channels_last: feed the networks channels-last batches.
         engine: how the N networks execute: ``"sequential"``, ``"streams"`` (CUDA),
-            ``"fused"`` (identical networks as one vmapped network) or ``"auto"`` (on a GPU
-            fused for identical networks, else streams; sequential on the CPU); ``"graph"``
+            ``"fused"`` (identical networks as one vmapped network) or ``"auto"`` (on a GPU the
+            fastest engine, timed on the first batch; sequential on the CPU); ``"graph"``
             (= ``"sequential+graph"``) or ``"fused+graph"`` capture the whole :meth:`step` in
             CUDA graphs and replay them (CUDA; optimizers must be capturable, e.g.
             ``SGD(..., fused=True)``, which the default optimizer then is); see
@@ -175,17 +179,34 @@ class CompetitiveDistillation(nn.Module):
         self.perturb_bn_stats = perturb_bn_stats
         self.pool = perturb_ops if isinstance(perturb_ops, PerturbationPool) else PerturbationPool(perturb_ops, seed=seed)
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
-        self.engine_name, graphed = split_engine_name(engine)
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be True/False or a dict of torch.compile options, got {compile!r}")
         self.compile_options = None if compile is False else {} if compile is True else dict(compile)
-        self._engine, self._engine_device = None, None
-        self._graph_step = GraphStep(self) if graphed else None
+        self.engine_choice: dict | None = None  # engine auto's measurement, once made
+        self._set_engine(engine)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
 
         shapes = self._probe_feature_shapes() if self.input_shape is not None else None
         self.adapters = FeatureAdapters(shapes if (shapes and self.feature_loss) else [])
         self.optimizers = self._build_optimizers(optimizers)
+
+    def _set_engine(self, spec: str) -> None:
+        """Switch engines (also mid-run: parameters, optimizers and checkpoints do not depend on it)."""
+        self.engine_name, graphed = split_engine_name(spec)
+        self.engine_spec = spec
+        self._auto_pending = spec == "auto"  # measured at the first CUDA step (cdfast.engines.auto)
+        self._engine, self._engine_device = None, None
+        self._graph_step = GraphStep(self) if graphed else None
+
+    def _choose_engine(self, x: Tensor, y: Tensor) -> None:
+        from cdfast.engines import auto
+
+        fastest, seconds, left_out = auto.measure(self, x, y)
+        timings = ", ".join(f"{name} {1e3 * t:.2f} ms" for name, t in sorted(seconds.items(), key=lambda kv: kv[1]))
+        log.info("cdfast: engine auto -> %s (measured per step on this batch: %s%s)", fastest, timings,
+                 f"; not timed: {'; '.join(left_out)}" if left_out else "")
+        self._set_engine(fastest)
+        self.engine_choice = {"engine": fastest, "seconds_per_step": seconds, "left_out": left_out}
 
     @property
     def graphed(self) -> bool:
@@ -375,6 +396,9 @@ class CompetitiveDistillation(nn.Module):
         With the graph engine the iteration is a CUDA graph replay, and the returned tensors are
         slots of a ring of ``ring_size`` (1024) steps: read them within that many steps.
         """
+        if self._auto_pending and x.is_cuda:
+            self._check_batch(x, y)
+            self._choose_engine(x, y)
         if self._graph_step is not None:
             return self._graph_step.step(x, y)
         y = self._check_batch(x, y)

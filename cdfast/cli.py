@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"features {'on' if g.feature_loss else 'off'}, perturbation {'on: ' + ','.join(g.pool.names) if g.perturb else 'off'}) "
           f"of {len(cfg.models)} networks [{', '.join(cfg.models)}] on {cfg.data} "
           f"({trainer.data.train_size} train / {trainer.data.test_size} test images, {trainer.data.num_classes} classes) "
-          f"for {cfg.epochs} epochs on {trainer.device}, engine {g.engine.name}; outputs in {trainer.out}")
+          f"for {cfg.epochs} epochs on {trainer.device}, engine {engine_label(g)}; outputs in {trainer.out}")
     if trainer.epoch:
         print(f"cdfast: resumed from epoch {trainer.epoch} (step {trainer.step})")
     summary = trainer.fit()
@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model names build_model accepts")
     models.set_defaults(func=cmd_models)
     return parser
+
+
+def engine_label(group) -> str:
+    """The engine as the user will get it: auto on a GPU is only decided by timing at the first step."""
+    if group.engine_spec == "auto" and next(group.parameters()).is_cuda:
+        return "auto (the fastest, timed at the first step)"
+    return group.engine_spec if group.graphed else group.engine.name
 
 
 def main(argv: list[str] | None = None) -> int:

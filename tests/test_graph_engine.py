@@ -207,3 +207,43 @@ def test_cuda_graph_steps_do_not_sync_and_compose_with_bf16_and_channels_last():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(torch.stack([p.detach().float().sum() for p in group.parameters()])).all()
+
+
+# ---- engine auto -------------------------------------------------------------------------------
+
+def test_auto_candidates_say_why_an_engine_is_left_out():
+    from cdfast.engines.auto import candidates
+
+    assert candidates(make("auto"))[0] == ["sequential", "streams", "fused", "graph", "fused+graph"]
+    names, left_out = candidates(make("auto", models=("resnet8", "resnet14")))
+    assert names == ["sequential", "streams", "graph"] and "fused (" in left_out[0]
+    names, left_out = candidates(make("auto", optimizers=lambda p: torch.optim.SGD(p, lr=0.1)))
+    assert "graph" not in names and "fused=True" in left_out[0]
+
+
+def test_auto_measurement_leaves_no_trace_in_training():
+    # Timing every candidate runs real steps; the group must come out exactly as it went in.
+    from cdfast.engines.auto import measure
+
+    timed, untouched = make("auto"), make("sequential")
+    x, y = batches(1)[0]
+    fastest, seconds, _ = measure(timed, x, y, steps=2, warmup=1)
+    assert fastest in seconds and set(seconds) == {"sequential", "streams", "fused", "graph", "fused+graph"}
+    assert timed.engine_spec == "auto" and timed._graph_step is None
+    assert_same_state(timed, untouched)
+    for a, b in zip(timed.optimizers, untouched.optimizers):
+        assert a.state_dict()["state"].keys() == b.state_dict()["state"].keys() == set()
+    for x, y in batches(3):  # and it trains on exactly like a group that was never measured
+        timed._eager_step(x, y, *timed._draw_mutation()), untouched.step(x, y)
+    assert_same_state(timed, untouched)
+
+
+@pytest.mark.cuda
+def test_cuda_auto_picks_a_measured_engine_and_trains_on():
+    group = cuda_pair("auto")
+    data = [(x.cuda(), y.cuda()) for x, y in batches(5)]
+    for x, y in data:
+        group.step(x, y)
+    choice = group.engine_choice
+    assert choice is not None and choice["engine"] == group.engine_spec
+    assert choice["engine"] == min(choice["seconds_per_step"], key=choice["seconds_per_step"].get)

@@ -182,3 +182,12 @@ def test_every_op_captures_in_a_cuda_graph_and_draws_afresh_each_replay(name):
         results.append(out.x.clone())
     assert not torch.equal(results[0], results[1]) and not torch.equal(results[1], results[2])
     assert torch.isfinite(results[2]).all()
+
+
+def test_loading_an_early_state_rewinds_generators_made_after_it():
+    x, y = batch()
+    pool = PerturbationPool(seed=1)
+    state = pool.state_dict()  # before any draw: no device generator exists yet
+    first = pool.apply(0, x, y).x
+    pool.load_state_dict(state)
+    torch.testing.assert_close(pool.apply(0, x, y).x, first)

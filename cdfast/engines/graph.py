@@ -130,10 +130,11 @@ class GraphStep:
                     pg["lr"] = t
 
     # ---- the step ------------------------------------------------------------------------
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
+    def step(self, x: Tensor, y: Tensor, mutation: tuple[int, int] | None = None) -> StepResult:
+        """One step as a replay. ``mutation``: fixed ``(network, op)`` instead of drawn (engine auto's timing)."""
         g = self.group
         y = g._check_batch(x, y)
-        r, op = g._draw_mutation()
+        r, op = g._draw_mutation() if mutation is None else mutation
         if not self._can_capture(x.device):
             if not self._warned_fallback:
                 log.warning("cdfast: the graph engine needs CUDA; running the eager step on %s", x.device)

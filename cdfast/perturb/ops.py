@@ -56,12 +56,14 @@ class PerturbRNG:
         self.seed = seed
         self.host = random.Random(seed)
         self._generators: dict[str, torch.Generator] = {}
+        self._seeds: dict[str, int] = {}
 
     def on(self, device: torch.device) -> torch.Generator:
         key = str(torch.device(device))
         if key not in self._generators:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed + 1 + len(self._generators))
+            self._seeds[key] = self.seed + 1 + len(self._generators)
+            gen.manual_seed(self._seeds[key])
             self._generators[key] = gen
         return self._generators[key]
 
@@ -75,6 +77,9 @@ class PerturbRNG:
     def load_state_dict(self, state: dict) -> None:
         self.seed = state["seed"]
         self.host.setstate(state["host"])
+        for key, gen in self._generators.items():
+            if key not in state["generators"]:  # made after that state was taken: back to its first draw
+                gen.manual_seed(self._seeds[key])  # in place: a CUDA graph may hold this generator
         for key, gen_state in state["generators"].items():
             device = torch.device(key)
             if device.type == "cuda" and not torch.cuda.is_available():

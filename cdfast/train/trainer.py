@@ -244,11 +244,13 @@ class Trainer:
             for opt in self.group.optimizers
         ]
         self.teacher_counts = [0] * self.group.n
+        self._engine_reported = False
 
     def _sgd_options(self) -> dict[str, Any]:
         cfg = self.cfg
-        # A graph engine captures the optimizer step: fused SGD reads its learning rate from the device.
-        graphed = split_engine_name(cfg.engine)[1]
+        # A graph engine captures the optimizer step: fused SGD reads its learning rate from the device
+        # (engine auto on a GPU may choose a graph engine).
+        graphed = split_engine_name(cfg.engine)[1] or (cfg.engine == "auto" and torch.device(self.device).type == "cuda")
         return dict(momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                     weight_decay=cfg.weight_decay, fused=True if (cfg.fused_sgd or graphed) else None)
 
@@ -411,6 +413,12 @@ class Trainer:
             for x, y in self.data.train:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 result = group.step(x, y)
+                if group.engine_choice is not None and not self._engine_reported:
+                    self._engine_reported = True
+                    choice = group.engine_choice
+                    bar.write("cdfast: engine auto -> " + choice["engine"] + " (per step: " + ", ".join(
+                        f"{name} {1e3 * t:.2f} ms" for name, t in sorted(choice["seconds_per_step"].items(),
+                                                                          key=lambda kv: kv[1])) + ")")
                 for sched in self.schedulers:
                     sched.step()
                 self.step += 1
@@ -432,6 +440,7 @@ class Trainer:
         return {
             "epoch": epoch, "step": self.step,
             "lr": float(self.schedulers[0].get_last_lr()[0]),  # a device tensor with a graph engine
+            "engine": group.engine_spec if group.engine_spec != "auto" else group.engine.name,
             "train_loss": [s / done for s in sums["loss"]],
             "train_ce": [s / done for s in sums["ce"]],
             "train_acc": [s / done for s in sums["acc"]],
