@@ -21,23 +21,56 @@ class TinyNet(nn.Module):
 
 
 class _ReplayBody:
-    """A stand-in CUDA graph: replay() runs the recorded step body again."""
+    """A stand-in CUDA graph: replay() runs the recorded step body again, with what a real graph
+    freezes at capture time put back for the replay: the learning-rate tensor objects, every other
+    optimizer setting and the group's loss settings. So a change the engine fails to notice (or
+    a number it fails to write into the captured lr tensor) shows up as a difference from eager."""
+
+    GROUP_SETTINGS = ("mode", "teachers", "alpha", "beta", "temperature", "feature_loss", "perturb_bn_stats",
+                      "autocast_dtype", "channels_last")
 
     def __init__(self, group, body):
         self.group, self.body = group, body
+        self.frozen_groups = [[dict(pg) for pg in opt.param_groups] for opt in group.optimizers]
+        self.frozen_settings = {k: getattr(group, k) for k in self.GROUP_SETTINGS}
 
     def replay(self):
-        for opt in self.group.optimizers:
-            opt.zero_grad(set_to_none=True)  # a captured backward writes its gradients afresh
-        self.body()
+        group = self.group
+        live_groups = [[dict(pg) for pg in opt.param_groups] for opt in group.optimizers]
+        live_settings = {k: getattr(group, k) for k in self.GROUP_SETTINGS}
+        for opt, frozen in zip(group.optimizers, self.frozen_groups):
+            for pg, values in zip(opt.param_groups, frozen):
+                pg.update(values)
+        for k, v in self.frozen_settings.items():
+            setattr(group, k, v)
+        try:
+            for opt in group.optimizers:
+                opt.zero_grad(set_to_none=True)  # a captured backward writes its gradients afresh
+            self.body()
+            for opt in group.optimizers:
+                opt.zero_grad(set_to_none=True)  # and leaves p.grad as it was: None
+        finally:
+            for opt, live in zip(group.optimizers, live_groups):
+                for pg, values in zip(opt.param_groups, live):
+                    pg.update(values)
+            for k, v in live_settings.items():
+                setattr(group, k, v)
 
 
 def graph_engine_on_cpu(group):
-    """Run a group's graph engine logic on the CPU: its four CUDA parts (can-capture, memory pool,
-    side-stream warm-up, record) replaced by a stand-in whose graph re-runs the recorded body."""
+    """Run a group's graph engine logic on the CPU: its five CUDA parts (can-capture, memory pool,
+    side-stream warm-up, record, replay) replaced by a stand-in whose graph re-runs the recorded body."""
     gs = group._graph_step
+
+    def warmup(x, y, r, op):
+        result = group._eager_step(x, y, r, op)
+        for opt in group.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return result
+
     gs._can_capture = lambda device: True
-    gs._new_pool = lambda: None
-    gs._warmup_step = lambda x, y, r, op: group._eager_step(x, y, r, op)
+    gs._new_pool = lambda device: None
+    gs._warmup_step = warmup
     gs._record = lambda body: _ReplayBody(group, body)
+    gs._replay = lambda graph: graph.replay()
     return gs

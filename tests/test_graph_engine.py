@@ -1,8 +1,9 @@
 """The graph engine (cdfast/engines/graph.py).
 
-On the CPU a stand-in replaces the four CUDA parts (can-capture, pool, warm-up stream, record):
-its "graph" re-runs the recorded step body on each replay, with the gradients reset as a real
-graph's captured backward does. Everything else (warm-up per (network, op) pair, static buffers,
+On the CPU a stand-in replaces the five CUDA parts (can-capture, pool, warm-up stream, record,
+replay): its "graph" re-runs the recorded step body on each replay, with the gradients reset as a
+real graph's captured backward does, and with the settings a real graph freezes put back as they
+were at capture (so a change the engine misses shows up as a difference from eager). Everything else (warm-up per (network, op) pair, static buffers,
 learning rate as a tensor that schedulers and trainers write, the metrics ring, recapture after a
 state load) runs as on a GPU and must train exactly like the eager engine. The CUDA-marked tests
 prove the captures themselves on a GPU.
@@ -96,6 +97,53 @@ def test_a_learning_rate_assigned_as_a_number_reaches_the_captured_steps():
     assert_same_state(graphed, eager)
 
 
+def test_a_loss_weight_changed_between_steps_reaches_the_step():
+    # alpha is baked into a captured step (a kernel argument): changing it must recapture.
+    graphed, eager = make("graph", perturb=False), make("sequential", perturb=False)
+    gs = on_cpu(graphed)
+    data = batches(9)
+    for x, y in data[:3]:
+        graphed.step(x, y), eager.step(x, y)
+    graphed.alpha = eager.alpha = 3.0
+    for x, y in data[3:6]:
+        graphed.step(x, y), eager.step(x, y)
+    assert gs.resets == 1
+    assert_same_state(graphed, eager)
+    graphed.networks[1].eval(), eager.networks[1].eval()  # a train/eval flag too
+    for x, y in data[6:]:
+        graphed.step(x, y), eager.step(x, y)
+    assert gs.resets == 2
+    assert_same_state(graphed, eager)
+
+
+def test_no_gradients_are_left_behind_and_host_random_ops_are_refused():
+    import random
+
+    graphed = make("graph", perturb=False)
+    on_cpu(graphed)
+    for x, y in batches(3):
+        graphed.step(x, y)
+        assert all(p.grad is None for p in graphed.parameters())
+
+    def host_noise(x, y, rng):  # draws its scale on the host: a graph would freeze it
+        return cdfast.perturb.Perturbed(x + rng.host.random() * torch.randn_like(x), y, y, 1.0)
+
+    bad = make("graph", perturb_ops=[host_noise])
+    on_cpu(bad)
+    with pytest.raises(ValueError, match="'host_noise' draws from the host RNG"):
+        for x, y in batches(8):
+            bad.step(x, y)
+    del random
+
+
+def test_batchnorm_with_a_cumulative_average_is_refused():
+    group = make("graph")
+    group.networks[0].stem[1].momentum = None
+    on_cpu(group)
+    with pytest.raises(ValueError, match="BatchNorm with momentum=None"):
+        group.step(*batches(1)[0])
+
+
 def test_a_state_load_or_a_changed_setting_captures_again():
     graphed = make("graph", perturb=False)
     gs = on_cpu(graphed)
@@ -106,7 +154,7 @@ def test_a_state_load_or_a_changed_setting_captures_again():
     for opt in graphed.optimizers:  # a resume: new optimizer state objects
         opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     graphed.step(*data[3])
-    assert gs.captures == 1 and not gs.graphs  # dropped, and the pair warms up again
+    assert gs.captures == 1 and not gs.graphs and gs.resets == 1  # dropped, and the pair warms up again
     graphed.step(*data[4])
     assert gs.captures == 2
     graphed.optimizers[0].param_groups[0]["momentum"] = 0.5
@@ -171,15 +219,18 @@ def test_on_the_cpu_the_graph_engine_is_the_eager_step(caplog):
 def cuda_pair(engine, models=("resnet8", "resnet8"), **kw):
     torch.manual_seed(0)
     nets = [build_model(m, 10, 1).cuda() for m in models]
-    return cdfast.CompetitiveDistillation(nets, engine=engine, input_shape=(1, 12, 12), seed=5, optimizers=sgd, **kw)
+    kw.setdefault("optimizers", sgd)
+    return cdfast.CompetitiveDistillation(nets, engine=engine, input_shape=(1, 12, 12), seed=5, **kw)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("engine", ["graph", "fused+graph"])
 def test_cuda_graph_engine_matches_eager_after_many_steps(engine):
     # fp32, cuDNN deterministic: the replays must do what the eager steps do, for every pair.
+    # Each graph engine against its own eager engine (grouped convolutions round differently from
+    # separate ones, so fused is compared with fused).
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    graphed, eager = cuda_pair(engine), cuda_pair("sequential")
+    graphed, eager = cuda_pair(engine), cuda_pair(engine.removesuffix("+graph").replace("graph", "sequential"))
     data = [(x.cuda(), y.cuda()) for x, y in batches(60)]
     for x, y in data:
         a, b = graphed.step(x, y), eager.step(x, y)
@@ -247,3 +298,55 @@ def test_cuda_auto_picks_a_measured_engine_and_trains_on():
     choice = group.engine_choice
     assert choice is not None and choice["engine"] == group.engine_spec
     assert choice["engine"] == min(choice["seconds_per_step"], key=choice["seconds_per_step"].get)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_engine_resumes_from_a_checkpoint_like_an_uninterrupted_run():
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    data = [(x.cuda(), y.cuda()) for x, y in batches(50)]
+    straight, first = cuda_pair("graph"), cuda_pair("graph")
+    for x, y in data:
+        straight.step(x, y)
+    for x, y in data[:25]:
+        first.step(x, y)
+    saved = {"group": copy.deepcopy(first.state_dict()), "pool": copy.deepcopy(first.pool.state_dict()),
+             "optimizers": [copy.deepcopy(o.state_dict()) for o in first.optimizers]}
+    resumed = cuda_pair("graph")
+    resumed.load_state_dict(saved["group"])
+    for opt, state in zip(resumed.optimizers, saved["optimizers"]):
+        opt.load_state_dict(state)
+    resumed.pool.load_state_dict(saved["pool"])
+    for x, y in data[25:]:
+        resumed.step(x, y)
+    sa, sb = straight.state_dict(), resumed.state_dict()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+CUDA_VARIANTS = {
+    "dml": dict(mode="dml"),
+    "hetero-all-better": dict(models=("resnet8", "resnet14"), teachers="all-better"),
+    "perturb-half-the-steps": dict(perturb_prob=0.5),
+    "compiled": dict(compile=True),
+    "adam": dict(optimizers=lambda p: torch.optim.Adam(p, lr=1e-3, capturable=True)),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", list(CUDA_VARIANTS))
+def test_cuda_graph_engine_variants_with_a_schedule_and_a_short_last_batch(variant):
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    kw = CUDA_VARIANTS[variant]
+    graphed, eager = cuda_pair("graph", **kw), cuda_pair("sequential", **kw)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + 0.1 * s))
+              for o in graphed.optimizers + eager.optimizers]
+    data = [(x.cuda(), y.cuda()) for x, y in batches(30) + batches(1, b=5, seed=9) + batches(10, seed=4)]
+    for x, y in data:
+        a, b = graphed.step(x, y), eager.step(x, y)
+        torch.testing.assert_close(a.loss, b.loss, atol=2e-4, rtol=2e-4)
+        for sched in scheds:
+            sched.step()
+    assert graphed._graph_step.captures >= 2
+    sa, sb = graphed.state_dict(), eager.state_dict()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")

@@ -13,10 +13,16 @@ What makes a step replayable, and how this module provides it:
   on the host and pick the graph; every number inside the step (noise std,
   mixing weight, boxes, matrices, partners) is drawn on the device from the
   pool's generator, which each graph registers so replays advance it.
-- Inputs are copied into static buffers; the learning rate is a device tensor
-  per parameter group (a scheduler's or a trainer's new value is written into
-  it before the next replay); gradients live in the graphs' memory (never set to
-  None between replays).
+- Inputs are copied into static buffers (of the first batch's shape; other
+  shapes, e.g. a short last batch, run eagerly); the learning rate is a device
+  tensor per parameter group (a scheduler's or a trainer's new value is written
+  into it before the next replay); gradients live in the graphs' memory, where
+  each replay's captured backward writes them afresh. ``p.grad`` is None after
+  every step of this engine (the graphs' gradients are not readable in between).
+- What a graph bakes in is watched before every replay, and the graphs are
+  dropped (captured again) when it changes: the optimizers' state and settings,
+  the group's loss settings (alpha, beta, temperature, mode, ...), the networks'
+  train/eval flags, and where the parameters live (``.to()``, a state load).
 - A pair's first step runs eagerly on a side stream (PyTorch's warm-up rule:
   lazy initialisation, autotuning and the optimizer's first-step state happen
   outside any capture); its next step captures the graph, then replays it.
@@ -37,6 +43,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -59,12 +66,29 @@ def why_not_capturable(optimizer: torch.optim.Optimizer) -> str | None:
 
 
 def _hyper_signature(optimizer: torch.optim.Optimizer) -> tuple:
-    """Every setting a captured step bakes in (all but the learning rate, which is a tensor)."""
+    """Every optimizer setting a captured step bakes in (all but the learning rate, a tensor)."""
     return tuple(
         tuple(sorted((k, id(v) if isinstance(v, Tensor) else repr(v)) for k, v in group.items()
                      if k not in ("params", "lr", "initial_lr")))
         for group in optimizer.param_groups
     )
+
+
+def _group_signature(group: CompetitiveDistillation) -> tuple:
+    """The group's settings a captured step bakes in (floats reach the kernels as arguments)."""
+    return (group.mode, group.teachers, group.alpha, group.beta, group.temperature, group.feature_loss,
+            group.perturb_bn_stats, group.autocast_dtype, group.channels_last, group.engine_name,
+            group.training, tuple(net.training for net in group.networks))
+
+
+def why_not_graphable(group: CompetitiveDistillation) -> str | None:
+    """None when the group's networks can be captured as they are; else the reason."""
+    for i, net in enumerate(group.networks):
+        for name, m in net.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.momentum is None:
+                return (f"network {i}'s {name or 'module'} is a BatchNorm with momentum=None (a cumulative average "
+                        "that reads its step count on the host)")
+    return None
 
 
 class GraphStep:
@@ -78,30 +102,38 @@ class GraphStep:
         self.group = group
         self.ring_size = ring_size
         self.captures = 0  # graphs recorded so far, over every reset
+        self.resets = 0  # times the graphs were dropped because something they bake in changed
+        self._warned_fallback = self._warned_resets = self._warned_shape = False
         self._reset()
-        self._warned_fallback = False
 
     def _reset(self) -> None:
         """Forget every graph (after a state load, a hyper-parameter change or a new batch shape)."""
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.seen: set[tuple[int, int]] = set()
+        self.shape: tuple | None = None  # (x shape, x dtype, y shape) that the graphs take
         self.static: tuple[Tensor, Tensor] | None = None
         self.pool = None
         self.ring = self.teacher_ring = self.slot_device = None
         self.slot = 0
         self.lr: list[list[Tensor]] = []
-        self.watched: list[tuple] = []
-        self.stream: torch.cuda.Stream | None = None
+        self.watched: tuple | None = None
+        self.params: list[Tensor] = []
+        self.stream: torch.cuda.Stream | None = None  # the warm-ups' side stream
+        self.capture_stream: torch.cuda.Stream | None = None
 
     # ---- what a captured step depends on ---------------------------------------------
     def _check(self, device: torch.device) -> None:
         g = self.group
+        reason = why_not_graphable(g)
+        if reason is not None:
+            raise ValueError(f"the graph engine cannot capture this group: {reason}; use another engine")
         for i, opt in enumerate(g.optimizers):
             reason = why_not_capturable(opt)
             if reason is not None:
                 raise ValueError(f"the graph engine captures every optimizer step, but network {i}'s {reason}: "
                                  "build it with torch.optim.SGD(..., fused=True) or Adam/AdamW(..., capturable=True)")
         self.lr = [[self._lr_tensor(pg, device) for pg in opt.param_groups] for opt in g.optimizers]
+        self.params = list(g.parameters())
 
     @staticmethod
     def _lr_tensor(param_group: dict, device: torch.device) -> Tensor:
@@ -111,18 +143,34 @@ class GraphStep:
             param_group["lr"] = lr
         return lr
 
+    def _watch(self, device: torch.device) -> tuple:
+        """Everything a captured step bakes in: objects compared by identity, values by equality."""
+        g = self.group
+        return (device, tuple(opt.state for opt in g.optimizers), tuple(opt.param_groups for opt in g.optimizers),
+                tuple(_hyper_signature(opt) for opt in g.optimizers), _group_signature(g),
+                tuple(p.data_ptr() for p in self.params))
+
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        return (a[0] == b[0] and all(x is y for x, y in zip(a[1], b[1])) and all(x is y for x, y in zip(a[2], b[2]))
+                and a[3:] == b[3:])
+
     def _sync_settings(self, device: torch.device) -> None:
         """Before a replay: learning rates into the captured tensors; recapture if anything else moved."""
-        g = self.group
-        watched = [(id(opt.state), id(opt.param_groups), _hyper_signature(opt)) for opt in g.optimizers]
-        if self.watched and watched != self.watched:
-            log.info("cdfast: graph engine: optimizer state or settings changed; capturing the step again")
+        if self.lr and not self._same(self._watch(device), self.watched):
+            self.resets += 1
+            log.info("cdfast: graph engine: the optimizers, the group's settings or the parameters changed; "
+                     "capturing the step again")
+            if self.resets >= 5 and not self._warned_resets:
+                self._warned_resets = True
+                log.warning("cdfast: the graph engine has dropped its graphs %d times: a setting it captures "
+                            "changes every few steps (a momentum schedule? a loss weight ramp?); every step then "
+                            "runs eagerly. Keep such settings fixed, or use another engine", self.resets)
             self._reset()
         if not self.lr:
             self._check(device)
-            watched = [(id(opt.state), id(opt.param_groups), _hyper_signature(opt)) for opt in g.optimizers]
-        self.watched = watched
-        for opt, tensors in zip(g.optimizers, self.lr):
+        self.watched = self._watch(device)
+        for opt, tensors in zip(self.group.optimizers, self.lr):
             for pg, t in zip(opt.param_groups, tensors):
                 if pg["lr"] is not t:  # a float (or another tensor) was assigned: keep the captured tensor
                     new = pg["lr"]
@@ -141,65 +189,94 @@ class GraphStep:
                 self._warned_fallback = True
             return g._eager_step(x, y, r, op)
         self._sync_settings(x.device)
-        if self.static is not None and (self.static[0].shape != x.shape or self.static[0].dtype != x.dtype
-                                        or self.static[1].shape != y.shape):
+        if self.ring is not None and self.ring.shape[0] != self.ring_size:
+            self._reset()  # ring_size changed: the graphs bake in the old one
+            self._sync_settings(x.device)
+        shape = (tuple(x.shape), x.dtype, tuple(y.shape))
+        if self.shape is None:
+            self.shape = shape  # the first batch after a reset sets the shape the graphs take
+        if shape != self.shape:
+            if not self._warned_shape:
+                self._warned_shape = True
+                log.info("cdfast: graph engine: a batch of shape %s runs eagerly (the graphs take %s)",
+                         list(x.shape), list(self.shape[0]))
             return self._warmup_step(x, y, r, op)  # e.g. a short last batch: not worth a capture
         key = (r, op)
         if key not in self.seen:  # warm-up: this pair's first step runs eagerly
             self.seen.add(key)
-            return self._warmup_step(x, y, r, op)
+            host = g.pool.rng.host.getstate()
+            result = self._warmup_step(x, y, r, op)
+            if g.pool.rng.host.getstate() != host:  # a capture would draw it once and replay it forever
+                raise ValueError(f"perturbation {g.pool.names[op]!r} draws from the host RNG (rng.host) inside the "
+                                 "step: a CUDA graph would replay the same numbers every time. Draw its random "
+                                 "numbers on the device (rng.on(x.device)), or use an engine without 'graph'")
+            return result
         if self.static is None:
             self.static = (torch.empty_like(x), torch.empty_like(y))
             n = g.n
-            self.ring = torch.zeros(self.ring_size, 4 * n, device=x.device)
+            self.ring = torch.zeros(self.ring_size, 4 * n, device=x.device, dtype=torch.float32)
             self.teacher_ring = torch.zeros(self.ring_size, dtype=torch.int64, device=x.device)
             self.slot_device = torch.zeros(1, dtype=torch.int64, device=x.device)
-            self.pool = self._new_pool()
+            self.pool = self._new_pool(x.device)
         self.static[0].copy_(x)
         self.static[1].copy_(y)
         if key not in self.graphs:
             self.graphs[key] = self._capture(r, op)
-        self.graphs[key].replay()
+        self._replay(self.graphs[key])
         slot, self.slot = self.slot, (self.slot + 1) % self.ring_size
         return self._result(slot, r, op)
 
-    # ---- the CUDA parts (a CPU test replaces these four to run the logic above) ---------------
+    # ---- the CUDA parts (a CPU test replaces these five to run the logic above) ---------------
     @staticmethod
     def _can_capture(device: torch.device) -> bool:
         return device.type == "cuda"
 
     @staticmethod
-    def _new_pool():
-        return torch.cuda.graph_pool_handle()
+    def _new_pool(device: torch.device):
+        with torch.cuda.device(device):
+            return torch.cuda.graph_pool_handle()
 
     def _warmup_step(self, x: Tensor, y: Tensor, r: int, op: int) -> StepResult:
         """An eager step on a side stream, as PyTorch asks before a capture."""
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(device=x.device)
-        main = torch.cuda.current_stream(x.device)
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            result = self.group._eager_step(x, y, r, op)
-        main.wait_stream(self.stream)
-        for t in (result.loss, result.ce, result.distill, result.teacher, result.correct):
-            t.record_stream(main)  # read later on the main stream: keep the memory until then
+        with torch.cuda.device(x.device):
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(device=x.device)
+            main = torch.cuda.current_stream(x.device)
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                result = self.group._eager_step(x, y, r, op)
+            main.wait_stream(self.stream)
+            for t in (result.loss, result.ce, result.distill, result.teacher, result.correct):
+                t.record_stream(main)  # read later on the main stream: keep the memory until then
+        for opt in self.group.optimizers:
+            opt.zero_grad(set_to_none=True)  # as after a replay: this engine leaves no gradients behind
         return result
 
     def _record(self, body) -> torch.cuda.CUDAGraph:
         """Capture ``body()`` (the whole step) in a CUDA graph that draws from the pool's generator."""
         device = self.static[0].device
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.group.pool.rng.on(device))
-        torch.cuda.synchronize(device)
-        # thread_local: a DataLoader's pinning thread may call CUDA while this thread captures
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            body()
+        with torch.cuda.device(device):  # the capture stream, the pool and the RNG state: on the tensors' GPU
+            if self.capture_stream is None:
+                self.capture_stream = torch.cuda.Stream(device=device)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.group.pool.rng.on(device))
+            torch.cuda.synchronize(device)
+            # thread_local: a DataLoader's pinning thread may call CUDA while this thread captures
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream,
+                                  capture_error_mode="thread_local"):
+                body()
         return graph
+
+    def _replay(self, graph) -> None:
+        with torch.cuda.device(self.static[0].device):
+            graph.replay()
 
     def _capture(self, r: int, op: int):
         for opt in self.group.optimizers:
             opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in the pool
         graph = self._record(lambda: self._body(r, op))
+        for opt in self.group.optimizers:
+            opt.zero_grad(set_to_none=True)  # p.grad would alias pool memory other graphs reuse
         self.captures += 1
         log.debug("cdfast: graph engine: captured the step for mutated network %d, op %d", r, op)
         return graph
