@@ -37,7 +37,8 @@ step() {
   fi
   say "$name (limit ${limit}s): $*"
   local t0=$(date +%s)
-  timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1
+  # SIGINT first: pytest stops like on Ctrl-C and still writes its junit XML
+  timeout -s INT --kill-after=15 "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
   local status="ok"
   if (( rc == 124 || rc == 137 )); then status="timed out after ${limit}s"; elif (( rc != 0 )); then status="failed (rc $rc)"; fi
@@ -107,9 +108,10 @@ step "build" 240 "${PIP_E[@]}" \
 $PY -c "from cdfast import _ops; print('cdfast._C:', 'built' if _ops.HAS_EXTENSION else 'MISSING', 'CUDA' if _ops.WITH_CUDA else '')" \
   2>&1 | tee -a "$LOG"
 
-# 2. the CUDA tests first (the evidence this check exists for), then every other non-slow test
-step "cuda tests" 150 $PY -m pytest -q -m "cuda and not slow" -p no:cacheprovider --continue-on-collection-errors \
-  --junitxml="$OUT/junit-cuda.xml" tests
+# 2. the CUDA tests first (the evidence this check exists for), those that compile with inductor
+# last (minutes of compilation); every other non-slow test at the end
+step "cuda tests" 150 $PY -m pytest -q -m "cuda and not slow" -k "not compile and not inductor" -p no:cacheprovider \
+  --continue-on-collection-errors --junitxml="$OUT/junit-cuda.xml" tests
 
 # 3. benchmarks, cheapest and most important first; statistics only (bench/conftest.py)
 BENCH=(-q -p no:cacheprovider --benchmark-only --benchmark-max-time=0.3 --benchmark-min-rounds=5)
@@ -135,7 +137,9 @@ else
   say "compute-sanitizer not found: memcheck/racecheck skipped"
 fi
 
-# 5. the rest of the suite with the time that is left
+# 5. the CUDA tests that compile, then the rest of the suite, with the time that is left
+step "cuda compile tests" 90 $PY -m pytest -q -m "cuda and not slow" -k "compile or inductor" -p no:cacheprovider \
+  --junitxml="$OUT/raw/junit-cuda-compile.xml" tests
 step "other tests" 200 $PY -m pytest -q -m "not slow and not cuda" -p no:cacheprovider --junitxml="$OUT/junit.xml" tests
 
 finish

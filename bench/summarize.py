@@ -164,7 +164,9 @@ def main(out: str) -> str:
     if steps:
         rows = [r.split("\t") for r in steps if r.strip()]
         lines += ["| step | status | seconds |", "|---|---|---|", *[f"| {' | '.join(r)} |" for r in rows], ""]
-    lines += [tests_line(out, "junit-cuda.xml", "CUDA tests"), "", tests_line(out, "junit.xml", "other tests"), "",
+    lines += [tests_line(out, "junit-cuda.xml", "CUDA tests"), "",
+              tests_line(out, "raw/junit-cuda-compile.xml", "CUDA tests that compile"), "",
+              tests_line(out, "junit.xml", "other tests"), "",
               "## Targets", "", *targets_table(out), *host_overhead(out), *engine_targets(out), *engines_table(out)]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
