@@ -23,7 +23,7 @@ from torch import Tensor
 from cdfast import functional as CF
 from cdfast.engines import get_engine, network_device, split_engine_name
 from cdfast.engines.graph import GraphStep
-from cdfast.options import check_number, check_option
+from cdfast.options import RANGES, check_number, check_option
 from cdfast.models.adapters import FeatureAdapters
 from cdfast.perturb import PerturbationPool, PerturbOp
 
@@ -99,7 +99,9 @@ class CompetitiveDistillation(nn.Module):
         feature_loss: add ``beta * mean((F_i - F_t)^2)`` to the students' losses.
         perturb: mutate one random network's batch per step. None means on for
             ``competitive`` and off for the baselines.
-        perturb_prob: probability that any network is mutated in a step.
+        perturb_prob: probability that any network is mutated in an eligible step.
+        perturb_every: every how many steps one is eligible for a mutation: 1 (the paper's
+            text, default) or e.g. 10 (the authors' code perturbs one batch in ten).
         perturb_ops: op names or callables for the pool (default: crop, noise, mixup,
             cutmix, affine), or a ready :class:`~cdfast.perturb.PerturbationPool`.
         seed: seed of the pool's randomness.
@@ -135,6 +137,7 @@ class CompetitiveDistillation(nn.Module):
         feature_loss: bool = True,
         perturb: bool | None = None,
         perturb_prob: float = 1.0,
+        perturb_every: int = 1,
         perturb_ops: Union[None, PerturbationPool, Sequence[Union[str, PerturbOp]]] = None,
         seed: int = 0,
         perturb_bn_stats: bool = False,
@@ -156,6 +159,7 @@ class CompetitiveDistillation(nn.Module):
             raise ValueError(f"teachers={teachers!r} only applies to mode='competitive' (got mode={mode!r})")
         alpha, beta = check_option("alpha", alpha), check_option("beta", beta)
         temperature, perturb_prob = check_option("temperature", temperature), check_option("perturb_prob", perturb_prob)
+        self.perturb_every = int(check_number("perturb_every", perturb_every, integer=True, **RANGES["perturb_every"]))
         for name, flag in (("feature_loss", feature_loss), ("perturb_bn_stats", perturb_bn_stats),
                            ("channels_last", channels_last)):
             if not isinstance(flag, bool):
@@ -313,7 +317,7 @@ class CompetitiveDistillation(nn.Module):
 
     def _draw_mutation(self) -> tuple[int, int]:
         """Host choices of this step: the network to mutate (-1: none) and the op's index in the pool."""
-        r = self.pool.choose_network(self.n, self.perturb_prob) if self.perturb else -1
+        r = self.pool.choose_network(self.n, self.perturb_prob, self.perturb_every) if self.perturb else -1
         return r, (self.pool.choose_op() if r >= 0 else -1)
 
     def _mutate(self, x: Tensor, y: Tensor, r: int, op: int):

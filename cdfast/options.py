@@ -20,6 +20,7 @@ RANGES: dict[str, dict[str, float]] = {
     "beta": {"ge": 0.0},
     "temperature": {"gt": 0.0},
     "perturb_prob": {"ge": 0.0, "le": 1.0},
+    "perturb_every": {"ge": 1},
 }
 
 

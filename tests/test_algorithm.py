@@ -299,3 +299,12 @@ def test_perturbed_batch_and_batchnorm_running_stats(tiny_batch, update):
     assert not torch.equal(nets[1 - r].bn.running_mean, before[1 - r])  # the clean network always updates
     assert torch.equal(nets[r].bn.running_mean, before[r]) is (not update)
     assert nets[r].bn.momentum == 0.1  # restored after the step
+
+
+def test_perturb_every_kth_step(tiny_batch):
+    x, y = tiny_batch
+    group = make_group(2, perturb=True, perturb_every=3)
+    mutated = [group.step(x, y).perturbed >= 0 for _ in range(9)]
+    assert mutated == [True, False, False] * 3
+    with pytest.raises(ValueError, match="perturb_every"):
+        make_group(2, perturb=True, perturb_every=0)

@@ -124,3 +124,23 @@ def test_pad_crop_flip_is_a_per_sample_shift_within_the_pad():
     is_flip = [torch.equal(flipped[b], x[b].flip(-1)) for b in range(64)]
     assert all(f or torch.equal(flipped[b], x[b]) for b, f in enumerate(is_flip))
     assert 10 < sum(is_flip) < 54
+
+
+def test_augmentation_pads_with_black_and_calibration_batches_are_clean_and_fixed(fmnist_root):
+    data = load_data("fashion-mnist", str(fmnist_root), batch_size=64, train_subset=256, test_subset=64)
+    black = data.black[0]
+    assert black == pytest.approx(-0.2860 / 0.3530)
+    x, _ = next(iter(data.train))
+    assert (x >= black - 1e-5).all() and (x - black).abs().lt(1e-5).any()
+    first = [xb for xb, _ in data.calibration(128)]
+    again = [xb for xb, _ in data.calibration(128)]
+    assert sum(b.shape[0] for b in first) == 128
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_padding_of_white_images_is_black_not_grey():
+    images = torch.full((8, 1, 6, 6), 255, dtype=torch.uint8)
+    loader = TensorLoader(images, torch.zeros(8, dtype=torch.long), 8, mean=(0.5,), std=(0.25,), augment_pad=2, seed=0)
+    x, _ = next(iter(loader))
+    values = set(torch.round(x * 1000).unique().tolist())
+    assert values <= {2000.0, -2000.0} and -2000.0 in values  # white (1 - .5)/.25 and black (0 - .5)/.25

@@ -191,3 +191,32 @@ def test_loading_an_early_state_rewinds_generators_made_after_it():
     first = pool.apply(0, x, y).x
     pool.load_state_dict(state)
     torch.testing.assert_close(pool.apply(0, x, y).x, first)
+
+
+def test_warping_ops_fill_with_the_pools_black_level():
+    x = torch.full((16, 2, 12, 12), 0.7)
+    y = torch.zeros(16, dtype=torch.long)
+    shift = dict(degrees=0.0, scale=(1.0, 1.0), shear=0.0, translate=0.5)
+    grey = PerturbationPool([OPS["affine"](**shift)], seed=0).apply(0, x, y).x
+    black = PerturbationPool([OPS["affine"](**shift)], seed=0, fill=(-1.5, -2.0)).apply(0, x, y).x
+    assert grey.min() == 0.0  # no fill: the outside is 0, the mean colour
+    assert black[:, 0].min() == pytest.approx(-1.5) and black[:, 1].min() == pytest.approx(-2.0)
+    assert (black[:, 0] >= -1.5 - 1e-6).all() and (black[:, 0] <= 0.7 + 1e-6).all()
+    elastic = PerturbationPool(["elastic"], seed=0, fill=(-1.5, -2.0)).apply(0, x, y).x
+    assert (elastic[:, 0] >= -1.5 - 1e-6).all() and (elastic != 0).all()
+
+
+def test_every_kth_step_schedule_and_its_state():
+    import random
+
+    pool = PerturbationPool(seed=3)
+    picks = [pool.choose_network(2, every=10) for _ in range(30)]
+    assert [i for i, p in enumerate(picks) if p >= 0] == [0, 10, 20]
+    state = pool.state_dict()
+    assert state["steps"] == 30
+    nxt = [pool.choose_network(2, every=10) for _ in range(11)]
+    pool.load_state_dict(state)
+    assert [pool.choose_network(2, every=10) for _ in range(11)] == nxt
+    # every=1 draws exactly what it always drew (old runs resume the same)
+    plain, rnd = PerturbationPool(seed=4), random.Random(4)
+    assert [plain.choose_network(3) for _ in range(20)] == [rnd.randrange(3) for _ in range(20)]

@@ -216,3 +216,39 @@ def test_graph_engine_trains_like_eager_and_resumes_from_portable_checkpoints(tm
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs between the eager and the graph engine"
     assert (tmp_path / "eager" / "steps.csv").read_text() == (tmp_path / "graph" / "steps.csv").read_text()
+
+
+def test_bn_recalibration_changes_evaluation_only(tmp_path, fmnist_root):
+    plain = Trainer(small_config(tmp_path, fmnist_root, "plain", bn_recalibration=0, epochs=1))
+    plain.fit()
+    recal = Trainer(small_config(tmp_path, fmnist_root, "recal", bn_recalibration=3, epochs=1))
+    recal.fit()
+    a, b = weights(plain), weights(recal)
+    for k in a:  # the running statistics included: the recalibration is undone after evaluating
+        assert torch.equal(a[k], b[k]), f"{k} differs: the recalibration leaked into training"
+    p = json.loads((tmp_path / "plain" / "epochs.jsonl").read_text())
+    r = json.loads((tmp_path / "recal" / "epochs.jsonl").read_text())
+    assert "test_acc_running_stats" not in p
+    assert r["test_acc_running_stats"] == p["test_acc"] and r["ensemble_acc_running_stats"] == p["ensemble_acc"]
+    assert r["test_acc"] != p["test_acc"]  # other statistics, other predictions
+
+
+def test_recalibrated_batchnorm_is_the_exact_average_and_is_undone():
+    from cdfast.engines.batchnorm import recalibrated_batchnorm
+
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    net[0].running_mean.fill_(5.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 4, 4, generator=g) * 2 + torch.tensor([1.0, -1.0, 3.0]).view(1, 3, 1, 1), None)
+               for _ in range(3)]
+    net.eval()
+    with recalibrated_batchnorm([net], batches):
+        means = torch.stack([x.mean((0, 2, 3)) for x, _ in batches]).mean(0)
+        variances = torch.stack([x.transpose(0, 1).flatten(1).var(1) for x, _ in batches]).mean(0)
+        torch.testing.assert_close(net[0].running_mean, means)
+        torch.testing.assert_close(net[0].running_var, variances)
+    assert not net.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert net[0].momentum == 0.1

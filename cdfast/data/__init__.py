@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from cdfast.data.cifar import load_cifar
-from cdfast.data.folder import BadImageError, FolderLoader, image_folder_splits
+from cdfast.data.folder import BadImageError, FolderLoader, folder_mean_std, image_folder_splits
 from cdfast.data.idx import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from cdfast.data.idx import load_fashion_mnist
 from cdfast.data.loader import TensorLoader
@@ -34,6 +34,9 @@ class DataBundle:
     input_shape: tuple[int, int, int]
     train_size: int
     test_size: int
+    black: tuple[float, ...] | None = None  # a black pixel after normalization (-mean / std), per channel
+    # calibration(n): clean (unaugmented) training batches covering about n images, always the same ones
+    calibration: Callable[[int], Any] | None = None
 
 
 def _check_labels(name: str, split: str, labels: torch.Tensor, num_classes: int) -> None:
@@ -85,8 +88,15 @@ def load_data(
                              skip_bad_images)
         test = FolderLoader(val_dir, False, eval_batch_size, workers, image_size, in_channels, seed, test_subset,
                             skip_bad_images)
+
+        def folder_calibration(n: int):  # the test transform on a fixed subset of the training images
+            return FolderLoader(train_dir, False, batch_size, workers, image_size, in_channels, seed + 1, n,
+                                skip_bad_images)
+
+        mean, std = folder_mean_std(in_channels)
         return DataBundle(name, train, test, len(classes), (in_channels, image_size, image_size),
-                          len(train.loader.dataset), len(test.loader.dataset))
+                          len(train.loader.dataset), len(test.loader.dataset),
+                          black=tuple(-m / s for m, s in zip(mean, std)), calibration=folder_calibration)
     num_classes, channels, mean, std, pad = IN_MEMORY[name]
     splits = load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, num_classes)
     for split, (_, labels) in splits.items():
@@ -97,7 +107,13 @@ def load_data(
     train = TensorLoader(train_x, train_y, batch_size, shuffle=True, drop_last=True,
                          augment_pad=pad if augment else None, seed=seed, **common)
     test = TensorLoader(test_x, test_y, eval_batch_size, **common)
-    return DataBundle(name, train, test, num_classes, tuple(train_x.shape[1:]), train_x.shape[0], test_x.shape[0])
+
+    def calibration(n: int):  # a fixed random subset of the training images, unaugmented
+        pick = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed + 1))[:n]
+        return TensorLoader(train_x[pick], train_y[pick], batch_size, **common)
+
+    return DataBundle(name, train, test, num_classes, tuple(train_x.shape[1:]), train_x.shape[0], test_x.shape[0],
+                      black=tuple(-m / s for m, s in zip(mean, std)), calibration=calibration)
 
 
 __all__ = ["load_data", "DataBundle", "DATASETS", "TensorLoader", "FolderLoader", "BadImageError",

@@ -12,12 +12,17 @@ from torch.utils.data import DataLoader, default_collate
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def folder_mean_std(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalization of image folders: ImageNet's statistics for RGB, 0.5 / 0.5 for grey."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else ((0.5,), (0.5,))
+
+
 def _transforms(image_size: int, train: bool, in_channels: int):
     from torchvision.transforms import v2 as T
 
     if in_channels not in (1, 3):
         raise ValueError(f"image folders are read as RGB (3 channels) or grey (1 channel), not {in_channels}")
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else ((0.5,), (0.5,))
+    mean, std = folder_mean_std(in_channels)
     gray = [T.Grayscale(1)] if in_channels == 1 else [T.RGB()]
     if train:
         geometry = [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]

@@ -58,10 +58,10 @@ class TensorLoader:
         order = order.to(self.device)
         for k in range(len(self)):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            x = (self.images.index_select(0, idx).float() - self.mean) / self.std
-            if self.augment_pad is not None:
+            x = self.images.index_select(0, idx).float()
+            if self.augment_pad is not None:  # on raw pixels, so the padding is black (0), not the mean
                 x = pad_crop_flip(x, self.augment_pad, self.generator)
-            yield x, self.labels.index_select(0, idx)
+            yield (x - self.mean) / self.std, self.labels.index_select(0, idx)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
+import torch
 import torch.nn as nn
 
 
@@ -27,3 +28,38 @@ def frozen_batchnorm_stats(net: nn.Module):
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+
+
+@contextmanager
+def recalibrated_batchnorm(networks, batches, prepare=lambda x: x, autocast=None):
+    """Inside: every network's BatchNorm running statistics are the exact average over ``batches``
+    (clean training images); afterwards the running statistics are back as they were.
+
+    Running statistics lag the weights when those change fast (lr ~0.1), and an evaluation with
+    them shows the lag, not the weights; a few clean batches fix that at the cost of their
+    forwards. ``prepare`` maps a batch's images to the networks' device and layout.
+    """
+    norms = [m for net in networks for m in running_stat_modules(net)]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in norms]
+    modes = [net.training for net in networks]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: every calibration batch weighs the same
+        with torch.no_grad(), (autocast or nullcontext()):
+            for net in networks:
+                net.train()
+            for x, _ in batches:
+                x = prepare(x)
+                for net in networks:
+                    net(x)
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count, momentum) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+                m.momentum = momentum
+        for net, mode in zip(networks, modes):
+            net.train(mode)

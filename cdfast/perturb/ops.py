@@ -104,9 +104,17 @@ def _randint(high: int, x: Tensor, rng: PerturbRNG) -> Tensor:
     return (_uniform(0.0, float(high), 1, x, rng).floor().long()).clamp(max=high - 1)[0]
 
 
-def _warp(x: Tensor, theta: Tensor) -> Tensor:
+def _sample(x: Tensor, grid: Tensor, fill) -> Tensor:
+    """``grid_sample`` whose outside is ``fill`` per channel (the normalized black), not 0 (the mean)."""
+    if fill is None:
+        return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    f = torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return F.grid_sample(x - f, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False) + f
+
+
+def _warp(x: Tensor, theta: Tensor, fill=None) -> Tensor:
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _sample(x, grid, fill)
 
 
 def _same_labels(x: Tensor, y: Tensor) -> Perturbed:
@@ -117,6 +125,7 @@ class RandomResizedCrop:
     """Crop a random region of ``scale`` of the area (per sample) and resize it back."""
 
     name = "crop"
+    fill = None  # per-channel value outside the image (set by the pool: the normalized black)
 
     def __init__(self, scale: tuple[float, float] = (0.3, 0.7), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         if not 0 < scale[0] <= scale[1] <= 1:
@@ -134,7 +143,7 @@ class RandomResizedCrop:
         cy = (2 * _uniform(0.0, 1.0, b, x, rng) - 1) * (1 - h)
         zero = torch.zeros_like(w)
         theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
-        return _same_labels(_warp(x, theta), y)
+        return _same_labels(_warp(x, theta, self.fill), y)
 
 
 class GaussianNoise:
@@ -203,6 +212,7 @@ class RandomAffine:
     """Deformation: a random rotation, scale, shear and shift per sample."""
 
     name = "affine"
+    fill = None  # per-channel value outside the image (set by the pool: the normalized black)
 
     def __init__(self, degrees: float = 30.0, scale: tuple[float, float] = (0.8, 1.2),
                  shear: float = 15.0, translate: float = 0.15):
@@ -221,13 +231,14 @@ class RandomAffine:
             torch.stack([cos + shear * sin, -sin + shear * cos, tx], 1),
             torch.stack([sin, cos, ty], 1),
         ], 1)
-        return _same_labels(_warp(x, theta), y)
+        return _same_labels(_warp(x, theta, self.fill), y)
 
 
 class ElasticWarp:
     """Deformation: a smooth random displacement field (coarse noise, upsampled)."""
 
     name = "elastic"
+    fill = None  # per-channel value outside the image (set by the pool: the normalized black)
 
     def __init__(self, magnitude: float = 0.08, grid: int = 4):
         self.magnitude, self.grid = magnitude, grid
@@ -239,5 +250,4 @@ class ElasticWarp:
         flow = F.interpolate(coarse * self.magnitude, size=(h, w), mode="bicubic", align_corners=False)
         identity = torch.eye(2, 3, device=x.device).expand(b, 2, 3)
         grid = F.affine_grid(identity, [b, 1, h, w], align_corners=False) + flow.permute(0, 2, 3, 1)
-        out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
-        return _same_labels(out, y)
+        return _same_labels(_sample(x, grid, self.fill), y)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Sequence, Union
 
 from torch import Tensor
 
@@ -35,18 +35,26 @@ class PerturbationPool:
     """A list of perturbation ops and the seeded randomness that drives them.
 
     ``ops`` holds op names from :data:`OPS` or your own callables
-    ``op(x, y, rng) -> Perturbed``. Each step, :meth:`choose_network` picks the
+    ``op(x, y, rng) -> Perturbed``. ``fill``: the normalized black per channel
+    (``-mean / std``), which the warping ops (crop, affine, elastic) put where the
+    image moves away; None keeps 0, i.e. the mean colour. Each step, :meth:`choose_network` picks the
     network to mutate and :meth:`choose_op` the op (host RNG: they select which
     code runs, and never wait on the device); :meth:`apply` runs the op, whose
     own random numbers are drawn on the device. :meth:`perturb` does both.
     """
 
-    def __init__(self, ops: Iterable[Union[str, PerturbOp]] | None = None, seed: int = 0):
+    def __init__(self, ops: Iterable[Union[str, PerturbOp]] | None = None, seed: int = 0,
+                 fill: Sequence[float] | None = None):
         ops = list(DEFAULT_OPS if ops is None else ops)
         if not ops:
             raise ValueError("the perturbation pool is empty; pass at least one op or disable perturbation")
         self.ops: list[PerturbOp] = [self._resolve(op) for op in ops]
         self.rng = PerturbRNG(seed)
+        self.steps = 0  # steps seen by choose_network (the every-k-th schedule counts them)
+        self.fill = None if fill is None else tuple(float(v) for v in fill)
+        for op in self.ops:  # the warping ops fill what leaves the image with the black level
+            if hasattr(op, "fill") and op.fill is None:
+                op.fill = self.fill
 
     @staticmethod
     def _resolve(op: Union[str, PerturbOp]) -> PerturbOp:
@@ -62,9 +70,15 @@ class PerturbationPool:
     def names(self) -> list[str]:
         return [_op_name(op) for op in self.ops]
 
-    def choose_network(self, n_networks: int, prob: float = 1.0) -> int:
-        """Index of the network to mutate this step, or -1 for none (with probability 1 - prob)."""
-        if prob < 1.0 and self.rng.host.random() >= prob:
+    def choose_network(self, n_networks: int, prob: float = 1.0, every: int = 1) -> int:
+        """Index of the network to mutate this step, or -1 for none.
+
+        A step is eligible every ``every`` steps (the authors' code: 10; the paper's text: 1),
+        and an eligible step mutates with probability ``prob``. Ineligible steps draw nothing.
+        """
+        due = self.steps % every == 0
+        self.steps += 1
+        if not due or (prob < 1.0 and self.rng.host.random() >= prob):
             return -1
         return self.rng.host.randrange(n_networks)
 
@@ -88,7 +102,8 @@ class PerturbationPool:
         return self.apply(index, x, y), self.names[index]
 
     def state_dict(self) -> dict:
-        return self.rng.state_dict()
+        return {**self.rng.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.load_state_dict(state)
+        self.steps = int(state.get("steps", 0))  # checkpoints before the schedule existed: every=1 ignores it

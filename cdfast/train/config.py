@@ -62,7 +62,9 @@ class TrainConfig:
     temperature: float = _f(1.0, "softmax temperature of the KL term", **RANGES["temperature"])
     feature_loss: bool = _f(True, "add the feature L2 term to the students' losses")
     perturb: bool | None = _f(None, "mutate one random network's batch per step (default: on for competitive, off otherwise)")
-    perturb_prob: float = _f(1.0, "probability of a mutation in a step", **RANGES["perturb_prob"])
+    perturb_prob: float = _f(1.0, "probability of a mutation in an eligible step", **RANGES["perturb_prob"])
+    perturb_every: int = _f(1, "a mutation is possible every this many steps (paper: 1; the authors' code: 10)",
+                            **RANGES["perturb_every"])
     perturb_ops: list[str] = _f(list(DEFAULT_OPS), f"perturbation pool, comma-separated from: {', '.join(OPS)}")
     perturb_bn_stats: bool = _f(False, "let perturbed batches update the mutated network's BatchNorm running statistics")
     engine: str = _f("auto", "how the networks execute: auto (GPU: fused for identical networks, else streams; "
@@ -95,6 +97,9 @@ class TrainConfig:
     # output
     out: str | None = _f(None, "output folder (default: runs/<data>-<mode>-<time>); must be new, empty, or a cdfast run")
     log_interval: int = _f(20, "steps between metric reads (host syncs) and progress updates", ge=1, le=1000)
+    bn_recalibration: int = _f(10, "evaluate with BatchNorm statistics recomputed on this many clean training batches "
+                                   "(their forwards are the cost; the running-statistics accuracy is recorded too); "
+                                   "0: the running statistics", ge=0, le=1000)
     tensorboard: bool = _f(True, "also write TensorBoard event files")
     plots: bool = _f(True, "write PNG plots at the end")
     progress: bool = _f(True, "show progress bars")
@@ -223,7 +228,7 @@ def _check_scalar(name: str, value: Any, kind: type, bounds: dict[str, float]) -
 # (device, workers and skip_bad_images included: they change the random draws) changes the training
 # trajectory and may change only with --resume-with-changes, which records it.
 RESUME_FREE = ("engine", "compile", "compile_mode", "channels_last", "fused_sgd", "threads", "eval_batch_size",
-               "out", "log_interval", "tensorboard", "plots", "progress")
+               "out", "log_interval", "tensorboard", "plots", "progress", "bn_recalibration")
 RESUME_FIXED = ("data", "models", "features", "seed", "train_subset", "batch_size", "image_size")
 _unknown = set(RESUME_FREE + RESUME_FIXED) - set(TrainConfig.__dataclass_fields__)
 assert not _unknown, f"RESUME_FREE / RESUME_FIXED name no config field: {_unknown}"

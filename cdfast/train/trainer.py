@@ -16,6 +16,8 @@ from cdfast.algorithm import CompetitiveDistillation, split_output
 from cdfast.data import BadImageError, load_data
 from cdfast.engines import split_engine_name
 from cdfast.models import build_model
+from cdfast.perturb import PerturbationPool
+from cdfast.engines.batchnorm import recalibrated_batchnorm
 from cdfast.safe_write import WriteError, atomic_write
 from cdfast.train import run_folder
 from cdfast.train.checkpoint import load_checkpoint, load_latest, save_checkpoint, set_aside
@@ -232,7 +234,8 @@ class Trainer:
             optimizers=lambda params: torch.optim.SGD(params, lr=cfg.lr, **self._sgd_options()),
             mode=cfg.mode, teachers=cfg.teachers, alpha=cfg.alpha, beta=cfg.beta,
             temperature=cfg.temperature, feature_loss=cfg.feature_loss, perturb=cfg.perturb,
-            perturb_prob=cfg.perturb_prob, perturb_ops=cfg.perturb_ops, seed=cfg.seed,
+            perturb_prob=cfg.perturb_prob, perturb_every=cfg.perturb_every, seed=cfg.seed,
+            perturb_ops=PerturbationPool(cfg.perturb_ops, seed=cfg.seed, fill=self.data.black),
             perturb_bn_stats=cfg.perturb_bn_stats,
             input_shape=self.data.input_shape, autocast_dtype=torch.bfloat16 if cfg.amp else None,
             channels_last=cfg.channels_last, engine=cfg.engine,
@@ -245,6 +248,7 @@ class Trainer:
         ]
         self.teacher_counts = [0] * self.group.n
         self._engine_reported = False
+        self._calibration = None  # clean training batches for BatchNorm recalibration, made at first use
 
     def _sgd_options(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -332,24 +336,45 @@ class Trainer:
     # ---- evaluation ---------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Test accuracy and loss of every network and of the ensemble (mean of softmax)."""
+        """Test accuracy and loss of every network and of the ensemble (mean of softmax).
+
+        With ``bn_recalibration`` > 0 the headline numbers use BatchNorm statistics recomputed on
+        that many clean training batches (the same ones every time); the numbers with the running
+        statistics come along as ``*_running_stats``. Training is not affected either way.
+        """
+        if not self.cfg.bn_recalibration or self.data.calibration is None:
+            return self._evaluate_once()
+        running = self._evaluate_once()
+        if self._calibration is None:
+            self._calibration = self.data.calibration(self.cfg.bn_recalibration * self.cfg.batch_size)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
+        with recalibrated_batchnorm(self.group.networks, self._calibration, self._to_device, autocast):
+            metrics = self._evaluate_once()
+        metrics.update({f"{k}_running_stats": v for k, v in running.items()})
+        return metrics
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def _evaluate_once(self) -> dict[str, Any]:
         group, n = self.group, self.group.n
         group.eval()
         correct = torch.zeros(n + 1, device=self.device)
         loss_sum = torch.zeros(n, device=self.device)
         seen = 0
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
-        for x, y in self.data.test:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits = torch.stack([split_output(i, net(x))[0] for i, net in enumerate(group.networks)]).float()
-            probs = logits.softmax(-1)
-            preds = torch.cat([logits.argmax(-1), probs.mean(0).argmax(-1).unsqueeze(0)])  # [n + 1, B]
-            correct += (preds == y).sum(-1)
-            loss_sum += torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.expand(n, -1), reduction="none").sum(-1)
-            seen += y.shape[0]
+        with torch.no_grad():
+            for x, y in self.data.test:
+                x, y = self._to_device(x), y.to(self.device, non_blocking=True)
+                with autocast:
+                    logits = torch.stack([split_output(i, net(x))[0] for i, net in enumerate(group.networks)]).float()
+                probs = logits.softmax(-1)
+                preds = torch.cat([logits.argmax(-1), probs.mean(0).argmax(-1).unsqueeze(0)])  # [n + 1, B]
+                correct += (preds == y).sum(-1)
+                loss_sum += torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.expand(n, -1),
+                                                              reduction="none").sum(-1)
+                seen += y.shape[0]
         group.train()
         acc = (correct / seen).tolist()
         return {"test_acc": acc[:n], "ensemble_acc": acc[n], "test_loss": (loss_sum / seen).tolist()}
