@@ -29,10 +29,13 @@ from cdfast.perturb import PerturbationPool, PerturbOp
 
 log = logging.getLogger("cdfast")
 
-__all__ = ["CompetitiveDistillation", "GroupLosses", "StepResult", "MODES", "TEACHER_RULES", "split_output"]
+__all__ = ["CompetitiveDistillation", "GroupLosses", "StepResult", "MODES", "TEACHER_RULES", "ELECTIONS",
+           "MUTATED_BN", "split_output"]
 
 MODES = ("competitive", "dml", "independent")
 TEACHER_RULES = ("best", "all-better")
+ELECTIONS = ("ce", "clean-equivalent")
+MUTATED_BN = ("frozen", "updated", "clean")
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
@@ -107,7 +110,21 @@ class CompetitiveDistillation(nn.Module):
         seed: seed of the pool's randomness.
         perturb_bn_stats: let the mutated network's perturbed batch update its BatchNorm
             running statistics. Off by default: evaluation sees clean images, and
-            statistics of noisy or mixed batches degrade test accuracy.
+            statistics of noisy or mixed batches degrade test accuracy. (The same as
+            ``mutated_bn="updated"``.)
+        mutated_bn: the mutated network's BatchNorm running statistics: ``"frozen"`` (the
+            perturbed batch does not update them; default), ``"updated"`` (it does), or
+            ``"clean"`` (frozen on the perturbed batch, then updated by a no-grad forward of
+            the clean batch).
+        matched_inputs: distil every student towards the teacher's output on the
+            student's own input: a mutated student learns from the teacher's view of the
+            perturbed batch, clean students from its view of the clean batch. Costs one
+            extra no-grad forward of every network (on the other input) in mutated steps.
+            Off by default (the paper: the teacher's output on its own input).
+        election: ``"ce"`` (the paper: lowest cross-entropy teaches) or
+            ``"clean-equivalent"``: a mixed-label batch's CE minus the entropy of its label
+            mix ``H(lam)``, the part no prediction can remove, so a good mixup/cutmix
+            mutation can win the election (which also ranks the all-better rule).
         input_shape: ``(C, H, W)`` of one image. Needed when the networks' features have
             different shapes: the group then probes them once and builds adapters.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the forwards under autocast.
@@ -141,6 +158,9 @@ class CompetitiveDistillation(nn.Module):
         perturb_ops: Union[None, PerturbationPool, Sequence[Union[str, PerturbOp]]] = None,
         seed: int = 0,
         perturb_bn_stats: bool = False,
+        mutated_bn: str | None = None,
+        matched_inputs: bool = False,
+        election: str = "ce",
         input_shape: Sequence[int] | None = None,
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
@@ -161,12 +181,19 @@ class CompetitiveDistillation(nn.Module):
         temperature, perturb_prob = check_option("temperature", temperature), check_option("perturb_prob", perturb_prob)
         self.perturb_every = int(check_number("perturb_every", perturb_every, integer=True, **RANGES["perturb_every"]))
         for name, flag in (("feature_loss", feature_loss), ("perturb_bn_stats", perturb_bn_stats),
-                           ("channels_last", channels_last)):
+                           ("channels_last", channels_last), ("matched_inputs", matched_inputs)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         if perturb is not None and not isinstance(perturb, bool):
             raise TypeError(f"perturb must be True, False or None (on for competitive mode), got {perturb!r}")
         check_number("seed", seed, integer=True, ge=0)
+        if election not in ELECTIONS:
+            raise ValueError(f"unknown election {election!r}; choose one of {ELECTIONS}")
+        if mutated_bn is not None and mutated_bn not in MUTATED_BN:
+            raise ValueError(f"unknown mutated_bn {mutated_bn!r}; choose one of {MUTATED_BN}")
+        if perturb_bn_stats and mutated_bn not in (None, "updated"):
+            raise ValueError(f"perturb_bn_stats=True means mutated_bn='updated', but mutated_bn={mutated_bn!r}; "
+                             "pass only mutated_bn")
         bad = [i for i, net in enumerate(networks) if not isinstance(net, nn.Module)]
         if bad:
             raise TypeError(f"networks {bad} are not torch.nn.Module instances (got {type(networks[bad[0]]).__name__})")
@@ -180,7 +207,8 @@ class CompetitiveDistillation(nn.Module):
         self.feature_loss = feature_loss and beta != 0.0 and mode != "independent"
         self.perturb = (mode == "competitive") if perturb is None else perturb
         self.perturb_prob = perturb_prob
-        self.perturb_bn_stats = perturb_bn_stats
+        self.mutated_bn = mutated_bn or ("updated" if perturb_bn_stats else "frozen")
+        self.matched_inputs, self.election = matched_inputs, election
         self.pool = perturb_ops if isinstance(perturb_ops, PerturbationPool) else PerturbationPool(perturb_ops, seed=seed)
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
         if not isinstance(compile, (bool, dict)):
@@ -211,6 +239,11 @@ class CompetitiveDistillation(nn.Module):
                  f"; not timed: {'; '.join(left_out)}" if left_out else "")
         self._set_engine(fastest)
         self.engine_choice = {"engine": fastest, "seconds_per_step": seconds, "left_out": left_out}
+
+    @property
+    def perturb_bn_stats(self) -> bool:
+        """Whether perturbed batches update the mutated network's BatchNorm statistics (``mutated_bn="updated"``)."""
+        return self.mutated_bn == "updated"
 
     @property
     def graphed(self) -> bool:
@@ -354,7 +387,7 @@ class CompetitiveDistillation(nn.Module):
         # autocast's weight cache must be off where the step is captured in a CUDA graph
         autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=not self.graphed)
                     if self.autocast_dtype is not None else nullcontext())
-        frozen_bn = r if not self.perturb_bn_stats else -1
+        frozen_bn = r if self.mutated_bn != "updated" else -1
         with autocast:
             outs = self.engine.forward(self.networks, inputs, frozen_bn=frozen_bn)
         logits_list, feats_list = zip(*(split_output(i, o) for i, o in enumerate(outs)))
@@ -363,14 +396,33 @@ class CompetitiveDistillation(nn.Module):
             raise ValueError(f"the networks predict different numbers of classes {classes}; every network must predict the same K")
         logits = torch.stack(logits_list)
         ce, teacher = CF.competitive_ce(logits, targets, targets_b, lam)
-        distill = self._distillation(logits, list(feats_list), ce, teacher)
+        score = ce
+        if self.election == "clean-equivalent" and lam is not None:
+            # a mixed-label CE cannot fall below the entropy of the mix: compare what is left
+            lam_c = lam.to(ce.dtype).clamp(1e-12, 1.0)
+            rest = (1.0 - lam.to(ce.dtype)).clamp(1e-12, 1.0)
+            score = ce + lam_c * lam_c.log() + rest * rest.log()
+            teacher = CF.elect_teacher(score.detach())
+        other = None  # every network's output on the other input (teachers' view of the students' batches)
+        needs_other = self.matched_inputs and r >= 0 and self.mode != "independent"
+        if needs_other or (r >= 0 and self.mutated_bn == "clean"):
+            other_inputs = [x if i == r else inputs[r] for i in range(self.n)]
+            # BatchNorm: only the mutated network's clean forward may update statistics (mutated_bn="clean")
+            keep = {r} if self.mutated_bn == "clean" else set()
+            with torch.no_grad(), autocast:
+                if needs_other:
+                    other = self.engine.forward(self.networks, other_inputs, frozen_bn=set(range(self.n)) - keep)
+                else:  # only the clean forward that refreshes the mutated network's statistics
+                    self.networks[r](x)
+        distill = self._distillation(logits, list(feats_list), score, teacher, other, r)
         own_targets = targets if targets.dim() == 2 else targets.expand(self.n, -1)
         correct = (logits.detach().argmax(-1) == own_targets).float().mean(-1)
         return GroupLosses(ce + distill, ce, distill, teacher, correct, r, op_name)
 
-    def _distillation(self, logits: Tensor, feats: list, ce: Tensor, teacher: Tensor) -> Tensor:
+    def _distillation(self, logits: Tensor, feats: list, score: Tensor, teacher: Tensor, other=None,
+                      r: int = -1) -> Tensor:
         if self.mode == "independent":
-            return torch.zeros_like(ce)
+            return torch.zeros_like(score)
         kw = dict(temperature=self.temperature, alpha=self.alpha, beta=self.beta)
         stacked = None
         if self.feature_loss:
@@ -385,14 +437,47 @@ class CompetitiveDistillation(nn.Module):
                     f"the networks' features have different shapes {shapes}; pass input_shape=(C, H, W) so the "
                     "group can build feature adapters, or set feature_loss=False"
                 )
+        if other is not None:
+            return self._matched_distillation(logits, feats, stacked, score, other, r)
         if self.weight_mode == "best" and (stacked is not None or not self.feature_loss):
             return CF.group_student_loss(logits, stacked, teacher, **kw)
-        weights = CF.distillation_weights(ce.detach(), self.weight_mode)
+        weights = CF.distillation_weights(score.detach(), self.weight_mode)
         feature_l2 = None
         if self.feature_loss:
             feature_l2 = CF.pairwise_feature_l2(stacked if stacked is not None else feats,
                                                 None if stacked is not None else self.adapters.adapt)
         return CF.weighted_student_loss(logits, feature_l2, weights, **kw)
+
+    def _matched_distillation(self, logits: Tensor, feats: list, stacked: Tensor | None, score: Tensor, other: list,
+                              r: int) -> Tensor:
+        """Each student towards its teachers' outputs on the student's own input.
+
+        Teacher j's view of the clean batch is its own output (j != r) or its extra forward
+        (j == r); of the perturbed batch, the other way round. Row r (the mutated student)
+        reads the perturbed views, every other row the clean ones.
+        """
+        n, t2 = self.n, self.temperature ** 2
+        other_logits, other_feats = zip(*(split_output(i, o) for i, o in enumerate(other)))
+        views_logits = {  # view name -> [N, B, K]: every network's output on that batch
+            "clean": torch.stack([other_logits[j] if j == r else logits[j] for j in range(n)]),
+            "perturbed": torch.stack([logits[j] if j == r else other_logits[j] for j in range(n)]),
+        }
+        row_is_r = (torch.arange(n, device=logits.device) == r).unsqueeze(1)
+        kl = torch.where(row_is_r, CF.pairwise_kl(logits, self.temperature, views_logits["perturbed"]),
+                         CF.pairwise_kl(logits, self.temperature, views_logits["clean"]))
+        pair = self.alpha * t2 * kl
+        if self.feature_loss and self.beta != 0.0:
+            clean = [other_feats[j] if j == r else feats[j] for j in range(n)]
+            pert = [feats[j] if j == r else other_feats[j] for j in range(n)]
+            if stacked is not None:
+                l2_clean = CF.pairwise_feature_l2(stacked, None, torch.stack(clean))
+                l2_pert = CF.pairwise_feature_l2(stacked, None, torch.stack(pert))
+            else:
+                l2_clean = CF.pairwise_feature_l2(feats, self.adapters.adapt, clean)
+                l2_pert = CF.pairwise_feature_l2(feats, self.adapters.adapt, pert)
+            pair = pair + self.beta * torch.where(row_is_r, l2_pert, l2_clean)
+        weights = CF.distillation_weights(score.detach(), self.weight_mode)
+        return (weights.to(pair.dtype) * pair).sum(1)
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         """One full training iteration: mutation, forwards, election, losses, backward, N optimizer steps.

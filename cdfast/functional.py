@@ -34,6 +34,7 @@ __all__ = [
     "group_student_loss",
     "weighted_student_loss",
     "pairwise_feature_l2",
+    "pairwise_kl",
     "distillation_weights",
     "DISTILLATION_MODES",
 ]
@@ -286,6 +287,7 @@ def distillation_weights(ce: Tensor, mode: str) -> Tensor:
 
 
 pairwise_feature_l2 = reference.pairwise_feature_l2
+pairwise_kl = reference.pairwise_kl
 
 
 def _check_weights(temperature, alpha, beta) -> tuple[float, float, float]:

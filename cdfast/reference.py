@@ -162,33 +162,44 @@ def group_student_loss_backward(
     return grad_logits.to(logits.dtype), grad_feats
 
 
-def pairwise_kl(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``M[i, j] = KL(p_j || p_i)`` for a group ``[N, B, K]``, with p_j constant. ``[N, N]``."""
+def pairwise_kl(logits: Tensor, temperature: float = 1.0, targets: Tensor | None = None) -> Tensor:
+    """``M[i, j] = KL(q_j || p_i)`` for a group ``[N, B, K]``, with ``q_j`` constant. ``[N, N]``.
+
+    ``q_j`` is network j's softmax on the same logits, or on ``targets [N, B, K]`` when given
+    (e.g. every network's output on another input: the teachers' view of a mutated student's batch).
+    """
     logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
     logp = logp.clamp(min=torch.finfo(logp.dtype).min)  # -inf logits (masked classes): 0 * -inf would be NaN
-    logp_const = logp.detach()
-    p_const = logp_const.exp()
+    if targets is None:
+        logq = logp.detach()
+    else:
+        logq = torch.log_softmax(_acc(targets.detach()) / temperature, dim=-1).to(logp.dtype)
+        logq = logq.clamp(min=torch.finfo(logq.dtype).min)
+    q = logq.exp()
     batch = logits.shape[1]
-    neg_entropy = (p_const * logp_const).sum(-1).mean(-1)  # [N], indexed by j
-    cross = torch.einsum("jbk,ibk->ij", p_const, logp) / batch
+    neg_entropy = (q * logq).sum(-1).mean(-1)  # [N], indexed by j
+    cross = torch.einsum("jbk,ibk->ij", q, logp) / batch
     return neg_entropy.unsqueeze(0) - cross
 
 
 def pairwise_feature_l2(
     feats: Tensor | Sequence[Tensor],
     adapt: Callable[[int, int, Tensor], Tensor] | None = None,
+    targets: Tensor | Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """``L[i, j] = mean((A_ij(F_i) - F_j)^2)`` with F_j constant. ``[N, N]`` float32 (float64 for float64 features).
+    """``L[i, j] = mean((A_ij(F_i) - G_j)^2)`` with G_j constant. ``[N, N]`` float32 (float64 for float64 features).
 
     ``feats`` is a stacked ``[N, B, ...]`` tensor or a list of per-network
     tensors (shapes may differ). ``adapt(i, j, F_i)`` maps student i's
     features to network j's shape; None means the shapes already agree.
+    ``G_j`` is ``F_j``, or ``targets[j]`` when given (shaped like ``feats``).
     The diagonal is 0.
     """
     n = len(feats)
+    goal = feats if targets is None else targets
     if adapt is None and isinstance(feats, Tensor):
         flat = _acc(feats.flatten(2))
-        diff = flat.unsqueeze(1) - flat.detach().unsqueeze(0)  # [i, j, B, D]
+        diff = flat.unsqueeze(1) - _acc(goal.flatten(2)).detach().unsqueeze(0)  # [i, j, B, D]
         return diff.square().flatten(2).mean(-1)
     rows = []
     for i in range(n):
@@ -198,7 +209,7 @@ def pairwise_feature_l2(
                 row.append(torch.zeros((), device=feats[i].device))
                 continue
             student = adapt(i, j, feats[i]) if adapt is not None else feats[i]
-            row.append(_feature_mse(student.flatten(1), feats[j].flatten(1)))
+            row.append(_feature_mse(student.flatten(1), goal[j].flatten(1)))
         rows.append(torch.stack(row))
     return torch.stack(rows)
 

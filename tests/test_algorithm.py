@@ -308,3 +308,125 @@ def test_perturb_every_kth_step(tiny_batch):
     assert mutated == [True, False, False] * 3
     with pytest.raises(ValueError, match="perturb_every"):
         make_group(2, perturb=True, perturb_every=0)
+
+
+# ---- protocol variants (issue 13) ---------------------------------------------------------------
+
+def flip_op(x, y, rng):  # deterministic: the test can recompute the perturbed batch
+    return Perturbed(x.flip(-1), y, y, 1.0)
+
+
+def same_labels_mix(x, y, rng):  # images unchanged, labels "mixed" with themselves at lam = 0.5
+    return Perturbed(x, y, y, 0.5)
+
+
+@pytest.mark.parametrize("feature_map", [False, True])
+def test_matched_inputs_distil_each_student_towards_the_teachers_view_of_its_own_batch(tiny_batch, feature_map):
+    from cdfast import reference as R
+
+    x, y = tiny_batch
+    torch.manual_seed(0)
+    nets = [TinyNet(feature_map=feature_map) for _ in range(3)]
+    group = cdfast.CompetitiveDistillation(nets, perturb=True, perturb_ops=[flip_op], matched_inputs=True,
+                                           alpha=0.7, beta=0.3, temperature=2.0)
+    for _ in range(6):
+        out = group.losses(x, y)
+        r, t = out.perturbed, int(out.teacher)
+        xp = x.flip(-1)
+        with torch.no_grad():
+            on_clean = [net(x) for net in nets]
+            on_pert = [net(xp) for net in nets]
+        for i in range(3):
+            if i == t:
+                assert out.distill[i] == 0
+                continue
+            student = (on_pert if i == r else on_clean)[i]
+            view = (on_pert if i == r else on_clean)[t]  # the teacher on the student's own input
+            want = R.student_loss(student[0], view[0], student[1], view[1], temperature=2.0, alpha=0.7, beta=0.3)
+            torch.testing.assert_close(out.distill[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_matched_inputs_agree_across_engines_and_rules():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 1, 12, 12, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+    from cdfast.models import build_model
+    for teachers in ("best", "all-better"):
+        groups = []
+        for engine in ("sequential", "fused"):
+            torch.manual_seed(0)
+            nets = [build_model("resnet8", 10, 1).double() for _ in range(3)]
+            groups.append(cdfast.CompetitiveDistillation(nets, engine=engine, teachers=teachers, matched_inputs=True,
+                                                         input_shape=(1, 12, 12), seed=1))
+        for _ in range(3):
+            a, b = (grp.step(x, y) for grp in groups)
+            assert a.perturbed == b.perturbed
+            torch.testing.assert_close(a.loss, b.loss, atol=1e-8, rtol=1e-8)
+
+
+def test_clean_equivalent_election_lets_a_mixed_label_network_win(tiny_batch):
+    x, y = tiny_batch
+    torch.manual_seed(0)
+    net = TinyNet()
+    for election, wins in (("ce", False), ("clean-equivalent", True)):
+        group = cdfast.CompetitiveDistillation([copy.deepcopy(net) for _ in range(2)], perturb=True, seed=3,
+                                               perturb_ops=[same_labels_mix], election=election)
+        for _ in range(8):
+            out = group.losses(x, y)
+            # identical networks, identical images: the CEs tie; only the label-mix entropy separates them
+            torch.testing.assert_close(out.ce[0], out.ce[1])
+            assert (int(out.teacher) == out.perturbed) == (wins or out.perturbed == 0)
+    with pytest.raises(ValueError, match="unknown election"):
+        make_group(2, election="lowest")
+
+
+@pytest.mark.parametrize("mode", ["frozen", "updated", "clean"])
+def test_mutated_networks_batchnorm_statistics(mode):
+    from cdfast.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
+    torch.manual_seed(0)
+    nets = [build_model("resnet8", 10, 1) for _ in range(2)]
+    group = cdfast.CompetitiveDistillation(nets, perturb=True, perturb_ops=[flip_op], mutated_bn=mode,
+                                           input_shape=(1, 12, 12))
+    before = copy.deepcopy(group.networks)
+    out = group.losses(x, y)
+    r = out.perturbed
+    mean = lambda net: net.stem[1].running_mean  # noqa: E731
+    ref = copy.deepcopy(before[r])
+    with torch.no_grad():
+        ref(x.flip(-1) if mode == "updated" else x)
+    if mode == "frozen":
+        assert torch.equal(mean(group.networks[r]), mean(before[r]))
+    else:
+        torch.testing.assert_close(mean(group.networks[r]), mean(ref))
+    other = 1 - r  # the clean network updates its statistics on the clean batch in every mode
+    ref_other = copy.deepcopy(before[other])
+    with torch.no_grad():
+        ref_other(x)
+    torch.testing.assert_close(mean(group.networks[other]), mean(ref_other))
+    with pytest.raises(ValueError, match="mutated_bn"):
+        cdfast.CompetitiveDistillation(nets, mutated_bn="clean", perturb_bn_stats=True)
+
+
+@pytest.mark.parametrize("models,teachers", [(("resnet8", "resnet14"), "best"), (("resnet8", "resnet14"), "all-better"),
+                                             (("resnet8", "resnet8", "resnet8"), "best")])
+def test_matched_inputs_with_an_identity_perturbation_are_the_plain_method(models, teachers):
+    # When the perturbed batch is the clean batch, the teachers' two views coincide: every path
+    # (fused kernel, weighted, adapters for different feature shapes) must give the same losses.
+    from cdfast.models import build_model
+
+    def identity(x, y, rng):
+        return Perturbed(x.clone(), y, y, 1.0)
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 1, 12, 12, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+    losses = []
+    for matched in (False, True):
+        torch.manual_seed(0)
+        nets = [build_model(m, 10, 1).double() for m in models]
+        group = cdfast.CompetitiveDistillation(nets, teachers=teachers, matched_inputs=matched, perturb=True,
+                                               perturb_ops=[identity], input_shape=(1, 12, 12)).double()
+        losses.append(group.losses(x, y).loss)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-10, rtol=1e-10)

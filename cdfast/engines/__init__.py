@@ -10,7 +10,8 @@
   replayed (:mod:`cdfast.engines.graph`); the part before ``+`` runs the forwards.
 
 Contract: ``forward(networks, inputs, frozen_bn=-1) -> [output of each network]``,
-where network ``frozen_bn`` must not update its BatchNorm running statistics.
+where network ``frozen_bn`` (an index, -1 for none, or a collection of indices) must
+not update its BatchNorm running statistics.
 Every engine takes ``compile_options`` (None, or keyword arguments of
 ``torch.compile``): sequential and streams compile each network's forward,
 fused compiles the vmapped forward of the whole group.

@@ -8,6 +8,13 @@ import torch
 import torch.nn as nn
 
 
+def frozen_set(frozen_bn) -> frozenset[int]:
+    """The engines' ``frozen_bn`` argument (an index, -1 for none, or a collection) as a set."""
+    if isinstance(frozen_bn, int):
+        return frozenset() if frozen_bn < 0 else frozenset((frozen_bn,))
+    return frozenset(frozen_bn)
+
+
 def running_stat_modules(net: nn.Module) -> list[nn.Module]:
     return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 

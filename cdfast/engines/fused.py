@@ -23,6 +23,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from cdfast.engines.batchnorm import frozen_set
+
 
 def why_not_fusable(networks: Sequence[nn.Module]) -> str | None:
     """None when the networks are identical in structure; otherwise the reason, for the user."""
@@ -46,7 +48,7 @@ class FusedEngine:
         self._base: nn.Module | None = None
         self._group_forward = None
 
-    def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor], frozen_bn: int = -1) -> list:
+    def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor], frozen_bn=-1) -> list:
         if self._base is None:
             reason = why_not_fusable(networks)
             if reason is not None:
@@ -66,10 +68,12 @@ class FusedEngine:
         params = {k: torch.stack([p[k] for p in named]) for k in named[0]}
         buffers = {k: torch.stack([b[k] for b in named_buffers]) for k in named_buffers[0]}
         out = self._group_forward(params, buffers, torch.stack(list(inputs)))
-        with torch.no_grad():  # buffers back to each network; the frozen one keeps its running statistics
+        frozen = frozen_set(frozen_bn)
+        with torch.no_grad():  # buffers back to each network; frozen ones keep their running statistics
             for k, stacked in buffers.items():
-                keep = [i for i in range(len(networks)) if i != frozen_bn or not stacked.is_floating_point()]
-                torch._foreach_copy_([named_buffers[i][k] for i in keep], [stacked[i] for i in keep])
+                keep = [i for i in range(len(networks)) if i not in frozen or not stacked.is_floating_point()]
+                if keep:
+                    torch._foreach_copy_([named_buffers[i][k] for i in keep], [stacked[i] for i in keep])
         if isinstance(out, Tensor):
             return list(out.unbind(0))
         return list(zip(*(o.unbind(0) for o in out)))

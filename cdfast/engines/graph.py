@@ -77,7 +77,7 @@ def _hyper_signature(optimizer: torch.optim.Optimizer) -> tuple:
 def _group_signature(group: CompetitiveDistillation) -> tuple:
     """The group's settings a captured step bakes in (floats reach the kernels as arguments)."""
     return (group.mode, group.teachers, group.alpha, group.beta, group.temperature, group.feature_loss,
-            group.perturb_bn_stats, group.autocast_dtype, group.channels_last, group.engine_name,
+            group.mutated_bn, group.matched_inputs, group.election, group.autocast_dtype, group.channels_last, group.engine_name,
             group.training, tuple(net.training for net in group.networks))
 
 

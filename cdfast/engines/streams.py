@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from cdfast.engines.batchnorm import frozen_batchnorm_stats
+from cdfast.engines.batchnorm import frozen_batchnorm_stats, frozen_set
 from cdfast.engines.compiled import CompiledNetworks
 
 
@@ -39,7 +39,8 @@ class StreamsEngine(CompiledNetworks):
             self._streams = [torch.cuda.Stream(device=device) for _ in range(n)]
         return self._streams[:n]
 
-    def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor], frozen_bn: int = -1) -> list:
+    def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor], frozen_bn=-1) -> list:
+        frozen = frozen_set(frozen_bn)
         device = inputs[0].device
         if device.type != "cuda":
             raise ValueError(f"the streams engine runs on CUDA tensors, got {device}; use engine='sequential'")
@@ -49,7 +50,7 @@ class StreamsEngine(CompiledNetworks):
         for i, (net, x, stream) in enumerate(zip(networks, inputs, streams)):
             stream.wait_stream(main)  # inputs and parameters are ready
             x.record_stream(stream)
-            with torch.cuda.stream(stream), (frozen_batchnorm_stats(net) if i == frozen_bn else nullcontext()):
+            with torch.cuda.stream(stream), (frozen_batchnorm_stats(net) if i in frozen else nullcontext()):
                 outs.append(self.runner(net)(x))
         for stream, out in zip(streams, outs):
             main.wait_stream(stream)

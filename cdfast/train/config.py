@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cdfast.algorithm import MODES, TEACHER_RULES
+from cdfast.algorithm import ELECTIONS, MODES, MUTATED_BN, TEACHER_RULES
 from cdfast.data import DATASETS
 from cdfast.engines import ENGINE_CHOICES
 from cdfast.models import FEATURE_MODES, check_model_name
@@ -66,7 +66,15 @@ class TrainConfig:
     perturb_every: int = _f(1, "a mutation is possible every this many steps (paper: 1; the authors' code: 10)",
                             **RANGES["perturb_every"])
     perturb_ops: list[str] = _f(list(DEFAULT_OPS), f"perturbation pool, comma-separated from: {', '.join(OPS)}")
-    perturb_bn_stats: bool = _f(False, "let perturbed batches update the mutated network's BatchNorm running statistics")
+    perturb_bn_stats: bool = _f(False, "let perturbed batches update the mutated network's BatchNorm running statistics "
+                                       "(the same as --mutated-bn updated)")
+    mutated_bn: str | None = _f(None, "the mutated network's BatchNorm statistics: frozen (default), updated by the "
+                                      "perturbed batch, or clean (updated by a no-grad forward of the clean batch)",
+                                choices=MUTATED_BN)
+    matched_inputs: bool = _f(False, "distil each student towards the teacher's output on the student's own input "
+                                     "(one extra no-grad forward per network in mutated steps)")
+    election: str = _f("ce", "who teaches: ce (lowest cross-entropy, the paper) or clean-equivalent (a mixed-label "
+                             "CE minus the entropy of its label mix)", choices=ELECTIONS)
     engine: str = _f("auto", "how the networks execute: auto (GPU: fused for identical networks, else streams; "
                      "CPU: sequential), sequential, streams, fused; graph or fused+graph capture the whole step in "
                      "CUDA graphs (fused SGD; eager on the CPU)",
