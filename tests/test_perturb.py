@@ -220,3 +220,34 @@ def test_every_kth_step_schedule_and_its_state():
     # every=1 draws exactly what it always drew (old runs resume the same)
     plain, rnd = PerturbationPool(seed=4), random.Random(4)
     assert [plain.choose_network(3) for _ in range(20)] == [rnd.randrange(3) for _ in range(20)]
+
+
+def test_authors_preset_and_its_ops():
+    from cdfast.perturb import PRESETS
+
+    pool = PerturbationPool(["authors"], seed=0, fill=(-1.0,), white=(2.0,))
+    assert pool.names == list(PRESETS["authors"])
+    x, y = batch(b=8, c=1, h=16, w=16)
+    x = x.clamp(-1.0, 2.0)
+    clamped = OPS["noise-clamp"]()
+    clamped.fill, clamped.white = (-1.0,), (2.0,)
+    out = clamped(x, y, PerturbRNG(0)).x
+    assert out.min() == -1.0 and out.max() == 2.0 and not torch.equal(out, x)
+    # flips: every sample is itself, mirrored left-right, upside-down, or both
+    flipped = OPS["flip"]()(x, y, PerturbRNG(1)).x
+    for i in range(8):
+        assert any(torch.equal(flipped[i], v) for v in (x[i], x[i].flip(-1), x[i].flip(-2), x[i].flip(-1).flip(-2)))
+    # jitter + blur keeps a constant image constant apart from the brightness/contrast change, and blurs edges
+    const = torch.full((4, 1, 16, 16), 0.5)
+    jb = OPS["jitter-blur"]()(const, torch.zeros(4, dtype=torch.long), PerturbRNG(2)).x
+    assert torch.allclose(jb, jb[:, :, :1, :1].expand_as(jb), atol=1e-5)
+    edge = torch.zeros(2, 1, 16, 16)
+    edge[..., 8:] = 1.0
+    blurred = OPS["jitter-blur"](strength=0.0, blur=(1.5, 1.5))(edge, torch.zeros(2, dtype=torch.long), PerturbRNG(3)).x
+    assert 0.0 < blurred[0, 0, 5, 7] < 0.5 < blurred[0, 0, 5, 8] < 1.0
+    # rotation: a pure rotation keeps the centre pixel of an odd-sized image
+    odd = torch.randn(4, 1, 15, 15)
+    rot = OPS["rotate"]()(odd, torch.zeros(4, dtype=torch.long), PerturbRNG(4)).x
+    torch.testing.assert_close(rot[:, :, 7, 7], odd[:, :, 7, 7], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="or a preset: paper, authors"):
+        PerturbationPool(["author"])

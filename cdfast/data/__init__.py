@@ -35,6 +35,7 @@ class DataBundle:
     train_size: int
     test_size: int
     black: tuple[float, ...] | None = None  # a black pixel after normalization (-mean / std), per channel
+    white: tuple[float, ...] | None = None  # a white pixel after normalization ((1 - mean) / std)
     # calibration(n): clean (unaugmented) training batches covering about n images, always the same ones
     calibration: Callable[[int], Any] | None = None
 
@@ -96,7 +97,8 @@ def load_data(
         mean, std = folder_mean_std(in_channels)
         return DataBundle(name, train, test, len(classes), (in_channels, image_size, image_size),
                           len(train.loader.dataset), len(test.loader.dataset),
-                          black=tuple(-m / s for m, s in zip(mean, std)), calibration=folder_calibration)
+                          black=tuple(-m / s for m, s in zip(mean, std)),
+                          white=tuple((1 - m) / s for m, s in zip(mean, std)), calibration=folder_calibration)
     num_classes, channels, mean, std, pad = IN_MEMORY[name]
     splits = load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, num_classes)
     for split, (_, labels) in splits.items():
@@ -113,7 +115,8 @@ def load_data(
         return TensorLoader(train_x[pick], train_y[pick], batch_size, **common)
 
     return DataBundle(name, train, test, num_classes, tuple(train_x.shape[1:]), train_x.shape[0], test_x.shape[0],
-                      black=tuple(-m / s for m, s in zip(mean, std)), calibration=calibration)
+                      black=tuple(-m / s for m, s in zip(mean, std)), white=tuple((1 - m) / s for m, s in zip(mean, std)),
+                      calibration=calibration)
 
 
 __all__ = ["load_data", "DataBundle", "DATASETS", "TensorLoader", "FolderLoader", "BadImageError",

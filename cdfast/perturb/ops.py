@@ -30,6 +30,10 @@ __all__ = [
     "CutMix",
     "RandomAffine",
     "ElasticWarp",
+    "ClampedNoise",
+    "JitterBlur",
+    "RandomFlip",
+    "RandomRotation",
 ]
 
 
@@ -251,3 +255,75 @@ class ElasticWarp:
         identity = torch.eye(2, 3, device=x.device).expand(b, 2, 3)
         grid = F.affine_grid(identity, [b, 1, h, w], align_corners=False) + flow.permute(0, 2, 3, 1)
         return _same_labels(_sample(x, grid, self.fill), y)
+
+
+# ---- the authors' pool (their code, not the paper's text): noise then clamp, colour jitter and
+# blur, flips, rotation; with mixup. ----------------------------------------------------------------
+
+class ClampedNoise:
+    """Gaussian noise of std ``std`` on the normalized image, clamped to the valid pixel range."""
+
+    name = "noise-clamp"
+    fill = None   # the normalized black per channel (set by the pool); None: no clamp below
+    white = None  # the normalized white per channel (set by the pool); None: no clamp above
+
+    def __init__(self, std: float = 1.0):
+        self.std = std
+
+    def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
+        noisy = x + self.std * torch.randn(x.shape, generator=rng.on(x.device), device=x.device, dtype=x.dtype)
+        low = None if self.fill is None else torch.as_tensor(self.fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        high = None if self.white is None else torch.as_tensor(self.white, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        if low is not None or high is not None:
+            noisy = torch.clamp(noisy, low, high)
+        return _same_labels(noisy, y)
+
+
+class JitterBlur:
+    """Colour jitter (brightness and contrast factors in ``[1 - s, 1 + s]``, per sample) then a
+    Gaussian blur (``sigma`` uniform in ``blur``, per sample, 5x5 kernel, reflected borders)."""
+
+    name = "jitter-blur"
+    fill = None  # the normalized black per channel (set by the pool): brightness scales pixels towards it
+
+    def __init__(self, strength: float = 0.4, blur: tuple[float, float] = (0.1, 2.0), kernel: int = 5):
+        self.strength, self.blur, self.kernel = strength, blur, kernel
+
+    def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
+        b, c, h, w = x.shape
+        black = (torch.zeros(1, c, 1, 1, device=x.device, dtype=x.dtype) if self.fill is None else
+                 torch.as_tensor(self.fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1))
+        bright = _uniform(1 - self.strength, 1 + self.strength, b, x, rng).to(x.dtype).view(b, 1, 1, 1)
+        contrast = _uniform(1 - self.strength, 1 + self.strength, b, x, rng).to(x.dtype).view(b, 1, 1, 1)
+        x = black + bright * (x - black)  # pixel * factor, in normalized units
+        mean = x.mean((1, 2, 3), keepdim=True)
+        x = mean + contrast * (x - mean)
+        sigma = _uniform(*self.blur, b, x, rng).view(b, 1)
+        k = self.kernel
+        offsets = torch.arange(k, device=x.device, dtype=torch.float32) - (k - 1) / 2
+        g = torch.exp(-offsets.square() / (2 * sigma.square()))
+        g = (g / g.sum(1, keepdim=True)).to(x.dtype)  # [b, k]
+        weight = (g[:, :, None] * g[:, None, :]).repeat_interleave(c, 0).unsqueeze(1)  # [b*c, 1, k, k]
+        padded = F.pad(x.reshape(1, b * c, h, w), (k // 2,) * 4, mode="reflect" if min(h, w) > k // 2 else "replicate")
+        return _same_labels(F.conv2d(padded, weight, groups=b * c).view(b, c, h, w), y)
+
+
+class RandomFlip:
+    """Mirror each sample left-right and (independently) upside-down, each with probability 1/2."""
+
+    name = "flip"
+
+    def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
+        b = x.shape[0]
+        coins = _uniform(0.0, 1.0, 2 * b, x, rng).view(2, b, 1, 1, 1) < 0.5
+        x = torch.where(coins[0], x.flip(-1), x)
+        return _same_labels(torch.where(coins[1], x.flip(-2), x), y)
+
+
+class RandomRotation(RandomAffine):
+    """Rotation by an angle uniform in ``[-degrees, degrees]`` per sample (nothing else)."""
+
+    name = "rotate"
+
+    def __init__(self, degrees: float = 30.0):
+        super().__init__(degrees=degrees, scale=(1.0, 1.0), shear=0.0, translate=0.0)

@@ -7,24 +7,44 @@ from typing import Callable, Iterable, Sequence, Union
 from torch import Tensor
 
 from cdfast.perturb.ops import (
+    ClampedNoise,
     CutMix,
     ElasticWarp,
     GaussianNoise,
+    JitterBlur,
     Mixup,
     Perturbed,
     PerturbRNG,
     RandomAffine,
+    RandomFlip,
     RandomResizedCrop,
+    RandomRotation,
 )
 
-__all__ = ["PerturbationPool", "OPS", "DEFAULT_OPS", "PerturbOp"]
+__all__ = ["PerturbationPool", "OPS", "DEFAULT_OPS", "PRESETS", "PerturbOp", "expand_presets"]
 
 PerturbOp = Callable[[Tensor, Tensor, PerturbRNG], Perturbed]
 
 OPS: dict[str, type] = {
-    op.name: op for op in (RandomResizedCrop, GaussianNoise, Mixup, CutMix, RandomAffine, ElasticWarp)
+    op.name: op for op in (RandomResizedCrop, GaussianNoise, Mixup, CutMix, RandomAffine, ElasticWarp,
+                           ClampedNoise, JitterBlur, RandomFlip, RandomRotation)
 }
 DEFAULT_OPS = ("crop", "noise", "mixup", "cutmix", "affine")
+# Named pools: the paper's text (the default) and the authors' released code, which perturbs with
+# mixup, noise of std 1 then a clamp, colour jitter and blur, flips and rotations of up to 30 degrees
+# (and one batch in ten: --perturb-every 10).
+PRESETS: dict[str, tuple[str, ...]] = {
+    "paper": DEFAULT_OPS,
+    "authors": ("mixup", "noise-clamp", "jitter-blur", "flip", "rotate"),
+}
+
+
+def expand_presets(ops: Iterable) -> list:
+    """Op names and callables, with preset names (``"paper"``, ``"authors"``) replaced by their ops."""
+    out = []
+    for op in ops:
+        out.extend(PRESETS[op] if isinstance(op, str) and op in PRESETS else [op])
+    return out
 
 
 def _op_name(op: PerturbOp) -> str:
@@ -35,32 +55,37 @@ class PerturbationPool:
     """A list of perturbation ops and the seeded randomness that drives them.
 
     ``ops`` holds op names from :data:`OPS` or your own callables
-    ``op(x, y, rng) -> Perturbed``. ``fill``: the normalized black per channel
-    (``-mean / std``), which the warping ops (crop, affine, elastic) put where the
-    image moves away; None keeps 0, i.e. the mean colour. Each step, :meth:`choose_network` picks the
+    ``op(x, y, rng) -> Perturbed``, and preset names (:data:`PRESETS`: ``"paper"``,
+    ``"authors"``). ``fill`` / ``white``: the normalized black and white per channel
+    (``-mean / std``, ``(1 - mean) / std``): the warping ops put black where the image
+    moves away (None keeps 0, the mean colour), ``noise-clamp`` clamps to that range. Each step, :meth:`choose_network` picks the
     network to mutate and :meth:`choose_op` the op (host RNG: they select which
     code runs, and never wait on the device); :meth:`apply` runs the op, whose
     own random numbers are drawn on the device. :meth:`perturb` does both.
     """
 
     def __init__(self, ops: Iterable[Union[str, PerturbOp]] | None = None, seed: int = 0,
-                 fill: Sequence[float] | None = None):
-        ops = list(DEFAULT_OPS if ops is None else ops)
+                 fill: Sequence[float] | None = None, white: Sequence[float] | None = None):
+        ops = expand_presets(DEFAULT_OPS if ops is None else ops)
         if not ops:
             raise ValueError("the perturbation pool is empty; pass at least one op or disable perturbation")
         self.ops: list[PerturbOp] = [self._resolve(op) for op in ops]
         self.rng = PerturbRNG(seed)
         self.steps = 0  # steps seen by choose_network (the every-k-th schedule counts them)
         self.fill = None if fill is None else tuple(float(v) for v in fill)
-        for op in self.ops:  # the warping ops fill what leaves the image with the black level
+        self.white = None if white is None else tuple(float(v) for v in white)
+        for op in self.ops:  # the pixel range: warps fill with black, the noise clamps to [black, white]
             if hasattr(op, "fill") and op.fill is None:
                 op.fill = self.fill
+            if hasattr(op, "white") and op.white is None:
+                op.white = self.white
 
     @staticmethod
     def _resolve(op: Union[str, PerturbOp]) -> PerturbOp:
         if isinstance(op, str):
             if op not in OPS:
-                raise ValueError(f"unknown perturbation {op!r}; available: {', '.join(OPS)}")
+                raise ValueError(f"unknown perturbation {op!r}; available: {', '.join(OPS)} "
+                                 f"(or a preset: {', '.join(PRESETS)})")
             return OPS[op]()
         if not callable(op):
             raise TypeError(f"a perturbation op must be a name or a callable op(x, y, rng), got {op!r}")

@@ -26,9 +26,10 @@ from cdfast.data import DATASETS
 from cdfast.engines import ENGINE_CHOICES
 from cdfast.models import FEATURE_MODES, check_model_name
 from cdfast.options import RANGES, check_number
-from cdfast.perturb import DEFAULT_OPS, OPS
+from cdfast.perturb import DEFAULT_OPS, OPS, PRESETS
 from cdfast.safe_write import atomic_write
 
+_PRESETS_HELP = ", ".join(f"{name} ({'+'.join(ops)})" for name, ops in PRESETS.items())
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RANGE_KEYS = ("ge", "gt", "le", "lt")
@@ -65,7 +66,8 @@ class TrainConfig:
     perturb_prob: float = _f(1.0, "probability of a mutation in an eligible step", **RANGES["perturb_prob"])
     perturb_every: int = _f(1, "a mutation is possible every this many steps (paper: 1; the authors' code: 10)",
                             **RANGES["perturb_every"])
-    perturb_ops: list[str] = _f(list(DEFAULT_OPS), f"perturbation pool, comma-separated from: {', '.join(OPS)}")
+    perturb_ops: list[str] = _f(list(DEFAULT_OPS), f"perturbation pool, comma-separated from: {', '.join(OPS)}; or a "
+                                                   f"preset: {_PRESETS_HELP}")
     perturb_bn_stats: bool = _f(False, "let perturbed batches update the mutated network's BatchNorm running statistics "
                                        "(the same as --mutated-bn updated)")
     mutated_bn: str | None = _f(None, "the mutated network's BatchNorm statistics: frozen (default), updated by the "
@@ -134,9 +136,10 @@ class TrainConfig:
             raise ValueError(f"a group needs at least 2 models, got {self.models}")
         for name in self.models:
             check_model_name(name)
-        unknown = [op for op in self.perturb_ops if op not in OPS]
+        unknown = [op for op in self.perturb_ops if op not in OPS and op not in PRESETS]
         if unknown:
-            raise ValueError(f"unknown perturbation ops {unknown}; available: {', '.join(OPS)}")
+            raise ValueError(f"unknown perturbation ops {unknown}; available: {', '.join(OPS)}, or a preset: "
+                             f"{', '.join(PRESETS)}")
         if not self.perturb_ops and self.perturb is not False and self.mode == "competitive":
             raise ValueError("perturb_ops is empty; name at least one op or turn perturbation off (--no-perturb)")
         if self.mode != "competitive" and self.teachers != "best":

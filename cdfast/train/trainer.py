@@ -235,7 +235,7 @@ class Trainer:
             mode=cfg.mode, teachers=cfg.teachers, alpha=cfg.alpha, beta=cfg.beta,
             temperature=cfg.temperature, feature_loss=cfg.feature_loss, perturb=cfg.perturb,
             perturb_prob=cfg.perturb_prob, perturb_every=cfg.perturb_every, seed=cfg.seed,
-            perturb_ops=PerturbationPool(cfg.perturb_ops, seed=cfg.seed, fill=self.data.black),
+            perturb_ops=PerturbationPool(cfg.perturb_ops, seed=cfg.seed, fill=self.data.black, white=self.data.white),
             perturb_bn_stats=cfg.perturb_bn_stats, mutated_bn=cfg.mutated_bn, matched_inputs=cfg.matched_inputs,
             election=cfg.election,
             input_shape=self.data.input_shape, autocast_dtype=torch.bfloat16 if cfg.amp else None,
