@@ -159,3 +159,15 @@ def test_report_judges_differences_by_their_standard_error():
     assert _verdict(diff, se) == "clear"
     assert _verdict(*_difference([0.90, 0.92], [0.89, 0.93])) == "within noise"
     assert _verdict(*_difference([0.9], [0.8])) == "one seed: no spread to judge by"
+
+
+def test_every_shipped_grid_file_is_valid():
+    from pathlib import Path
+
+    from cdfast.experiment import Grid
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        grid = Grid.from_yaml(path)  # validates every (group, method) config
+        assert grid.runs(), path

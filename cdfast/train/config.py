@@ -108,8 +108,8 @@ class TrainConfig:
     out: str | None = _f(None, "output folder (default: runs/<data>-<mode>-<time>); must be new, empty, or a cdfast run")
     log_interval: int = _f(20, "steps between metric reads (host syncs) and progress updates", ge=1, le=1000)
     bn_recalibration: int = _f(10, "evaluate with BatchNorm statistics recomputed on this many clean training batches "
-                                   "(their forwards are the cost; the running-statistics accuracy is recorded too); "
-                                   "0: the running statistics", ge=0, le=1000)
+                                   "(the running-statistics accuracy is recorded too, so the test set is evaluated twice); "
+                                   "0: only the running statistics", ge=0, le=1000)
     tensorboard: bool = _f(True, "also write TensorBoard event files")
     plots: bool = _f(True, "write PNG plots at the end")
     progress: bool = _f(True, "show progress bars")
