@@ -1,7 +1,9 @@
 """The torch.library op ``cdfast::group_student_loss``: fused Triton kernels on CUDA, the reference elsewhere.
 
-``group_student_loss(logits [N, B, K], feats [N, B, D], teacher, T, alpha, beta)
--> (loss [N] float32, lse [N, B] float32)``; D may be 0 (no feature term). It
+``group_student_loss(logits [N, B, K], feats [N, B, D], teacher, T, alpha, beta,
+target_logits=None, target_feats=None) -> (loss [N] float32, lse [N, B] float32)``;
+D may be 0 (no feature term); the optional targets (shaped like logits / feats) are
+per-student targets instead of the teacher's rows. It
 is a ``torch.library.triton_op`` (when Triton is installed): eager calls launch
 the kernels directly, and ``torch.compile`` traces into the op's body, so
 inductor sees the Triton kernels themselves rather than an opaque call. Its
@@ -40,15 +42,18 @@ def _feats_or_none(feats: Tensor) -> Tensor | None:
     return feats if feats.shape[-1] > 0 else None
 
 
-def _forward_reference(logits, feats, teacher, temperature, alpha, beta):
+def _forward_reference(logits, feats, teacher, temperature, alpha, beta, target_logits=None, target_feats=None):
     loss = reference.group_student_loss(logits, _feats_or_none(feats), teacher, temperature=temperature,
-                                        alpha=alpha, beta=beta)
+                                        alpha=alpha, beta=beta, target_logits=target_logits,
+                                        target_feats=target_feats)
     return loss, torch.logsumexp(logits.float() / temperature, dim=-1)
 
 
-def _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, beta):
-    grad_logits, grad_feats = reference.group_student_loss_backward(grad, logits, feats, teacher,
-                                                                    temperature=temperature, alpha=alpha, beta=beta)
+def _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, beta, target_logits=None,
+                        target_feats=None):
+    grad_logits, grad_feats = reference.group_student_loss_backward(
+        grad, logits, feats, teacher, temperature=temperature, alpha=alpha, beta=beta,
+        target_logits=target_logits, target_feats=target_feats)
     return grad_logits.contiguous(), grad_feats.contiguous()
 
 
@@ -62,45 +67,54 @@ def _define(name: str):
 
 @_define("cdfast::group_student_loss")
 def group_student_loss(logits: Tensor, feats: Tensor, teacher: Tensor, temperature: float, alpha: float,
-                       beta: float) -> tuple[Tensor, Tensor]:
+                       beta: float, target_logits: Tensor | None = None,
+                       target_feats: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if not fused_available(logits.device):  # a static branch: the device is known when this is traced
-        return _forward_reference(logits, feats, teacher, temperature, alpha, beta)
+        return _forward_reference(logits, feats, teacher, temperature, alpha, beta, target_logits, target_feats)
     with torch.cuda.device(logits.device):  # Triton launches on the current device: make it the tensors'
-        return student_loss_forward(logits, feats, teacher, temperature, alpha, beta, launch=wrap_triton)
+        return student_loss_forward(logits, feats, teacher, temperature, alpha, beta, launch=wrap_triton,
+                                    target_logits=target_logits, target_feats=target_feats)
 
 
 @_define("cdfast::group_student_loss_backward")
 def group_student_loss_backward(grad: Tensor, logits: Tensor, feats: Tensor, teacher: Tensor, lse: Tensor,
-                                temperature: float, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
+                                temperature: float, alpha: float, beta: float, target_logits: Tensor | None = None,
+                                target_feats: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if not fused_available(logits.device):
-        return _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, beta)
+        return _backward_reference(grad, logits, feats, teacher, lse, temperature, alpha, beta, target_logits,
+                                   target_feats)
     with torch.cuda.device(logits.device):
-        return student_loss_backward(grad, logits, feats, teacher, lse, temperature, alpha, beta, launch=wrap_triton)
+        return student_loss_backward(grad, logits, feats, teacher, lse, temperature, alpha, beta, launch=wrap_triton,
+                                     target_logits=target_logits, target_feats=target_feats)
 
 
 if not HAS_TRITON:  # a triton_op's fake is its own traced body; a custom_op needs one
 
     @group_student_loss.register_fake
-    def _group_student_loss_fake(logits, feats, teacher, temperature, alpha, beta):
+    def _group_student_loss_fake(logits, feats, teacher, temperature, alpha, beta, target_logits=None,
+                                 target_feats=None):
         n, b = logits.shape[:2]
         return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, b, dtype=torch.float32)
 
     @group_student_loss_backward.register_fake
-    def _group_student_loss_backward_fake(grad, logits, feats, teacher, lse, temperature, alpha, beta):
+    def _group_student_loss_backward_fake(grad, logits, feats, teacher, lse, temperature, alpha, beta,
+                                          target_logits=None, target_feats=None):
         # contiguous, like every real kernel's output (not empty_like, which copies the inputs' strides)
         return logits.new_empty(logits.shape), feats.new_empty(feats.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, feats, teacher, temperature, alpha, beta = inputs
-    ctx.save_for_backward(logits, feats, teacher, output[1])
+    logits, feats, teacher, temperature, alpha, beta, target_logits, target_feats = inputs
+    ctx.save_for_backward(logits, feats, teacher, output[1], target_logits, target_feats)
     ctx.hyper = (temperature, alpha, beta)
 
 
 def _backward(ctx, grad_loss, grad_lse):
-    logits, feats, teacher, lse = ctx.saved_tensors
-    grad_logits, grad_feats = group_student_loss_backward(grad_loss, logits, feats, teacher, lse, *ctx.hyper)
-    return grad_logits, grad_feats, None, None, None, None  # lse is an auxiliary output: no gradient
+    logits, feats, teacher, lse, target_logits, target_feats = ctx.saved_tensors
+    grad_logits, grad_feats = group_student_loss_backward(grad_loss, logits, feats, teacher, lse, *ctx.hyper,
+                                                          target_logits, target_feats)
+    # lse is an auxiliary output, the targets are constants: no gradient
+    return grad_logits, grad_feats, None, None, None, None, None, None
 
 
 group_student_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -438,7 +438,7 @@ class CompetitiveDistillation(nn.Module):
                     "group can build feature adapters, or set feature_loss=False"
                 )
         if other is not None:
-            return self._matched_distillation(logits, feats, stacked, score, other, r)
+            return self._matched_distillation(logits, feats, stacked, score, teacher, other, r)
         if self.weight_mode == "best" and (stacked is not None or not self.feature_loss):
             return CF.group_student_loss(logits, stacked, teacher, **kw)
         weights = CF.distillation_weights(score.detach(), self.weight_mode)
@@ -448,8 +448,8 @@ class CompetitiveDistillation(nn.Module):
                                                 None if stacked is not None else self.adapters.adapt)
         return CF.weighted_student_loss(logits, feature_l2, weights, **kw)
 
-    def _matched_distillation(self, logits: Tensor, feats: list, stacked: Tensor | None, score: Tensor, other: list,
-                              r: int) -> Tensor:
+    def _matched_distillation(self, logits: Tensor, feats: list, stacked: Tensor | None, score: Tensor,
+                              teacher: Tensor, other: list, r: int) -> Tensor:
         """Each student towards its teachers' outputs on the student's own input.
 
         Teacher j's view of the clean batch is its own output (j != r) or its extra forward
@@ -462,6 +462,20 @@ class CompetitiveDistillation(nn.Module):
             "clean": torch.stack([other_logits[j] if j == r else logits[j] for j in range(n)]),
             "perturbed": torch.stack([logits[j] if j == r else other_logits[j] for j in range(n)]),
         }
+        if self.weight_mode == "best" and (stacked is not None or not self.feature_loss):
+            # one teacher: per-student targets for the fused loss, row r from the perturbed view
+            def per_student(views: Tensor) -> Tensor:
+                clean_t, pert_t = views[0].index_select(0, teacher), views[1].index_select(0, teacher)
+                return torch.cat([clean_t] * r + [pert_t] + [clean_t] * (n - r - 1))
+
+            target_logits = per_student((views_logits["clean"], views_logits["perturbed"]))
+            target_feats = None
+            if stacked is not None:
+                clean = torch.stack([other_feats[j] if j == r else feats[j] for j in range(n)])
+                pert = torch.stack([feats[j] if j == r else other_feats[j] for j in range(n)])
+                target_feats = per_student((clean, pert))
+            return CF.group_student_loss(logits, stacked, teacher, temperature=self.temperature, alpha=self.alpha,
+                                         beta=self.beta, target_logits=target_logits, target_feats=target_feats)
         row_is_r = (torch.arange(n, device=logits.device) == r).unsqueeze(1)
         kl = torch.where(row_is_r, CF.pairwise_kl(logits, self.temperature, views_logits["perturbed"]),
                          CF.pairwise_kl(logits, self.temperature, views_logits["clean"]))

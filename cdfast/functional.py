@@ -215,9 +215,14 @@ def group_student_loss(
     temperature: float = 1.0,
     alpha: float = 1.0,
     beta: float = 1.0,
+    target_logits: Tensor | None = None,
+    target_feats: Tensor | None = None,
 ) -> Tensor:
     """Student loss of every network towards the teacher ``[N]``; exactly 0 at the teacher.
 
+    ``target_logits [N, B, K]`` / ``target_feats`` (like ``feats``): per-student targets,
+    e.g. the teacher's outputs on each student's own input (matched inputs); by default
+    every student's target is the teacher's own rows.
     ``logits [N, B, K]`` (or a list of N ``[B, K]``), ``feats [N, B, ...]`` (or a list)
     or None. ``teacher`` is the int64 device tensor from :func:`competitive_ce`: nothing
     here reads it on the host, so the step stays free of syncs. One group per call
@@ -242,14 +247,25 @@ def group_student_loss(
         )
     if teacher.dim() != 0 or teacher.dtype != torch.int64:
         raise ValueError(f"teacher must be a 0-d int64 tensor (from competitive_ce), got {teacher.dtype} {list(teacher.shape)}")
+    for name, target, like in (("target_logits", target_logits, logits), ("target_feats", target_feats, feats)):
+        if target is not None:
+            _check_tensor(target, name, logits.device)
+            if like is None or tuple(target.shape) != tuple(like.shape):
+                raise ValueError(f"{name} must be shaped like the {'logits' if name == 'target_logits' else 'feats'} "
+                                 f"{None if like is None else list(like.shape)}, got {list(target.shape)}")
+    if target_feats is not None and target_logits is None:
+        raise ValueError("target_feats needs target_logits too (per-student targets come as a pair)")
     if _student_loss_op.fused_available(logits.device, logits.dtype):
         # Fused Triton kernels: all students in one launch, the teacher read on the device (kernels/).
-        flat = feats.flatten(2) if (feats is not None and beta != 0.0) else logits.new_zeros(*logits.shape[:2], 0)
+        use_feats = feats is not None and beta != 0.0
+        flat = feats.flatten(2) if use_feats else logits.new_zeros(*logits.shape[:2], 0)
+        flat_target = target_feats.flatten(2) if (use_feats and target_feats is not None) else None
         loss, _ = torch.ops.cdfast.group_student_loss(logits, flat, teacher, float(temperature), float(alpha),
-                                                      float(beta))
+                                                      float(beta), target_logits, flat_target)
         return loss
     return reference.group_student_loss(
-        logits, feats, teacher, temperature=temperature, alpha=alpha, beta=beta
+        logits, feats, teacher, temperature=temperature, alpha=alpha, beta=beta,
+        target_logits=target_logits, target_feats=target_feats,
     )
 
 

@@ -115,19 +115,26 @@ def group_student_loss(
     temperature: float = 1.0,
     alpha: float = 1.0,
     beta: float = 1.0,
+    target_logits: Tensor | None = None,
+    target_feats: Tensor | None = None,
 ) -> Tensor:
     """Student loss of every network of a group towards the teacher, ``[N]`` float32 (float64 for float64 logits).
 
     logits ``[N, B, K]``, feats ``[N, B, ...]`` or None, teacher a 0-d int64
     device tensor. Entry ``teacher`` is exactly 0 and sends no gradient; the
     teacher's outputs are constants for the students. No host sync.
+    ``target_logits`` / ``target_feats`` (shaped like logits / feats): per-student
+    targets (the teacher's outputs on each student's own input) instead of the
+    teacher's own rows.
     """
     n = logits.shape[0]
     t = teacher.reshape(1)
-    loss = alpha * temperature**2 * _kl_to_teacher(logits, logits.index_select(0, t), temperature)
+    goal = logits.index_select(0, t) if target_logits is None else target_logits
+    loss = alpha * temperature**2 * _kl_to_teacher(logits, goal, temperature)
     if feats is not None and beta != 0.0:
         flat = feats.flatten(2)
-        loss = loss + beta * _feature_mse(flat, flat.index_select(0, t))
+        goal_f = flat.index_select(0, t) if target_feats is None else target_feats.flatten(2)
+        loss = loss + beta * _feature_mse(flat, goal_f)
     is_student = torch.arange(n, device=logits.device) != teacher
     return torch.where(is_student, loss, torch.zeros((), device=loss.device))
 
@@ -141,24 +148,29 @@ def group_student_loss_backward(
     temperature: float = 1.0,
     alpha: float = 1.0,
     beta: float = 1.0,
+    target_logits: Tensor | None = None,
+    target_feats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Closed-form gradients of :func:`group_student_loss` weighted by ``grad [N]``.
 
     ``d/dz_i = grad_i * alpha*T/B * (p_i - p_t)`` and
-    ``d/dF_i = grad_i * 2*beta/(B*D) * (F_i - F_t)`` for students; the teacher's
-    rows are 0 (its outputs are constants). The twin of the fused backward kernel.
+    ``d/dF_i = grad_i * 2*beta/(B*D) * (F_i - F_t)`` for students (with per-student
+    targets, ``p_t`` and ``F_t`` are student i's target rows); the teacher's rows are 0
+    (its outputs are constants). The twin of the fused backward kernel.
     """
     n, b = logits.shape[:2]
     g = torch.where(torch.arange(n, device=logits.device) != teacher, _acc(grad), 0.0)
     t = teacher.reshape(1)
     p = torch.softmax(_acc(logits) / temperature, dim=-1)
-    grad_logits = (g * alpha * temperature / b).view(n, 1, 1) * (p - p.index_select(0, t))
+    p_goal = p.index_select(0, t) if target_logits is None else torch.softmax(_acc(target_logits) / temperature, -1)
+    grad_logits = (g * alpha * temperature / b).view(n, 1, 1) * (p - p_goal)
     grad_feats = None
     if feats is not None:
         flat = _acc(feats.flatten(2))
         d = flat.shape[-1]
+        goal_f = flat.index_select(0, t) if target_feats is None else _acc(target_feats.flatten(2))
         scale = (g * 2.0 * beta / (b * d)) if (d > 0 and beta != 0.0) else torch.zeros_like(g)
-        grad_feats = (scale.view(n, 1, 1) * (flat - flat.index_select(0, t))).view(feats.shape).to(feats.dtype)
+        grad_feats = (scale.view(n, 1, 1) * (flat - goal_f)).view(feats.shape).to(feats.dtype)
     return grad_logits.to(logits.dtype), grad_feats
 
 

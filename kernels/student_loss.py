@@ -13,7 +13,9 @@ Forward: when a row fits one block (``SINGLE``), one pass over the logits held i
 registers; otherwise an online max/sum pass and a KL pass. Then one pass over D and a
 deterministic sum over the batch. Backward: gradients to the students only (the
 teacher's outputs are constants), ``alpha*T/B * (p_i - p_t)`` and
-``2*beta/(B*D) * (F_i - F_t)``. ``-inf`` logits (masked classes) are exact: no
+``2*beta/(B*D) * (F_i - F_t)``. With per-student targets (``PER_STUDENT``: the
+teacher's outputs on each student's own input, ``[N, B, K]`` and ``[N, B, D]``),
+student i's target row is row i of the targets instead of the teacher's row. ``-inf`` logits (masked classes) are exact: no
 ``0 * inf`` or ``exp(-inf - -inf)`` anywhere. Accumulation is fp32 for
 fp32/fp16/bf16 inputs.
 """
@@ -57,21 +59,24 @@ def _teacher(teacher_ptr, N):
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
+def _forward_kernel(logits_ptr, feats_ptr, tgt_logits_ptr, tgt_feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
                     N, B, K, D, inv_t, kl_scale, fl_scale,
                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    SINGLE: tl.constexpr, HAS_FEATS: tl.constexpr):
+                    SINGLE: tl.constexpr, HAS_FEATS: tl.constexpr, PER_STUDENT: tl.constexpr):
     t, t_ok = _teacher(teacher_ptr, N)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # rows of the flattened [N, B]
     row_mask = r < N * B
     i = r // B
     b = r - i * B
-    tr = t * B + b  # the teacher's row for the same sample
+    if PER_STUDENT:
+        tr = r  # row r of the targets: the teacher's view of student i's sample b
+    else:
+        tr = t * B + b  # the teacher's row for the same sample (the targets are the logits themselves)
 
     if SINGLE:  # the whole row in registers: one read of the logits
         offs = tl.arange(0, BLOCK_K)
         zs = _load_scaled(logits_ptr, r, offs, K, row_mask, inv_t)
-        zt = _load_scaled(logits_ptr, tr, offs, K, row_mask, inv_t)
+        zt = _load_scaled(tgt_logits_ptr, tr, offs, K, row_mask, inv_t)
         m_s = tl.max(zs, axis=1)
         m_t = tl.max(zt, axis=1)
         lse_s = m_s + tl.log(tl.sum(_exp_shifted(zs, m_s), axis=1))
@@ -86,7 +91,7 @@ def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             zs = _load_scaled(logits_ptr, r, offs, K, row_mask, inv_t)
-            zt = _load_scaled(logits_ptr, tr, offs, K, row_mask, inv_t)
+            zt = _load_scaled(tgt_logits_ptr, tr, offs, K, row_mask, inv_t)
             new_s = tl.maximum(m_s, tl.max(zs, axis=1))
             new_t = tl.maximum(m_t, tl.max(zt, axis=1))
             d_s = tl.where(m_s == float("-inf"), d_s, d_s * tl.exp(m_s - new_s)) + tl.sum(_exp_shifted(zs, new_s), axis=1)
@@ -100,7 +105,7 @@ def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             zs = _load_scaled(logits_ptr, r, offs, K, row_mask, inv_t)
-            zt = _load_scaled(logits_ptr, tr, offs, K, row_mask, inv_t)
+            zt = _load_scaled(tgt_logits_ptr, tr, offs, K, row_mask, inv_t)
             acc += tl.sum(_kl_terms(zs, zt, lse_t), axis=1)
     # KL(p_t || p_s) = sum_k p_t (z_t - z_s)/T - lse_t + lse_s
     loss = (acc - lse_t + lse_s) * kl_scale
@@ -111,7 +116,7 @@ def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
             offs = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (offs[None, :] < D)
             fs = tl.load(feats_ptr + r[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            ft = tl.load(feats_ptr + tr[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            ft = tl.load(tgt_feats_ptr + tr[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
             diff = fs - ft
             sq += tl.sum(diff * diff, axis=1)
         loss += sq * fl_scale
@@ -123,24 +128,28 @@ def _forward_kernel(logits_ptr, feats_ptr, teacher_ptr, rows_ptr, lse_ptr,
 
 
 @triton.jit
-def _backward_kernel(grad_ptr, logits_ptr, feats_ptr, teacher_ptr, lse_ptr, grad_logits_ptr, grad_feats_ptr,
-                     N, B, K, D, inv_t, kl_grad_scale, fl_grad_scale,
-                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FEATS: tl.constexpr):
+def _backward_kernel(grad_ptr, logits_ptr, feats_ptr, tgt_logits_ptr, tgt_feats_ptr, teacher_ptr, lse_ptr, tgt_lse_ptr,
+                     grad_logits_ptr, grad_feats_ptr, N, B, K, D, inv_t, kl_grad_scale, fl_grad_scale,
+                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FEATS: tl.constexpr,
+                     PER_STUDENT: tl.constexpr):
     t, t_ok = _teacher(teacher_ptr, N)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = r < N * B
     i = r // B
     b = r - i * B
-    tr = t * B + b
+    if PER_STUDENT:
+        tr = r
+    else:
+        tr = t * B + b
     student = (i != t) & t_ok  # the teacher's rows get exactly 0 (no 0 * inf)
     g = tl.load(grad_ptr + i, mask=row_mask, other=0.0).to(tl.float32)
     lse_s = tl.load(lse_ptr + r, mask=row_mask, other=0.0)
-    lse_t = tl.load(lse_ptr + tr, mask=row_mask, other=0.0)
+    lse_t = tl.load(tgt_lse_ptr + tr, mask=row_mask, other=0.0)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (offs[None, :] < K)
         zs = _load_scaled(logits_ptr, r, offs, K, row_mask, inv_t)
-        zt = _load_scaled(logits_ptr, tr, offs, K, row_mask, inv_t)
+        zt = _load_scaled(tgt_logits_ptr, tr, offs, K, row_mask, inv_t)
         value = (g * kl_grad_scale)[:, None] * (_exp_shifted(zs, lse_s) - _exp_shifted(zt, lse_t))
         value = tl.where(student[:, None], value, 0.0)
         tl.store(grad_logits_ptr + r[:, None] * K + offs[None, :], value.to(grad_logits_ptr.dtype.element_ty), mask=mask)
@@ -149,7 +158,7 @@ def _backward_kernel(grad_ptr, logits_ptr, feats_ptr, teacher_ptr, lse_ptr, grad
             offs = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (offs[None, :] < D)
             fs = tl.load(feats_ptr + r[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            ft = tl.load(feats_ptr + tr[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            ft = tl.load(tgt_feats_ptr + tr[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
             value = tl.where(student[:, None], (g * fl_grad_scale)[:, None] * (fs - ft), 0.0)
             tl.store(grad_feats_ptr + r[:, None] * D + offs[None, :], value.to(grad_feats_ptr.dtype.element_ty),
                      mask=mask)
@@ -172,17 +181,27 @@ def _direct(kernel):
     return kernel
 
 
+def _targets(logits, feats, target_logits, target_feats):
+    """The target tensors the kernels read, and whether they are per student (else: the teacher's rows)."""
+    if target_logits is None:
+        return logits, feats, False
+    return target_logits.contiguous(), (target_feats.contiguous() if target_feats is not None else feats), True
+
+
 def student_loss_forward(logits: torch.Tensor, feats: torch.Tensor, teacher: torch.Tensor,
-                         temperature: float, alpha: float, beta: float, launch=_direct
+                         temperature: float, alpha: float, beta: float, launch=_direct,
+                         target_logits: torch.Tensor | None = None, target_feats: torch.Tensor | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. logits ``[N, B, K]``, feats ``[N, B, D]`` (D may be 0), teacher 0-d int64.
 
     Returns ``(loss [N] float32, lse [N, B] float32)``; lse (of z/T) is kept for the backward.
     ``launch``: how to call a kernel (``torch.library.wrap_triton`` inside a triton_op).
+    ``target_logits`` / ``target_feats`` (shaped like logits / feats): per-student targets.
     """
     n, b, k = logits.shape
     d = feats.shape[-1]
     logits, feats = logits.contiguous(), feats.contiguous()
+    tgt_logits, tgt_feats, per_student = _targets(logits, feats, target_logits, target_feats)
     rows = torch.empty(n, b, device=logits.device, dtype=torch.float32)
     lse = torch.empty(n, b, device=logits.device, dtype=torch.float32)
     if n * b == 0 or k == 0:
@@ -190,19 +209,23 @@ def student_loss_forward(logits: torch.Tensor, feats: torch.Tensor, teacher: tor
     config = launch_config(k, d)
     has_feats = d > 0 and beta != 0.0
     launch(_forward_kernel)[_grid(n, b, config["ROWS"])](
-        logits, feats, teacher, rows, lse, n, b, k, d, 1.0 / temperature,
+        logits, feats, tgt_logits, tgt_feats, teacher, rows, lse, n, b, k, d, 1.0 / temperature,
         alpha * temperature * temperature / b, (beta / (b * d)) if has_feats else 0.0,
-        SINGLE=k <= config["BLOCK_K"], HAS_FEATS=has_feats, **config)
+        SINGLE=k <= config["BLOCK_K"], HAS_FEATS=has_feats, PER_STUDENT=per_student, **config)
     return rows.sum(1), lse
 
 
 def student_loss_backward(grad: torch.Tensor, logits: torch.Tensor, feats: torch.Tensor, teacher: torch.Tensor,
-                          lse: torch.Tensor, temperature: float, alpha: float, beta: float, launch=_direct
+                          lse: torch.Tensor, temperature: float, alpha: float, beta: float, launch=_direct,
+                          target_logits: torch.Tensor | None = None, target_feats: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward: gradients w.r.t. logits and feats (zero rows for the teacher), contiguous."""
     n, b, k = logits.shape
     d = feats.shape[-1]
     logits, feats = logits.contiguous(), feats.contiguous()
+    tgt_logits, tgt_feats, per_student = _targets(logits, feats, target_logits, target_feats)
+    # the targets' log-sum-exp: the students' own (kept by the forward) when the teacher's rows are the targets
+    tgt_lse = torch.logsumexp(tgt_logits.float() / temperature, dim=-1) if per_student else lse.contiguous()
     grad_logits = torch.empty_like(logits)
     has_feats = d > 0 and beta != 0.0
     grad_feats = torch.empty_like(feats) if has_feats else torch.zeros_like(feats)
@@ -210,7 +233,8 @@ def student_loss_backward(grad: torch.Tensor, logits: torch.Tensor, feats: torch
         return grad_logits, grad_feats
     config = launch_config(k, d)
     launch(_backward_kernel)[_grid(n, b, config["ROWS"])](
-        grad.contiguous().float(), logits, feats, teacher, lse.contiguous(), grad_logits, grad_feats, n, b, k, d,
+        grad.contiguous().float(), logits, feats, tgt_logits, tgt_feats, teacher, lse.contiguous(), tgt_lse,
+        grad_logits, grad_feats, n, b, k, d,
         1.0 / temperature, alpha * temperature / b, (2.0 * beta / (b * d)) if has_feats else 0.0,
-        HAS_FEATS=has_feats, **config)
+        HAS_FEATS=has_feats, PER_STUDENT=per_student, **config)
     return grad_logits, grad_feats

@@ -329,6 +329,8 @@ CUDA_VARIANTS = {
     "perturb-half-the-steps": dict(perturb_prob=0.5),
     "compiled": dict(compile=True),
     "adam": dict(optimizers=lambda p: torch.optim.Adam(p, lr=1e-3, capturable=True)),
+    "matched-protocol": dict(matched_inputs=True, election="clean-equivalent", mutated_bn="clean",
+                             perturb_ops=["authors"], perturb_every=3),
 }
 
 

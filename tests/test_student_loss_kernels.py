@@ -212,3 +212,43 @@ def test_float64_is_served_by_the_reference_in_float64():
     torch.testing.assert_close(loss, R.group_student_loss(logits, feats, torch.tensor(1, device=device)))
     from cdfast import _student_loss_op
     assert not _student_loss_op.fused_available(torch.device("cuda"), torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,b,k,d", [(2, 3, 10, 8), (3, 5, 5000, 0), (4, 2, 100, 33)])
+def test_per_student_targets_match_the_reference(n, b, k, d, device):
+    # Matched inputs: student i's target row is row i of the targets, not the teacher's row.
+    from cdfast.kernels.student_loss import student_loss_backward, student_loss_forward
+
+    logits, feats = inputs(n, b, k, d, torch.float32, device, seed=1)
+    target_logits, target_feats = inputs(n, b, k, d, torch.float32, device, seed=2)
+    for t in range(n):
+        teacher = torch.tensor(t, device=device)
+        loss, lse = student_loss_forward(logits, feats, teacher, 2.0, 0.7, 0.3,
+                                         target_logits=target_logits, target_feats=target_feats)
+        z, f = logits.clone().requires_grad_(), feats.clone().requires_grad_()
+        ref = R.group_student_loss(z, f if d else None, teacher, temperature=2.0, alpha=0.7, beta=0.3,
+                                   target_logits=target_logits, target_feats=target_feats if d else None)
+        torch.testing.assert_close(loss, ref.detach(), **TOL[torch.float32])
+        grad = torch.linspace(0.5, 1.5, n, device=device)
+        (ref * grad).sum().backward()
+        gl, gf = student_loss_backward(grad, logits, feats, teacher, lse, 2.0, 0.7, 0.3,
+                                       target_logits=target_logits, target_feats=target_feats)
+        torch.testing.assert_close(gl, z.grad, **TOL[torch.float32])
+        if d:
+            torch.testing.assert_close(gf, f.grad, **TOL[torch.float32])
+        closed = R.group_student_loss_backward(grad, logits, feats, teacher, temperature=2.0, alpha=0.7, beta=0.3,
+                                               target_logits=target_logits, target_feats=target_feats)
+        torch.testing.assert_close(closed[0], z.grad, **TOL[torch.float32])
+
+
+def test_op_with_per_student_targets_opcheck_and_functional_checks():
+    logits, feats = inputs(3, 4, 6, 5, torch.float32, "cpu")
+    tl_, tf_ = inputs(3, 4, 6, 5, torch.float32, "cpu", seed=3)
+    teacher = torch.tensor(1)
+    torch.library.opcheck(torch.ops.cdfast.group_student_loss,
+                          (logits.requires_grad_(), feats.requires_grad_(), teacher, 1.0, 1.0, 1.0, tl_, tf_))
+    with pytest.raises(ValueError, match="target_logits must be shaped like the logits"):
+        cdfast.group_student_loss(logits, feats, teacher, target_logits=tl_[:, :2])
+    with pytest.raises(ValueError, match="target_feats needs target_logits"):
+        cdfast.group_student_loss(logits, feats, teacher, target_feats=tf_)
