@@ -441,7 +441,7 @@ class CompetitiveDistillation(nn.Module):
             return self._matched_distillation(logits, feats, stacked, score, teacher, other, r)
         if self.weight_mode == "best" and (stacked is not None or not self.feature_loss):
             return CF.group_student_loss(logits, stacked, teacher, **kw)
-        weights = CF.distillation_weights(score.detach(), self.weight_mode)
+        weights = CF.distillation_weights(score.detach(), self.weight_mode, teacher)
         feature_l2 = None
         if self.feature_loss:
             feature_l2 = CF.pairwise_feature_l2(stacked if stacked is not None else feats,
@@ -490,7 +490,7 @@ class CompetitiveDistillation(nn.Module):
                 l2_clean = CF.pairwise_feature_l2(feats, self.adapters.adapt, clean)
                 l2_pert = CF.pairwise_feature_l2(feats, self.adapters.adapt, pert)
             pair = pair + self.beta * torch.where(row_is_r, l2_pert, l2_clean)
-        weights = CF.distillation_weights(score.detach(), self.weight_mode)
+        weights = CF.distillation_weights(score.detach(), self.weight_mode, teacher)
         return (weights.to(pair.dtype) * pair).sum(1)
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:

@@ -295,11 +295,14 @@ def weighted_student_loss(
     )
 
 
-def distillation_weights(ce: Tensor, mode: str) -> Tensor:
-    """``W[i, j]``: weight of network j as a teacher of network i; see :func:`cdfast.reference.distillation_weights`."""
+def distillation_weights(ce: Tensor, mode: str, teacher: Tensor | None = None) -> Tensor:
+    """``W[i, j]``: weight of network j as a teacher of network i; see :func:`cdfast.reference.distillation_weights`.
+
+    ``teacher``: for ``"best"``, the index :func:`competitive_ce` already elected (no second argmin).
+    """
     if mode not in DISTILLATION_MODES:
         raise ValueError(f"unknown distillation mode {mode!r}; choose one of {DISTILLATION_MODES}")
-    return reference.distillation_weights(ce, mode)
+    return reference.distillation_weights(ce, mode, teacher)
 
 
 pairwise_feature_l2 = reference.pairwise_feature_l2

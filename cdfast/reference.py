@@ -248,19 +248,20 @@ def weighted_student_loss(
     return (weights.to(pair.dtype) * pair).sum(1)
 
 
-def distillation_weights(ce: Tensor, mode: str) -> Tensor:
+def distillation_weights(ce: Tensor, mode: str, teacher: Tensor | None = None) -> Tensor:
     """Who learns from whom: ``W[i, j]`` is the weight of teacher j in student i's loss.
 
     modes: ``"best"`` (the competitive rule: everybody learns from the argmin,
     which learns from nobody), ``"all-better"`` (each network learns from every
     better one, averaged; ties ordered by index like the election), ``"all"``
     (deep mutual learning: from every other network, averaged) and ``"none"``
-    (independent training). Computed on the device from ``ce [N]``.
+    (independent training). Computed on the device from ``ce [N]``; for ``"best"``, a
+    ``teacher`` already elected (by :func:`competitive_ce`) is used instead of a second argmin.
     """
     n = ce.shape[-1]
     idx = torch.arange(n, device=ce.device)
     if mode == "best":
-        teacher = elect_teacher(ce)
+        teacher = elect_teacher(ce) if teacher is None else teacher
         w = (idx.unsqueeze(0) == teacher) & (idx.unsqueeze(1) != teacher)
         return w.float()
     if mode == "all-better":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -15,11 +15,20 @@ from cdfast.data.loader import TensorLoader
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
 
-# name: (classes, channels, mean, std, crop padding of the standard augmentation)
+class InMemorySpec(NamedTuple):
+    """What the loader needs to know about a data set held in memory."""
+
+    classes: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pad: int  # crop padding of the standard augmentation
+
+
 IN_MEMORY = {
-    "fashion-mnist": (10, 1, (0.2860,), (0.3530,), 2),
-    "cifar10": (10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4),
-    "cifar100": (100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4),
+    "fashion-mnist": InMemorySpec(10, 1, (0.2860,), (0.3530,), 2),
+    "cifar10": InMemorySpec(10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4),
+    "cifar100": InMemorySpec(100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4),
 }
 
 
@@ -67,7 +76,6 @@ def load_data(
     device: str | torch.device = "cpu",
     train_subset: int | None = None,
     test_subset: int | None = None,
-    augment: bool = True,
     workers: int = 4,
     image_size: int = 224,
     in_channels: int = 3,
@@ -99,7 +107,7 @@ def load_data(
                           len(train.loader.dataset), len(test.loader.dataset),
                           black=tuple(-m / s for m, s in zip(mean, std)),
                           white=tuple((1 - m) / s for m, s in zip(mean, std)), calibration=folder_calibration)
-    num_classes, channels, mean, std, pad = IN_MEMORY[name]
+    num_classes, _, mean, std, pad = IN_MEMORY[name]
     splits = load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, num_classes)
     for split, (_, labels) in splits.items():
         _check_labels(name, split, labels, num_classes)
@@ -107,7 +115,7 @@ def load_data(
     test_x, test_y = _subset(*splits["test"], test_subset, seed)
     common = dict(mean=mean, std=std, device=device)
     train = TensorLoader(train_x, train_y, batch_size, shuffle=True, drop_last=True,
-                         augment_pad=pad if augment else None, seed=seed, **common)
+                         augment_pad=pad, seed=seed, **common)
     test = TensorLoader(test_x, test_y, eval_batch_size, **common)
 
     def calibration(n: int):  # a fixed random subset of the training images, unaugmented

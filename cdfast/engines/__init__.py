@@ -9,10 +9,7 @@
   forwards, election, losses, backward, optimizer steps) captured in CUDA graphs and
   replayed (:mod:`cdfast.engines.graph`); the part before ``+`` runs the forwards.
 
-Contract: ``forward(networks, inputs, frozen_bn=-1) -> [output of each network]``,
-where network ``frozen_bn`` (an index, -1 for none, or a collection of indices) must
-not update its BatchNorm running statistics.
-Every engine takes ``compile_options`` (None, or keyword arguments of
+The contract is the :class:`Engine` protocol below. Every engine takes ``compile_options`` (None, or keyword arguments of
 ``torch.compile``): sequential and streams compile each network's forward,
 fused compiles the vmapped forward of the whole group.
 """
@@ -20,16 +17,29 @@ fused compiles the vmapped forward of the whole group.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from cdfast.engines.fused import FusedEngine, why_not_fusable
 from cdfast.engines.sequential import SequentialEngine
 from cdfast.engines.streams import StreamsEngine
 
 log = logging.getLogger("cdfast")
+
+class Engine(Protocol):
+    """How the N networks of a group run their forwards (the backward follows autograd)."""
+
+    name: str
+    compile_options: dict | None  # None: eager; else keyword arguments of torch.compile
+
+    def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor], frozen_bn=-1) -> list:
+        """Each network's output on its own input; networks in ``frozen_bn`` (an index, -1 for none,
+        or a collection) must not update their BatchNorm running statistics."""
+        ...
+
 
 ENGINES = {"sequential": SequentialEngine, "streams": StreamsEngine, "fused": FusedEngine}
 GRAPHED = {"graph": "sequential", "sequential+graph": "sequential", "fused+graph": "fused"}
@@ -57,7 +67,7 @@ def split_engine_name(name: str) -> tuple[str, bool]:
     return (GRAPHED[name], True) if name in GRAPHED else (name, False)
 
 
-def get_engine(name: str, networks: Sequence[nn.Module], compile_options: dict | None = None):
+def get_engine(name: str, networks: Sequence[nn.Module], compile_options: dict | None = None) -> Engine:
     """The engine ``name`` for this group; falls back (with a message) where it cannot run.
 
     ``compile_options``: None for eager execution, else keyword arguments of ``torch.compile``.
@@ -79,5 +89,5 @@ def get_engine(name: str, networks: Sequence[nn.Module], compile_options: dict |
     return ENGINES[name](compile_options)
 
 
-__all__ = ["get_engine", "check_engine_name", "split_engine_name", "network_device", "ENGINES", "ENGINE_CHOICES",
+__all__ = ["Engine", "get_engine", "check_engine_name", "split_engine_name", "network_device", "ENGINES", "ENGINE_CHOICES",
            "SequentialEngine", "StreamsEngine", "FusedEngine", "why_not_fusable"]

@@ -82,7 +82,7 @@ class RunLogger:
     """
 
     def __init__(self, out: Path, n: int, tensorboard: bool, first_step: int = 0):
-        self.out, self.n = out, n
+        self.n = n
         self.steps_path, self.epochs_path = out / STEPS_FILE, out / EPOCHS_FILE
         self._steps_file = open_append(self.steps_path, newline="")
         self._steps = csv.DictWriter(self._steps_file, fieldnames=step_columns(n))
