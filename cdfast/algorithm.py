@@ -42,7 +42,12 @@ OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
 @dataclass
 class GroupLosses:
-    """Losses of one step, still attached to the graph. Shapes ``[N]`` unless noted."""
+    """The results of one step, shapes ``[N]`` unless noted.
+
+    From :meth:`CompetitiveDistillation.losses` the tensors are attached to the graph (call
+    ``loss.sum().backward()``); from :meth:`CompetitiveDistillation.step` they are detached
+    (read them after the step). ``StepResult`` is the same type.
+    """
 
     loss: Tensor          # what each network minimises: ce + distill
     ce: Tensor            # mean cross-entropy on its own (possibly perturbed) batch
@@ -52,18 +57,12 @@ class GroupLosses:
     perturbed: int        # index of the mutated network, -1 if none (a host value: drawn on the host)
     perturbation: str | None
 
+    def detached(self) -> "GroupLosses":
+        return GroupLosses(self.loss.detach(), self.ce.detach(), self.distill.detach(), self.teacher,
+                           self.correct, self.perturbed, self.perturbation)
 
-@dataclass
-class StepResult:
-    """Detached results of :meth:`CompetitiveDistillation.step`; read them after the step."""
 
-    loss: Tensor
-    ce: Tensor
-    distill: Tensor
-    teacher: Tensor
-    correct: Tensor
-    perturbed: int
-    perturbation: str | None
+StepResult = GroupLosses  # what step() returns: the same fields, detached
 
 
 def split_output(i: int, out) -> tuple[Tensor, Tensor | None]:
@@ -514,8 +513,7 @@ class CompetitiveDistillation(nn.Module):
         out.loss.sum().backward()  # losses are decoupled: each network gets only its own gradient
         for opt in self.optimizers:
             opt.step()
-        return StepResult(out.loss.detach(), out.ce.detach(), out.distill.detach(), out.teacher,
-                          out.correct, out.perturbed, out.perturbation)
+        return out.detached()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As :meth:`torch.nn.Module.load_state_dict`; captured steps are dropped (``assign`` may move tensors)."""

@@ -32,6 +32,7 @@ import yaml
 
 from cdfast.safe_write import atomic_write
 from cdfast.train.config import TrainConfig, read_yaml_mapping
+from cdfast.train.metrics import summarize_epochs
 from cdfast.train.run_folder import CONFIG_FILE, has_checkpoint, read_epochs, run_state
 
 RESULTS_FILE = "results.jsonl"
@@ -133,17 +134,17 @@ def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
         if run_state(path, cfg.epochs) != "done":
             continue
         epochs = read_epochs(path)
-        n = len(cfg.models)
         try:  # what the run really trained with (a --resume-with-changes may have changed it)
             cfg = TrainConfig.from_yaml(path / CONFIG_FILE)
         except (OSError, ValueError, TypeError):
             pass
+        summary = summarize_epochs(epochs)
         records.append({
             "group": group, "method": method, "seed": seed, "models": cfg.models,
-            "final_acc": epochs[-1]["test_acc"],
-            "best_acc": [max(e["test_acc"][i] for e in epochs) for i in range(n)],
-            "ensemble_acc": epochs[-1]["ensemble_acc"],
-            "teacher_share": [sum(e["teacher_share"][i] for e in epochs) / len(epochs) for i in range(n)],
+            "final_acc": summary["final_acc"],
+            "best_acc": summary["best_acc"],
+            "ensemble_acc": summary["ensemble_acc"],
+            "teacher_share": summary["teacher_share"],
             "curves": [e["test_acc"] for e in epochs],
             "train_seconds": sum(e["train_seconds"] for e in epochs),
             "run_dir": str(path),

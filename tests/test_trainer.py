@@ -252,3 +252,14 @@ def test_recalibrated_batchnorm_is_the_exact_average_and_is_undone():
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert net[0].momentum == 0.1
+
+
+def test_summary_teacher_share_is_step_weighted_and_shared_by_grid_records():
+    from cdfast.train.metrics import summarize_epochs
+
+    epochs = [{"epoch": 1, "step": 10, "test_acc": [0.5, 0.6], "ensemble_acc": 0.62, "teacher_share": [1.0, 0.0]},
+              {"epoch": 2, "step": 40, "test_acc": [0.7, 0.65], "ensemble_acc": 0.71, "teacher_share": [0.0, 1.0]}]
+    s = summarize_epochs(epochs)
+    assert s["teacher_share"] == pytest.approx([0.25, 0.75])  # 10 of 40 steps had network 0 teaching
+    assert s["best_acc"] == [0.7, 0.65] and s["best_epoch"] == [2, 2] and s["final_acc"] == [0.7, 0.65]
+    assert summarize_epochs([]) == {"epochs": 0}

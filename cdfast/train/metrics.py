@@ -140,3 +140,55 @@ class RunLogger:
         self._steps_file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class EpochMeter:
+    """The running sums of one epoch's step rows: loss, CE and accuracy per network, teacher counts."""
+
+    def __init__(self, n: int):
+        self.n, self.steps = n, 0
+        self.loss, self.ce, self.acc = [0.0] * n, [0.0] * n, [0.0] * n
+        self.teacher = [0] * n
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.steps += 1
+            self.teacher[row["teacher"]] += 1
+            for i in range(self.n):
+                self.loss[i] += row[f"loss_{i}"]
+                self.ce[i] += row[f"ce_{i}"]
+                self.acc[i] += row[f"train_acc_{i}"]
+
+    def postfix(self) -> str:
+        """For the progress bar: mean loss and teacher share per network so far."""
+        k = max(1, self.steps)
+        return ("loss " + "|".join(f"{v / k:.3f}" for v in self.loss)
+                + "  teacher " + "|".join(f"{100 * c / k:.0f}%" for c in self.teacher))
+
+    def record(self) -> dict[str, list[float]]:
+        """The epoch record's training part."""
+        k = max(1, self.steps)
+        return {"train_loss": [v / k for v in self.loss], "train_ce": [v / k for v in self.ce],
+                "train_acc": [v / k for v in self.acc], "teacher_share": [c / k for c in self.teacher]}
+
+
+def summarize_epochs(epochs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's summary from its epoch records: the one place where final and best accuracy and the
+    teacher share are computed (the trainer's summary, grid records and reports all use it).
+
+    The teacher share is over all steps: each epoch's share weighted by its number of steps.
+    """
+    if not epochs:
+        return {"epochs": 0}
+    n = len(epochs[-1]["test_acc"])
+    best = [max(epochs, key=lambda e: e["test_acc"][i]) for i in range(n)]
+    steps = [e["step"] - prev for e, prev in zip(epochs, [0] + [e["step"] for e in epochs[:-1]])]
+    total = max(1, sum(steps))
+    return {
+        "epochs": epochs[-1]["epoch"],
+        "final_acc": epochs[-1]["test_acc"],
+        "best_acc": [b["test_acc"][i] for i, b in enumerate(best)],
+        "best_epoch": [b["epoch"] for b in best],
+        "ensemble_acc": epochs[-1]["ensemble_acc"],
+        "teacher_share": [sum(e["teacher_share"][i] * k for e, k in zip(epochs, steps)) / total for i in range(n)],
+    }

@@ -22,7 +22,7 @@ from cdfast.safe_write import WriteError, atomic_write
 from cdfast.train import run_folder
 from cdfast.train.checkpoint import load_checkpoint, load_latest, save_checkpoint, set_aside
 from cdfast.train.config import RESUME_FIXED, RESUME_FREE, TrainConfig
-from cdfast.train.metrics import NonFiniteLossError, RunLogger, StepBuffer
+from cdfast.train.metrics import EpochMeter, NonFiniteLossError, RunLogger, StepBuffer, summarize_epochs
 from cdfast.train.run_folder import CONFIG_FILE, SUMMARY_FILE, RunFolderError, read_epochs
 
 
@@ -415,9 +415,8 @@ class Trainer:
         """One pass over the training data and the evaluation after it: the epoch's record."""
         cfg, group, n = self.cfg, self.group, self.group.n
         buffer = StepBuffer(n)
+        meter = EpochMeter(n)
         t0 = time.perf_counter()
-        sums = {"loss": [0.0] * n, "ce": [0.0] * n, "acc": [0.0] * n}
-        epoch_teacher = [0] * n
         done = 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not cfg.progress, leave=True, dynamic_ncols=True)
@@ -425,15 +424,8 @@ class Trainer:
         def drain():
             rows = buffer.drain(self.names)
             self.logger.write_steps(rows)
-            for row in rows:
-                epoch_teacher[row["teacher"]] += 1
-                for i in range(n):
-                    sums["loss"][i] += row[f"loss_{i}"]
-                    sums["ce"][i] += row[f"ce_{i}"]
-                    sums["acc"][i] += row[f"train_acc_{i}"]
-            bar.set_postfix_str(
-                "loss " + "|".join(f"{s / max(1, done):.3f}" for s in sums["loss"])
-                + "  teacher " + "|".join(f"{100 * c / max(1, done):.0f}%" for c in epoch_teacher))
+            meter.add(rows)
+            bar.set_postfix_str(meter.postfix())
 
         try:
             for x, y in self.data.train:
@@ -441,10 +433,7 @@ class Trainer:
                 result = group.step(x, y)
                 if group.engine_choice is not None and not self._engine_reported:
                     self._engine_reported = True
-                    choice = group.engine_choice
-                    bar.write("cdfast: engine auto -> " + choice["engine"] + " (per step: " + ", ".join(
-                        f"{name} {1e3 * t:.2f} ms" for name, t in sorted(choice["seconds_per_step"].items(),
-                                                                          key=lambda kv: kv[1])) + ")")
+                    bar.write(self._engine_choice_line())
                 for sched in self.schedulers:
                     sched.step()
                 self.step += 1
@@ -462,19 +451,22 @@ class Trainer:
         metrics = self.evaluate()
         self._check_finite(epoch, metrics)
         for i in range(n):
-            self.teacher_counts[i] += epoch_teacher[i]
+            self.teacher_counts[i] += meter.teacher[i]
         return {
             "epoch": epoch, "step": self.step,
             "lr": float(self.schedulers[0].get_last_lr()[0]),  # a device tensor with a graph engine
             "engine": group.engine_spec if group.engine_spec != "auto" else group.engine.name,
-            "train_loss": [s / done for s in sums["loss"]],
-            "train_ce": [s / done for s in sums["ce"]],
-            "train_acc": [s / done for s in sums["acc"]],
-            "teacher_share": [c / done for c in epoch_teacher],
+            **meter.record(),
             **metrics,
             "train_seconds": train_time,
             "images_per_second": done * cfg.batch_size / train_time,
         }
+
+    def _engine_choice_line(self) -> str:
+        choice = self.group.engine_choice
+        timings = ", ".join(f"{name} {1e3 * t:.2f} ms" for name, t in
+                            sorted(choice["seconds_per_step"].items(), key=lambda kv: kv[1]))
+        return f"cdfast: engine auto -> {choice['engine']} (per step: {timings})"
 
     def _check_finite(self, epoch: int, metrics: dict[str, Any]) -> None:
         """Never record NaN, never checkpoint a diverged network as the last good one."""
@@ -500,20 +492,7 @@ class Trainer:
 
     # ---- the end ------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        epochs = read_epochs(self.out)
-        if not epochs:
-            return {"epochs": 0}
-        final = epochs[-1]
-        best = [max(epochs, key=lambda e: e["test_acc"][i]) for i in range(self.group.n)]
-        total = max(1, sum(self.teacher_counts))
-        return {
-            "epochs": final["epoch"],
-            "final_acc": final["test_acc"],
-            "best_acc": [b["test_acc"][i] for i, b in enumerate(best)],
-            "best_epoch": [b["epoch"] for b in best],
-            "ensemble_acc": final["ensemble_acc"],
-            "teacher_share": [c / total for c in self.teacher_counts],
-        }
+        return summarize_epochs(read_epochs(self.out))
 
     def summary_table(self, s: dict[str, Any]) -> str:
         lines = [f"{'network':<10}{'model':<22}{'final acc':>10}{'best acc (epoch)':>19}{'teacher share':>15}"]
