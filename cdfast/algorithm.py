@@ -24,7 +24,8 @@ from cdfast import functional as CF
 from cdfast.engines import get_engine, network_device, split_engine_name
 from cdfast.engines.graph import GraphStep
 from cdfast.options import RANGES, check_number, check_option
-from cdfast.models.adapters import FeatureAdapters
+from cdfast.models import split_output
+from cdfast.models.adapters import FeatureAdapters, probe_feature_shapes
 from cdfast.perturb import PerturbationPool, PerturbOp
 
 log = logging.getLogger("cdfast")
@@ -63,15 +64,6 @@ class GroupLosses:
 
 
 StepResult = GroupLosses  # what step() returns: the same fields, detached
-
-
-def split_output(i: int, out) -> tuple[Tensor, Tensor | None]:
-    """``(logits, features)`` of network i's output; features are None for a logits-only network."""
-    if isinstance(out, Tensor):
-        return out, None
-    if isinstance(out, (tuple, list)) and len(out) == 2:
-        return out[0], out[1]
-    raise TypeError(f"network {i} must return logits or (logits, features), got {type(out).__name__}")
 
 
 def default_optimizer(params: list) -> torch.optim.Optimizer:
@@ -217,7 +209,7 @@ class CompetitiveDistillation(nn.Module):
         self._set_engine(engine)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
 
-        shapes = self._probe_feature_shapes() if self.input_shape is not None else None
+        shapes = probe_feature_shapes(self.networks, self.input_shape) if self.input_shape is not None else None
         self.adapters = FeatureAdapters(shapes if (shapes and self.feature_loss) else [])
         self.optimizers = self._build_optimizers(optimizers)
 
@@ -271,30 +263,6 @@ class CompetitiveDistillation(nn.Module):
         return self.teachers
 
     # ---- construction helpers -------------------------------------------------
-    def _probe_feature_shapes(self) -> list[tuple[int, ...]] | None:
-        """Run every network once on a tiny dummy batch to learn its feature shape."""
-        shapes = []
-        for i, net in enumerate(self.networks):
-            param = next(net.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-            dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-            was_training = net.training
-            net.eval()  # keeps BatchNorm statistics untouched
-            try:
-                with torch.no_grad():
-                    out = net(torch.zeros(2, *self.input_shape, device=device, dtype=dtype))
-            except Exception as e:  # noqa: BLE001 - re-raised with the context users need
-                raise ValueError(
-                    f"network {i} ({type(net).__name__}) cannot take images of shape {list(self.input_shape)}: {e}"
-                ) from e
-            finally:
-                net.train(was_training)
-            logits, feats = split_output(i, out)
-            shapes.append(tuple(feats.shape[1:]) if feats is not None else None)
-        if any(s is None for s in shapes):
-            return None
-        return shapes
-
     def _build_optimizers(self, optimizers) -> list[torch.optim.Optimizer]:
         param_sets = [list(net.parameters()) + self.adapters.parameters_of(i) for i, net in enumerate(self.networks)]
         if optimizers is None or callable(optimizers):
@@ -352,22 +320,6 @@ class CompetitiveDistillation(nn.Module):
         r = self.pool.choose_network(self.n, self.perturb_prob, self.perturb_every) if self.perturb else -1
         return r, (self.pool.choose_op() if r >= 0 else -1)
 
-    def _mutate(self, x: Tensor, y: Tensor, r: int, op: int):
-        """Inputs and targets per network: network ``r`` gets the batch perturbed by op ``op``."""
-        n = self.n
-        inputs = [x] * n
-        targets, targets_b, lam = y, None, None
-        if r >= 0:
-            out = self.pool.apply(op, x, y)
-            inputs[r] = out.x
-            if out.mixes_labels:
-                targets = torch.stack([out.y_a if i == r else y for i in range(n)])
-                targets_b = torch.stack([out.y_b if i == r else y for i in range(n)])
-                # fill_ from a 0-d device tensor (or a number) is a kernel: no copy to the host, no sync
-                lam = torch.ones(n, device=x.device)
-                lam[r:r + 1].fill_(out.lam)
-        return inputs, targets, targets_b, lam
-
     def losses(self, x: Tensor, y: Tensor) -> GroupLosses:
         """Forward the group on a batch and return every network's loss, attached to the graph.
 
@@ -381,7 +333,7 @@ class CompetitiveDistillation(nn.Module):
         """The step's forward part for host choices ``(r, op)``: nothing here reads the device."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        inputs, targets, targets_b, lam = self._mutate(x, y, r, op)
+        inputs, targets, targets_b, lam = self.pool.mutate_group(x, y, self.n, r, op)
         op_name = self.pool.names[op] if r >= 0 else None
         # autocast's weight cache must be off where the step is captured in a CUDA graph
         autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=not self.graphed)

@@ -9,8 +9,7 @@ statistics are copied back to each network. Parameters, optimizers and
 checkpoints stay per network, so engines are interchangeable mid-run.
 
 It pays off where kernel launches dominate (small networks on a GPU); on the
-CPU, grouped convolutions are slower than N separate ones (measured: 2x
-ResNet-8, B=128: 127 ms fused vs 83 ms sequential per forward+backward).
+CPU, grouped convolutions are slower than N separate ones (docs/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import re
 
 import torch.nn as nn
 
-from cdfast.models.adapters import FeatureAdapters
-from cdfast.models.base import FEATURE_MODES, FeatureClassifier
+from cdfast.models.adapters import FeatureAdapters, probe_feature_shapes
+from cdfast.models.base import FEATURE_MODES, FeatureClassifier, split_output
 from cdfast.models.cifar_resnet import CifarResNet, cifar_resnet
 from cdfast.models.mobilenetv2 import MobileNetV2
 from cdfast.models.torchvision_models import TorchvisionClassifier, torchvision_names
@@ -15,7 +15,8 @@ from cdfast.models.wrn import WideResNet
 
 __all__ = [
     "build_model", "check_model_name", "available_models", "FeatureAdapters", "FeatureClassifier",
-    "CifarResNet", "WideResNet", "MobileNetV2", "TorchvisionClassifier", "FEATURE_MODES",
+    "CifarResNet", "WideResNet", "MobileNetV2", "TorchvisionClassifier", "FEATURE_MODES", "split_output",
+    "probe_feature_shapes",
 ]
 
 _CIFAR_RESNET = re.compile(r"^resnet(\d+)(x4)?$")

@@ -22,9 +22,12 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from cdfast.models.base import split_output
 
 
 class MapAdapter(nn.Module):
@@ -80,3 +83,31 @@ class FeatureAdapters(nn.Module):
 
     def parameters_of(self, student: int) -> list[nn.Parameter]:
         return [p for key, m in self.pairs.items() if int(key.split("_")[0]) == student for p in m.parameters()]
+
+
+def probe_feature_shapes(networks: Sequence[nn.Module], input_shape: Sequence[int]) -> list[tuple[int, ...]] | None:
+    """Run every network once on a tiny dummy batch to learn its per-sample feature shape.
+
+    None when a network returns logits only. BatchNorm statistics are untouched (eval mode).
+    """
+    shapes = []
+    for i, net in enumerate(networks):
+        param = next(net.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        was_training = net.training
+        net.eval()  # keeps BatchNorm statistics untouched
+        try:
+            with torch.no_grad():
+                out = net(torch.zeros(2, *input_shape, device=device, dtype=dtype))
+        except Exception as e:  # noqa: BLE001 - re-raised with the context users need
+            raise ValueError(
+                f"network {i} ({type(net).__name__}) cannot take images of shape {list(input_shape)}: {e}"
+            ) from e
+        finally:
+            net.train(was_training)
+        _, feats = split_output(i, out)
+        shapes.append(tuple(feats.shape[1:]) if feats is not None else None)
+    if any(s is None for s in shapes):
+        return None
+    return shapes

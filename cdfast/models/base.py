@@ -44,3 +44,12 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
+
+
+def split_output(i: int, out) -> tuple[Tensor, Tensor | None]:
+    """``(logits, features)`` of network i's output; features are None for a logits-only network."""
+    if isinstance(out, Tensor):
+        return out, None
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return out[0], out[1]
+    raise TypeError(f"network {i} must return logits or (logits, features), got {type(out).__name__}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence, Union
 
+import torch
 from torch import Tensor
 
 from cdfast.perturb.ops import (
@@ -120,6 +121,23 @@ class PerturbationPool:
         if out.x.shape != x.shape:
             raise ValueError(f"perturbation {_op_name(op)!r} changed the batch shape {list(x.shape)} -> {list(out.x.shape)}")
         return out
+
+    def mutate_group(self, x: Tensor, y: Tensor, n: int, r: int, op: int):
+        """Inputs and targets of a group of ``n`` networks: network ``r`` gets the batch perturbed by
+        op ``op`` (``r = -1``: nobody). Returns ``(inputs, targets, targets_b, lam)``: targets ``[B]``
+        shared, or ``[N, B]`` with ``targets_b`` and ``lam [N]`` when the op mixed labels. No sync."""
+        inputs = [x] * n
+        targets, targets_b, lam = y, None, None
+        if r >= 0:
+            out = self.apply(op, x, y)
+            inputs[r] = out.x
+            if out.mixes_labels:
+                targets = torch.stack([out.y_a if i == r else y for i in range(n)])
+                targets_b = torch.stack([out.y_b if i == r else y for i in range(n)])
+                # fill_ from a 0-d device tensor (or a number) is a kernel: no copy to the host, no sync
+                lam = torch.ones(n, device=x.device)
+                lam[r:r + 1].fill_(out.lam)
+        return inputs, targets, targets_b, lam
 
     def perturb(self, x: Tensor, y: Tensor) -> tuple[Perturbed, str]:
         """Apply one op drawn from the pool; returns the perturbed batch and the op's name."""

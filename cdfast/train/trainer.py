@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cdfast.algorithm import CompetitiveDistillation, split_output
+from cdfast.algorithm import CompetitiveDistillation
+from cdfast.models import split_output
 from cdfast.data import BadImageError, load_data
 from cdfast.engines import split_engine_name
 from cdfast.models import build_model
@@ -368,8 +369,9 @@ class Trainer:
         with torch.no_grad():
             for x, y in self.data.test:
                 x, y = self._to_device(x), y.to(self.device, non_blocking=True)
-                with autocast:
-                    logits = torch.stack([split_output(i, net(x))[0] for i, net in enumerate(group.networks)]).float()
+                with autocast:  # through the training engine (fused, streams, compiled), in eval mode
+                    outs = group.engine.forward(group.networks, [x] * n)
+                    logits = torch.stack([split_output(i, o)[0] for i, o in enumerate(outs)]).float()
                 probs = logits.softmax(-1)
                 preds = torch.cat([logits.argmax(-1), probs.mean(0).argmax(-1).unsqueeze(0)])  # [n + 1, B]
                 correct += (preds == y).sum(-1)
