@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 	$(PY) -m pip install --quiet "setuptools>=64" wheel
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
-	@$(PY) -c "from cdfast import _ops; print('cdfast: compiled ops', 'built (CPU' + (' + CUDA' if _ops.WITH_CUDA else '') + ' kernels)' if _ops.HAS_EXTENSION else 'missing: using the PyTorch reference')"
+	@$(PY) -c "from cdfast.ops import competitive_ce as _ops; print('cdfast: compiled ops', 'built (CPU' + (' + CUDA' if _ops.WITH_CUDA else '') + ' kernels)' if _ops.HAS_EXTENSION else 'missing: using the PyTorch reference')"
 	@touch $(STAMP)
 
 setup: $(STAMP)

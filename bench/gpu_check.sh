@@ -105,7 +105,7 @@ step "build" 240 "${PIP_E[@]}" \
        step "build_ext --inplace" 240 $PY setup.py build_ext --inplace
        ln -sfn ../kernels cdfast/kernels
        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
-$PY -c "from cdfast import _ops; print('cdfast._C:', 'built' if _ops.HAS_EXTENSION else 'MISSING', 'CUDA' if _ops.WITH_CUDA else '')" \
+$PY -c "from cdfast.ops import competitive_ce as _ops; print('cdfast._C:', 'built' if _ops.HAS_EXTENSION else 'MISSING', 'CUDA' if _ops.WITH_CUDA else '')" \
   2>&1 | tee -a "$LOG"
 
 # 2. the CUDA tests first (the evidence this check exists for), those that compile with inductor

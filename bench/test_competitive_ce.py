@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdfast import _ops
+from cdfast.ops import competitive_ce as _ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [(2, 128, 10), (2, 128, 100), (3, 128, 100), (4, 128, 100), (4, 256, 1000), (8, 1024, 1000)]

@@ -10,7 +10,7 @@ Triton kernels run on CUDA only, so on a CPU machine this file measures nothing
 import pytest
 import torch
 
-from cdfast import _student_loss_op
+from cdfast.ops import student_loss as _student_loss_op
 from cdfast import reference as R
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

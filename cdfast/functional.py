@@ -24,7 +24,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from cdfast import _ops, _student_loss_op, reference
+from cdfast import reference
+from cdfast.ops import competitive_ce as ce_op
+from cdfast.ops import student_loss as student_loss_op
 from cdfast.options import check_option
 
 __all__ = [
@@ -140,23 +142,19 @@ def competitive_ce(
     _check_group_logits(logits)
     _check_tensor(targets, "targets", logits.device, "; convert labels with torch.as_tensor(labels)")
     k = logits.shape[-1]
-    use_op = _ops.op_available(logits.device)  # the compiled op checks label values itself
+    checked_by_op = ce_op.checks_label_values(logits.device)
     targets = _group_targets(targets, logits.shape, "targets")
-    _check_labels(targets, k, "targets", values=not use_op)
+    _check_labels(targets, k, "targets", values=not checked_by_op)
     if (targets_b is None) != (lam is None):
         raise ValueError("mixed labels need both targets_b and lam (or neither)")
     if targets_b is not None:
         _check_tensor(targets_b, "targets_b", logits.device)
         _check_tensor(lam, "lam", logits.device)
         targets_b = _group_targets(targets_b, logits.shape, "targets_b")
-        _check_labels(targets_b, k, "targets_b", values=not use_op)
+        _check_labels(targets_b, k, "targets_b", values=not checked_by_op)
         if tuple(lam.shape) != tuple(logits.shape[:-2]):
             raise ValueError(f"lam must have one weight per network, shape {list(logits.shape[:-2])}, got {list(lam.shape)}")
-    if use_op:
-        # One fused op: CE of every network + election, no host sync (csrc/).
-        ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets.expand(logits.shape[:-1]), targets_b, lam)
-        return ce, teacher
-    return reference.competitive_ce(logits, targets, targets_b, lam)
+    return ce_op.competitive_ce(logits, targets, targets_b, lam)
 
 
 def elect_teacher(ce_losses: Tensor | Sequence[Tensor]) -> Tensor:
@@ -255,18 +253,7 @@ def group_student_loss(
                                  f"{None if like is None else list(like.shape)}, got {list(target.shape)}")
     if target_feats is not None and target_logits is None:
         raise ValueError("target_feats needs target_logits too (per-student targets come as a pair)")
-    if _student_loss_op.fused_available(logits.device, logits.dtype):
-        # Fused Triton kernels: all students in one launch, the teacher read on the device (kernels/).
-        use_feats = feats is not None and beta != 0.0
-        flat = feats.flatten(2) if use_feats else logits.new_zeros(*logits.shape[:2], 0)
-        flat_target = target_feats.flatten(2) if (use_feats and target_feats is not None) else None
-        loss, _ = torch.ops.cdfast.group_student_loss(logits, flat, teacher, float(temperature), float(alpha),
-                                                      float(beta), target_logits, flat_target)
-        return loss
-    return reference.group_student_loss(
-        logits, feats, teacher, temperature=temperature, alpha=alpha, beta=beta,
-        target_logits=target_logits, target_feats=target_feats,
-    )
+    return student_loss_op.dispatch(logits, feats, teacher, temperature, alpha, beta, target_logits, target_feats)
 
 
 def weighted_student_loss(

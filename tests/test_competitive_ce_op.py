@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cdfast
-from cdfast import _ops
+from cdfast.ops import competitive_ce as _ops
 from cdfast import reference as R
 
 pytestmark = pytest.mark.skipif(not _ops.HAS_EXTENSION, reason="cdfast._C is not built (CDFAST_BUILD_EXT=0?)")

@@ -210,7 +210,7 @@ def test_float64_is_served_by_the_reference_in_float64():
     loss = cdfast.group_student_loss(logits, feats, torch.tensor(1, device=device))
     assert loss.dtype == torch.float64 and loss.grad_fn is None
     torch.testing.assert_close(loss, R.group_student_loss(logits, feats, torch.tensor(1, device=device)))
-    from cdfast import _student_loss_op
+    from cdfast.ops import student_loss as _student_loss_op
     assert not _student_loss_op.fused_available(torch.device("cuda"), torch.float64)
 
 

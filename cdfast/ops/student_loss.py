@@ -9,6 +9,7 @@ the kernels directly, and ``torch.compile`` traces into the op's body, so
 inductor sees the Triton kernels themselves rather than an opaque call. Its
 autograd sends gradients to the students only; there is no host sync, so it
 can be captured in a CUDA graph. The kernels live in ``kernels/`` (``cdfast.kernels``).
+:func:`dispatch` is what :func:`cdfast.functional.group_student_loss` calls.
 """
 
 from __future__ import annotations
@@ -118,3 +119,18 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 group_student_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dispatch(logits: Tensor, feats: Tensor | None, teacher: Tensor, temperature: float, alpha: float, beta: float,
+             target_logits: Tensor | None = None, target_feats: Tensor | None = None) -> Tensor:
+    """The group student loss ``[N]`` of checked inputs: the fused op where the Triton kernels serve
+    the device and dtype, the reference (float64 stays float64) elsewhere."""
+    if fused_available(logits.device, logits.dtype):
+        use_feats = feats is not None and beta != 0.0
+        flat = feats.flatten(2) if use_feats else logits.new_zeros(*logits.shape[:2], 0)
+        flat_target = target_feats.flatten(2) if (use_feats and target_feats is not None) else None
+        loss, _ = torch.ops.cdfast.group_student_loss(logits, flat, teacher, float(temperature), float(alpha),
+                                                      float(beta), target_logits, flat_target)
+        return loss
+    return reference.group_student_loss(logits, feats, teacher, temperature=temperature, alpha=alpha, beta=beta,
+                                        target_logits=target_logits, target_feats=target_feats)

@@ -1,11 +1,11 @@
-"""The compiled ops of ``cdfast._C``: loading and fake (meta) implementations.
+"""The op ``cdfast::competitive_ce``: loading ``cdfast._C``, its fake (meta) implementation, and
+the dispatch between the compiled kernel and the PyTorch reference.
 
 The schemas, kernels and the autograd of ``cdfast::competitive_ce`` live in csrc/
 (torch.library namespace ``cdfast``; the autograd is C++, so a call never enters
-Python to build its graph node).
-When the compiled library is missing (a CDFAST_BUILD_EXT=0 install, or a
-build for another torch), cdfast still imports, logs one line, and
-:mod:`cdfast.functional` uses the PyTorch reference instead.
+Python to build its graph node). When the compiled library is missing (a
+CDFAST_BUILD_EXT=0 install, or a build for another torch), cdfast still imports,
+logs one line, and :func:`competitive_ce` uses the PyTorch reference instead.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import logging
 import os
 
 import torch
+from torch import Tensor
+
+from cdfast import reference
 
 log = logging.getLogger("cdfast")
 
@@ -40,6 +43,22 @@ def op_available(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and WITH_CUDA)
 
 
+def checks_label_values(device: torch.device) -> bool:
+    """Whether the path :func:`competitive_ce` takes on ``device`` checks label values itself
+    (the compiled kernels do, the CPU one with an error and the CUDA one with a device assert)."""
+    return op_available(device)
+
+
+def competitive_ce(logits: Tensor, targets: Tensor, targets_b: Tensor | None, lam: Tensor | None
+                   ) -> tuple[Tensor, Tensor]:
+    """``(ce, teacher)`` of checked inputs (targets ``[*G, N, B]`` or ``[B]``): the compiled op where it
+    has a kernel for the device (one fused launch, no host sync), the reference elsewhere."""
+    if op_available(logits.device):
+        ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets.expand(logits.shape[:-1]), targets_b, lam)
+        return ce, teacher
+    return reference.competitive_ce(logits, targets, targets_b, lam)
+
+
 def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
@@ -48,6 +67,9 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("cdfast::competitive_ce")
     def _competitive_ce_fake(logits, targets, targets_b, lam):
+        torch._check(logits.dim() >= 3, lambda: f"logits must be [*G, N, B, K], got {logits.dim()} dims")
+        torch._check(tuple(targets.shape) == tuple(logits.shape[:-1]),
+                     lambda: f"targets {list(targets.shape)} must be logits.shape[:-1] {list(logits.shape[:-1])}")
         acc = _acc_dtype(logits)
         return (logits.new_empty(logits.shape[:-2], dtype=acc),
                 logits.new_empty(logits.shape[:-3], dtype=torch.int64),
