@@ -10,11 +10,10 @@ later engines can capture the step in a CUDA graph; metrics are read after it.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
-
-import logging
 
 import torch
 import torch.nn as nn
@@ -229,7 +228,7 @@ class CompetitiveDistillation(nn.Module):
         log.info("cdfast: engine auto -> %s (measured per step on this batch: %s%s)", fastest, timings,
                  f"; not timed: {'; '.join(left_out)}" if left_out else "")
         self._set_engine(fastest)
-        self.engine_choice = {"engine": fastest, "seconds_per_step": seconds, "left_out": left_out}
+        self.engine_choice = {"engine": fastest, "seconds_per_step": seconds, "timings": timings, "left_out": left_out}
 
     @property
     def perturb_bn_stats(self) -> bool:
@@ -407,39 +406,38 @@ class CompetitiveDistillation(nn.Module):
         (j == r); of the perturbed batch, the other way round. Row r (the mutated student)
         reads the perturbed views, every other row the clean ones.
         """
-        n, t2 = self.n, self.temperature ** 2
+        n = self.n
         other_logits, other_feats = zip(*(split_output(i, o) for i, o in enumerate(other)))
-        views_logits = {  # view name -> [N, B, K]: every network's output on that batch
-            "clean": torch.stack([other_logits[j] if j == r else logits[j] for j in range(n)]),
-            "perturbed": torch.stack([logits[j] if j == r else other_logits[j] for j in range(n)]),
-        }
+
+        def views(own, others) -> tuple[list, list]:
+            """(every network on the clean batch, every network on the perturbed batch)."""
+            return ([others[j] if j == r else own[j] for j in range(n)],
+                    [own[j] if j == r else others[j] for j in range(n)])
+
+        clean_logits, pert_logits = (torch.stack(v) for v in views(logits, other_logits))
+        clean_feats, pert_feats = views(feats, other_feats) if self.feature_loss else (None, None)
         if self.weight_mode == "best" and (stacked is not None or not self.feature_loss):
             # one teacher: per-student targets for the fused loss, row r from the perturbed view
-            def per_student(views: Tensor) -> Tensor:
-                clean_t, pert_t = views[0].index_select(0, teacher), views[1].index_select(0, teacher)
+            def per_student(clean: Tensor, pert: Tensor) -> Tensor:
+                clean_t, pert_t = clean.index_select(0, teacher), pert.index_select(0, teacher)
                 return torch.cat([clean_t] * r + [pert_t] + [clean_t] * (n - r - 1))
 
-            target_logits = per_student((views_logits["clean"], views_logits["perturbed"]))
-            target_feats = None
-            if stacked is not None:
-                clean = torch.stack([other_feats[j] if j == r else feats[j] for j in range(n)])
-                pert = torch.stack([feats[j] if j == r else other_feats[j] for j in range(n)])
-                target_feats = per_student((clean, pert))
+            target_feats = (per_student(torch.stack(clean_feats), torch.stack(pert_feats))
+                            if stacked is not None else None)
             return CF.group_student_loss(logits, stacked, teacher, temperature=self.temperature, alpha=self.alpha,
-                                         beta=self.beta, target_logits=target_logits, target_feats=target_feats)
+                                         beta=self.beta, target_logits=per_student(clean_logits, pert_logits),
+                                         target_feats=target_feats)
         row_is_r = (torch.arange(n, device=logits.device) == r).unsqueeze(1)
-        kl = torch.where(row_is_r, CF.pairwise_kl(logits, self.temperature, views_logits["perturbed"]),
-                         CF.pairwise_kl(logits, self.temperature, views_logits["clean"]))
-        pair = self.alpha * t2 * kl
-        if self.feature_loss and self.beta != 0.0:
-            clean = [other_feats[j] if j == r else feats[j] for j in range(n)]
-            pert = [feats[j] if j == r else other_feats[j] for j in range(n)]
+        kl = torch.where(row_is_r, CF.pairwise_kl(logits, self.temperature, pert_logits),
+                         CF.pairwise_kl(logits, self.temperature, clean_logits))
+        pair = self.alpha * self.temperature ** 2 * kl
+        if self.feature_loss:  # (feature_loss is off when beta is 0)
             if stacked is not None:
-                l2_clean = CF.pairwise_feature_l2(stacked, None, torch.stack(clean))
-                l2_pert = CF.pairwise_feature_l2(stacked, None, torch.stack(pert))
+                l2_clean = CF.pairwise_feature_l2(stacked, None, torch.stack(clean_feats))
+                l2_pert = CF.pairwise_feature_l2(stacked, None, torch.stack(pert_feats))
             else:
-                l2_clean = CF.pairwise_feature_l2(feats, self.adapters.adapt, clean)
-                l2_pert = CF.pairwise_feature_l2(feats, self.adapters.adapt, pert)
+                l2_clean = CF.pairwise_feature_l2(feats, self.adapters.adapt, clean_feats)
+                l2_pert = CF.pairwise_feature_l2(feats, self.adapters.adapt, pert_feats)
             pair = pair + self.beta * torch.where(row_is_r, l2_pert, l2_clean)
         weights = CF.distillation_weights(score.detach(), self.weight_mode, teacher)
         return (weights.to(pair.dtype) * pair).sum(1)

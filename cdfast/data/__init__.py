@@ -49,6 +49,11 @@ class DataBundle:
     calibration: Callable[[int], Any] | None = None
 
 
+def _black_and_white(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A black and a white pixel after normalization, per channel: ``-mean / std``, ``(1 - mean) / std``."""
+    return tuple(-m / s for m, s in zip(mean, std)), tuple((1 - m) / s for m, s in zip(mean, std))
+
+
 def _check_labels(name: str, split: str, labels: torch.Tensor, num_classes: int) -> None:
     if labels.numel() == 0:
         raise ValueError(f"{name} {split} split holds no images")
@@ -102,11 +107,9 @@ def load_data(
             return FolderLoader(train_dir, False, batch_size, workers, image_size, in_channels, seed + 1, n,
                                 skip_bad_images)
 
-        mean, std = folder_mean_std(in_channels)
         return DataBundle(name, train, test, len(classes), (in_channels, image_size, image_size),
                           len(train.loader.dataset), len(test.loader.dataset),
-                          black=tuple(-m / s for m, s in zip(mean, std)),
-                          white=tuple((1 - m) / s for m, s in zip(mean, std)), calibration=folder_calibration)
+                          *_black_and_white(*folder_mean_std(in_channels)), calibration=folder_calibration)
     num_classes, _, mean, std, pad = IN_MEMORY[name]
     splits = load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, num_classes)
     for split, (_, labels) in splits.items():
@@ -123,8 +126,7 @@ def load_data(
         return TensorLoader(train_x[pick], train_y[pick], batch_size, **common)
 
     return DataBundle(name, train, test, num_classes, tuple(train_x.shape[1:]), train_x.shape[0], test_x.shape[0],
-                      black=tuple(-m / s for m, s in zip(mean, std)), white=tuple((1 - m) / s for m, s in zip(mean, std)),
-                      calibration=calibration)
+                      *_black_and_white(mean, std), calibration=calibration)
 
 
 __all__ = ["load_data", "DataBundle", "DATASETS", "TensorLoader", "FolderLoader", "BadImageError",

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from cdfast.engines.fused import why_not_fusable
-from cdfast.engines.graph import why_not_capturable
+from cdfast.engines.graph import GRAPH_COMPILE_MODES_REFUSED, why_not_capturable
 
 if TYPE_CHECKING:
     from cdfast.algorithm import CompetitiveDistillation
@@ -42,7 +42,7 @@ def candidates(group: CompetitiveDistillation) -> tuple[list[str], list[str]]:
     mode = (group.compile_options or {}).get("mode")
     if not_capturable is not None:
         left_out.append(f"graph engines ({not_capturable})")
-    elif mode in ("reduce-overhead", "max-autotune"):
+    elif mode in GRAPH_COMPILE_MODES_REFUSED:
         left_out.append(f"graph engines (torch.compile mode {mode!r} captures graphs itself)")
     else:
         names += ["graph"] + (["fused+graph"] if fusable is None else [])

@@ -77,8 +77,8 @@ def _hyper_signature(optimizer: torch.optim.Optimizer) -> tuple:
 def _group_signature(group: CompetitiveDistillation) -> tuple:
     """The group's settings a captured step bakes in (floats reach the kernels as arguments)."""
     return (group.mode, group.teachers, group.alpha, group.beta, group.temperature, group.feature_loss,
-            group.mutated_bn, group.matched_inputs, group.election, group.autocast_dtype, group.channels_last, group.engine_name,
-            group.training, tuple(net.training for net in group.networks))
+            group.mutated_bn, group.matched_inputs, group.election, group.autocast_dtype, group.channels_last,
+            group.engine_name, group.training, tuple(net.training for net in group.networks))
 
 
 def why_not_graphable(group: CompetitiveDistillation) -> str | None:
@@ -157,7 +157,7 @@ class GraphStep:
 
     def _sync_settings(self, device: torch.device) -> None:
         """Before a replay: learning rates into the captured tensors; recapture if anything else moved."""
-        if self.lr and not self._same(self._watch(device), self.watched):
+        if self.lr and not self._same(self._watch(device), self.watched):  # one look per step
             self.resets += 1
             log.info("cdfast: graph engine: the optimizers, the group's settings or the parameters changed; "
                      "capturing the step again")
@@ -168,8 +168,8 @@ class GraphStep:
                             "runs eagerly. Keep such settings fixed, or use another engine", self.resets)
             self._reset()
         if not self.lr:
-            self._check(device)
-        self.watched = self._watch(device)
+            self._check(device)  # after a reset or at the first step: adopt the lr tensors, then look
+            self.watched = self._watch(device)
         for opt, tensors in zip(self.group.optimizers, self.lr):
             for pg, t in zip(opt.param_groups, tensors):
                 if pg["lr"] is not t:  # a float (or another tensor) was assigned: keep the captured tensor

@@ -108,11 +108,16 @@ def _randint(high: int, x: Tensor, rng: PerturbRNG) -> Tensor:
     return (_uniform(0.0, float(high), 1, x, rng).floor().long()).clamp(max=high - 1)[0]
 
 
+def _per_channel(values, x: Tensor) -> Tensor | None:
+    """Per-channel values (the pool's black or white level) as a ``[1, C, 1, 1]`` tensor like x; None stays None."""
+    return None if values is None else torch.as_tensor(values, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+
+
 def _sample(x: Tensor, grid: Tensor, fill) -> Tensor:
     """``grid_sample`` whose outside is ``fill`` per channel (the normalized black), not 0 (the mean)."""
     if fill is None:
         return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
-    f = torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    f = _per_channel(fill, x)
     return F.grid_sample(x - f, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False) + f
 
 
@@ -272,8 +277,7 @@ class ClampedNoise:
 
     def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
         noisy = x + self.std * torch.randn(x.shape, generator=rng.on(x.device), device=x.device, dtype=x.dtype)
-        low = None if self.fill is None else torch.as_tensor(self.fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        high = None if self.white is None else torch.as_tensor(self.white, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        low, high = _per_channel(self.fill, x), _per_channel(self.white, x)
         if low is not None or high is not None:
             noisy = torch.clamp(noisy, low, high)
         return _same_labels(noisy, y)
@@ -291,8 +295,7 @@ class JitterBlur:
 
     def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
         b, c, h, w = x.shape
-        black = (torch.zeros(1, c, 1, 1, device=x.device, dtype=x.dtype) if self.fill is None else
-                 torch.as_tensor(self.fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1))
+        black = _per_channel(self.fill if self.fill is not None else [0.0] * c, x)
         bright = _uniform(1 - self.strength, 1 + self.strength, b, x, rng).to(x.dtype).view(b, 1, 1, 1)
         contrast = _uniform(1 - self.strength, 1 + self.strength, b, x, rng).to(x.dtype).view(b, 1, 1, 1)
         x = black + bright * (x - black)  # pixel * factor, in normalized units

@@ -59,10 +59,11 @@ class PerturbationPool:
     ``op(x, y, rng) -> Perturbed``, and preset names (:data:`PRESETS`: ``"paper"``,
     ``"authors"``). ``fill`` / ``white``: the normalized black and white per channel
     (``-mean / std``, ``(1 - mean) / std``): the warping ops put black where the image
-    moves away (None keeps 0, the mean colour), ``noise-clamp`` clamps to that range. Each step, :meth:`choose_network` picks the
-    network to mutate and :meth:`choose_op` the op (host RNG: they select which
-    code runs, and never wait on the device); :meth:`apply` runs the op, whose
-    own random numbers are drawn on the device. :meth:`perturb` does both.
+    moves away (None keeps 0, the mean colour), ``noise-clamp`` clamps to that range.
+    Each step, :meth:`choose_network` picks the network to mutate and
+    :meth:`choose_op` the op (host RNG: they select which code runs, and never
+    wait on the device); :meth:`apply` runs the op, whose own random numbers are
+    drawn on the device. :meth:`perturb` does both.
     """
 
     def __init__(self, ops: Iterable[Union[str, PerturbOp]] | None = None, seed: int = 0,

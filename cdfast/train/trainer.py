@@ -248,7 +248,6 @@ class Trainer:
             torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s, self.steps_per_epoch))
             for opt in self.group.optimizers
         ]
-        self.teacher_counts = [0] * self.group.n
         self._engine_reported = False
         self._calibration = None  # clean training batches for BatchNorm recalibration, made at first use
 
@@ -284,7 +283,6 @@ class Trainer:
             "schedulers": [s.state_dict() for s in self.schedulers],
             "pool": self.group.pool.state_dict(),
             "train_loader": self.data.train.state_dict(),
-            "teacher_counts": self.teacher_counts,
             "changes": self.changes,
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -310,7 +308,6 @@ class Trainer:
                 sched.load_state_dict(s)
             self.group.pool.load_state_dict(state["pool"])
             self.data.train.load_state_dict(state["train_loader"])
-            self.teacher_counts = list(state["teacher_counts"])
             rng = state["rng"]
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
@@ -452,8 +449,6 @@ class Trainer:
         train_time = time.perf_counter() - t0
         metrics = self.evaluate()
         self._check_finite(epoch, metrics)
-        for i in range(n):
-            self.teacher_counts[i] += meter.teacher[i]
         return {
             "epoch": epoch, "step": self.step,
             "lr": float(self.schedulers[0].get_last_lr()[0]),  # a device tensor with a graph engine
@@ -466,9 +461,7 @@ class Trainer:
 
     def _engine_choice_line(self) -> str:
         choice = self.group.engine_choice
-        timings = ", ".join(f"{name} {1e3 * t:.2f} ms" for name, t in
-                            sorted(choice["seconds_per_step"].items(), key=lambda kv: kv[1]))
-        return f"cdfast: engine auto -> {choice['engine']} (per step: {timings})"
+        return f"cdfast: engine auto -> {choice['engine']} (per step: {choice['timings']})"
 
     def _check_finite(self, epoch: int, metrics: dict[str, Any]) -> None:
         """Never record NaN, never checkpoint a diverged network as the last good one."""
