@@ -1,8 +1,9 @@
 """Build script for cdfast.
 
 The Python package lives in cdfast/; the Triton kernels in kernels/ are
-installed as ``cdfast.kernels``; the C++/CUDA ops in csrc/ are compiled into
-``cdfast._C`` (torch.library namespace ``cdfast``).
+``cdfast.kernels`` (cdfast/kernels links there, so a plain checkout imports them
+too); the C++/CUDA ops in csrc/ are compiled into ``cdfast._C`` (torch.library
+namespace ``cdfast``).
 
 Environment flags:
     CDFAST_BUILD_EXT=0    skip the compiled extension entirely (cdfast then uses its PyTorch reference)
@@ -59,8 +60,8 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=find_packages(include=["cdfast", "cdfast.*"]) + ["cdfast.kernels"],
-    package_dir={"cdfast.kernels": "kernels"},
+    # cdfast/kernels is a link to the top-level kernels/ folder (found like any subpackage, copied into wheels)
+    packages=find_packages(include=["cdfast", "cdfast.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -103,7 +103,6 @@ step "build" 240 "${PIP_E[@]}" \
   || step "install (no extension)" 60 env CDFAST_BUILD_EXT=0 "${PIP_E[@]}" \
   || { # last resort: no pip install at all; the package runs from the checkout
        step "build_ext --inplace" 240 $PY setup.py build_ext --inplace
-       ln -sfn ../kernels cdfast/kernels
        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
 $PY -c "from cdfast.ops import competitive_ce as _ops; print('cdfast._C:', 'built' if _ops.HAS_EXTENSION else 'MISSING', 'CUDA' if _ops.WITH_CUDA else '')" \
   2>&1 | tee -a "$LOG"

@@ -8,7 +8,7 @@ network's plain training step (CE + SGD), the yardstick of "N networks for the
 price of one". On the CPU only the small groups in fp32 run (the GPU groups and
 bf16 would take minutes per round there).
 
-Graph engines are timed once every (mutated network, op) pair is captured: the
+Graph engines are timed once every (perturbed network, op) pair is captured: the
 warm-up runs until then, since the pairs' first steps are eager by design.
 """
 

@@ -1,6 +1,6 @@
 """One training step of Competitive Distillation for a group of N >= 2 networks.
 
-The step follows ``ALGORITHM.md``: mutate one random network's batch, N
+The step follows ``ALGORITHM.md``: perturb one random network's batch, N
 forwards, cross-entropy per network, elect the teacher (argmin, ties to the
 lowest index), distil every student towards it (KL on softmax outputs + L2 on
 features; teacher outputs are constants), and let every network step its own
@@ -22,7 +22,8 @@ from torch import Tensor
 from cdfast import functional as CF
 from cdfast.engines import get_engine, network_device, split_engine_name
 from cdfast.engines.graph import GraphStep
-from cdfast.options import RANGES, check_number, check_option
+from cdfast.options import (ELECTIONS, MODES, PERTURBED_BN, RANGES, TEACHER_RULES, check_choice, check_flag,
+                            check_number, check_option, check_teachers)
 from cdfast.models import split_output
 from cdfast.models.adapters import FeatureAdapters, probe_feature_shapes
 from cdfast.perturb import PerturbationPool, PerturbOp
@@ -30,14 +31,15 @@ from cdfast.perturb import PerturbationPool, PerturbOp
 log = logging.getLogger("cdfast")
 
 __all__ = ["CompetitiveDistillation", "GroupLosses", "StepResult", "MODES", "TEACHER_RULES", "ELECTIONS",
-           "MUTATED_BN", "split_output"]
-
-MODES = ("competitive", "dml", "independent")
-TEACHER_RULES = ("best", "all-better")
-ELECTIONS = ("ce", "clean-equivalent")
-MUTATED_BN = ("frozen", "updated", "clean")
+           "PERTURBED_BN", "split_output"]  # the choices live in cdfast.options
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
+
+
+def _check_same_classes(classes: dict[int, int | None]) -> None:
+    """Every network must predict the same K (``None``: not known before a forward)."""
+    if len({k for k in classes.values() if k is not None}) > 1:
+        raise ValueError(f"the networks predict different numbers of classes {classes}; every network must predict the same K")
 
 
 @dataclass
@@ -54,7 +56,7 @@ class GroupLosses:
     distill: Tensor       # distillation terms (0 for the teacher, and in independent mode)
     teacher: Tensor       # 0-d int64 device tensor: the elected network
     correct: Tensor       # fraction of the batch each network classified right (own targets)
-    perturbed: int        # index of the mutated network, -1 if none (a host value: drawn on the host)
+    perturbed: int        # index of the perturbed network, -1 if none (a host value: drawn on the host)
     perturbation: str | None
 
     def detached(self) -> "GroupLosses":
@@ -90,31 +92,28 @@ class CompetitiveDistillation(nn.Module):
             or ``"all-better"`` (each learns from every network that did better).
         alpha, beta, temperature: weights of the KL and feature terms, softmax temperature.
         feature_loss: add ``beta * mean((F_i - F_t)^2)`` to the students' losses.
-        perturb: mutate one random network's batch per step. None means on for
+        perturb: perturb one random network's batch per step. None means on for
             ``competitive`` and off for the baselines.
-        perturb_prob: probability that any network is mutated in an eligible step.
-        perturb_every: every how many steps one is eligible for a mutation: 1 (the paper's
+        perturb_prob: probability that any network is perturbed in an eligible step.
+        perturb_every: every how many steps one is eligible for a perturbation: 1 (the paper's
             text, default) or e.g. 10 (the authors' code perturbs one batch in ten).
         perturb_ops: op names or callables for the pool (default: crop, noise, mixup,
             cutmix, affine), or a ready :class:`~cdfast.perturb.PerturbationPool`.
         seed: seed of the pool's randomness.
-        perturb_bn_stats: let the mutated network's perturbed batch update its BatchNorm
-            running statistics. Off by default: evaluation sees clean images, and
-            statistics of noisy or mixed batches degrade test accuracy. (The same as
-            ``mutated_bn="updated"``.)
-        mutated_bn: the mutated network's BatchNorm running statistics: ``"frozen"`` (the
-            perturbed batch does not update them; default), ``"updated"`` (it does), or
-            ``"clean"`` (frozen on the perturbed batch, then updated by a no-grad forward of
-            the clean batch).
+        perturbed_bn: the perturbed network's BatchNorm running statistics: ``"frozen"`` (the
+            perturbed batch does not update them; default: evaluation sees clean images, and
+            statistics of noisy or mixed batches degrade test accuracy), ``"updated"`` (it
+            does), or ``"clean"`` (frozen on the perturbed batch, then updated by a no-grad
+            forward of the clean batch).
         matched_inputs: distil every student towards the teacher's output on the
-            student's own input: a mutated student learns from the teacher's view of the
+            student's own input: a perturbed student learns from the teacher's view of the
             perturbed batch, clean students from its view of the clean batch. Costs one
-            extra no-grad forward of every network (on the other input) in mutated steps.
+            extra no-grad forward of every network (on the other input) in perturbed steps.
             Off by default (the paper: the teacher's output on its own input).
         election: ``"ce"`` (the paper: lowest cross-entropy teaches) or
             ``"clean-equivalent"``: a mixed-label batch's CE minus the entropy of its label
             mix ``H(lam)``, the part no prediction can remove, so a good mixup/cutmix
-            mutation can win the election (which also ranks the all-better rule).
+            perturbation can win the election (which also ranks the all-better rule).
         input_shape: ``(C, H, W)`` of one image. Needed when the networks' features have
             different shapes: the group then probes them once and builds adapters.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the forwards under autocast.
@@ -147,8 +146,7 @@ class CompetitiveDistillation(nn.Module):
         perturb_every: int = 1,
         perturb_ops: Union[None, PerturbationPool, Sequence[Union[str, PerturbOp]]] = None,
         seed: int = 0,
-        perturb_bn_stats: bool = False,
-        mutated_bn: str | None = None,
+        perturbed_bn: str = "frozen",
         matched_inputs: bool = False,
         election: str = "ce",
         input_shape: Sequence[int] | None = None,
@@ -161,35 +159,22 @@ class CompetitiveDistillation(nn.Module):
         networks = list(networks)
         if len(networks) < 2:
             raise ValueError(f"Competitive Distillation needs a group of N >= 2 networks, got {len(networks)}")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        if teachers not in TEACHER_RULES:
-            raise ValueError(f"unknown teachers rule {teachers!r}; choose one of {TEACHER_RULES}")
-        if mode != "competitive" and teachers != "best":
-            raise ValueError(f"teachers={teachers!r} only applies to mode='competitive' (got mode={mode!r})")
+        check_teachers(mode, teachers)
         alpha, beta = check_option("alpha", alpha), check_option("beta", beta)
         temperature, perturb_prob = check_option("temperature", temperature), check_option("perturb_prob", perturb_prob)
         self.perturb_every = int(check_number("perturb_every", perturb_every, integer=True, **RANGES["perturb_every"]))
-        for name, flag in (("feature_loss", feature_loss), ("perturb_bn_stats", perturb_bn_stats),
-                           ("channels_last", channels_last), ("matched_inputs", matched_inputs)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        for name, flag in (("feature_loss", feature_loss), ("channels_last", channels_last),
+                           ("matched_inputs", matched_inputs)):
+            check_flag(name, flag)
         if perturb is not None and not isinstance(perturb, bool):
             raise TypeError(f"perturb must be True, False or None (on for competitive mode), got {perturb!r}")
         check_number("seed", seed, integer=True, ge=0)
-        if election not in ELECTIONS:
-            raise ValueError(f"unknown election {election!r}; choose one of {ELECTIONS}")
-        if mutated_bn is not None and mutated_bn not in MUTATED_BN:
-            raise ValueError(f"unknown mutated_bn {mutated_bn!r}; choose one of {MUTATED_BN}")
-        if perturb_bn_stats and mutated_bn not in (None, "updated"):
-            raise ValueError(f"perturb_bn_stats=True means mutated_bn='updated', but mutated_bn={mutated_bn!r}; "
-                             "pass only mutated_bn")
+        check_choice("election", election)
+        check_choice("perturbed_bn", perturbed_bn)
         bad = [i for i, net in enumerate(networks) if not isinstance(net, nn.Module)]
         if bad:
             raise TypeError(f"networks {bad} are not torch.nn.Module instances (got {type(networks[bad[0]]).__name__})")
-        classes = {i: getattr(n, "num_classes", None) for i, n in enumerate(networks)}
-        if len({k for k in classes.values() if k is not None}) > 1:
-            raise ValueError(f"the networks predict different numbers of classes {classes}; every network must predict the same K")
+        _check_same_classes({i: getattr(n, "num_classes", None) for i, n in enumerate(networks)})
 
         self.networks = nn.ModuleList(networks)
         self.mode, self.teachers = mode, teachers
@@ -197,7 +182,7 @@ class CompetitiveDistillation(nn.Module):
         self.feature_loss = feature_loss and beta != 0.0 and mode != "independent"
         self.perturb = (mode == "competitive") if perturb is None else perturb
         self.perturb_prob = perturb_prob
-        self.mutated_bn = mutated_bn or ("updated" if perturb_bn_stats else "frozen")
+        self.perturbed_bn = perturbed_bn
         self.matched_inputs, self.election = matched_inputs, election
         self.pool = perturb_ops if isinstance(perturb_ops, PerturbationPool) else PerturbationPool(perturb_ops, seed=seed)
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
@@ -231,11 +216,6 @@ class CompetitiveDistillation(nn.Module):
         self.engine_choice = {"engine": fastest, "seconds_per_step": seconds, "timings": timings, "left_out": left_out}
 
     @property
-    def perturb_bn_stats(self) -> bool:
-        """Whether perturbed batches update the mutated network's BatchNorm statistics (``mutated_bn="updated"``)."""
-        return self.mutated_bn == "updated"
-
-    @property
     def graphed(self) -> bool:
         """Whether :meth:`step` runs as CUDA graph replays (engine ``"graph"`` or ``"<engine>+graph"``)."""
         return self._graph_step is not None
@@ -253,13 +233,9 @@ class CompetitiveDistillation(nn.Module):
         return self._engine
 
     @property
-    def weight_mode(self) -> str:
-        """Who learns from whom, as :func:`cdfast.functional.distillation_weights` names it."""
-        if self.mode == "independent":
-            return "none"
-        if self.mode == "dml":
-            return "all"
-        return self.teachers
+    def one_teacher(self) -> bool:
+        """Whether the elected network alone teaches (competitive, ``teachers="best"``): the fused loss serves it."""
+        return self.mode == "competitive" and self.teachers == "best"
 
     # ---- construction helpers -------------------------------------------------
     def _build_optimizers(self, optimizers) -> list[torch.optim.Optimizer]:
@@ -314,8 +290,8 @@ class CompetitiveDistillation(nn.Module):
                 )
         return y if y.dtype == torch.int64 else y.long()
 
-    def _draw_mutation(self) -> tuple[int, int]:
-        """Host choices of this step: the network to mutate (-1: none) and the op's index in the pool."""
+    def _draw_perturbation(self) -> tuple[int, int]:
+        """Host choices of this step: the network to perturb (-1: none) and the op's index in the pool."""
         r = self.pool.choose_network(self.n, self.perturb_prob, self.perturb_every) if self.perturb else -1
         return r, (self.pool.choose_op() if r >= 0 else -1)
 
@@ -326,24 +302,22 @@ class CompetitiveDistillation(nn.Module):
         gives each network exactly the gradient of its own loss.
         """
         y = self._check_batch(x, y)
-        return self._losses(x, y, *self._draw_mutation())
+        return self._losses(x, y, *self._draw_perturbation())
 
     def _losses(self, x: Tensor, y: Tensor, r: int, op: int) -> GroupLosses:
         """The step's forward part for host choices ``(r, op)``: nothing here reads the device."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        inputs, targets, targets_b, lam = self.pool.mutate_group(x, y, self.n, r, op)
+        inputs, targets, targets_b, lam = self.pool.perturb_group(x, y, self.n, r, op)
         op_name = self.pool.names[op] if r >= 0 else None
         # autocast's weight cache must be off where the step is captured in a CUDA graph
         autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=not self.graphed)
                     if self.autocast_dtype is not None else nullcontext())
-        frozen_bn = r if self.mutated_bn != "updated" else -1
+        frozen_bn = r if self.perturbed_bn != "updated" else -1
         with autocast:
             outs = self.engine.forward(self.networks, inputs, frozen_bn=frozen_bn)
         logits_list, feats_list = zip(*(split_output(i, o) for i, o in enumerate(outs)))
-        classes = [z.shape[-1] for z in logits_list]
-        if len(set(classes)) != 1:
-            raise ValueError(f"the networks predict different numbers of classes {classes}; every network must predict the same K")
+        _check_same_classes({i: z.shape[-1] for i, z in enumerate(logits_list)})
         logits = torch.stack(logits_list)
         ce, teacher = CF.competitive_ce(logits, targets, targets_b, lam)
         score = ce
@@ -355,14 +329,14 @@ class CompetitiveDistillation(nn.Module):
             teacher = CF.elect_teacher(score.detach())
         other = None  # every network's output on the other input (teachers' view of the students' batches)
         needs_other = self.matched_inputs and r >= 0 and self.mode != "independent"
-        if needs_other or (r >= 0 and self.mutated_bn == "clean"):
+        if needs_other or (r >= 0 and self.perturbed_bn == "clean"):
             other_inputs = [x if i == r else inputs[r] for i in range(self.n)]
-            # BatchNorm: only the mutated network's clean forward may update statistics (mutated_bn="clean")
-            keep = {r} if self.mutated_bn == "clean" else set()
+            # BatchNorm: only the perturbed network's clean forward may update statistics (perturbed_bn="clean")
+            keep = {r} if self.perturbed_bn == "clean" else set()
             with torch.no_grad(), autocast:
                 if needs_other:
                     other = self.engine.forward(self.networks, other_inputs, frozen_bn=set(range(self.n)) - keep)
-                else:  # only the clean forward that refreshes the mutated network's statistics
+                else:  # only the clean forward that refreshes the perturbed network's statistics
                     self.networks[r](x)
         distill = self._distillation(logits, list(feats_list), score, teacher, other, r)
         own_targets = targets if targets.dim() == 2 else targets.expand(self.n, -1)
@@ -389,9 +363,9 @@ class CompetitiveDistillation(nn.Module):
                 )
         if other is not None:
             return self._matched_distillation(logits, feats, stacked, score, teacher, other, r)
-        if self.weight_mode == "best" and (stacked is not None or not self.feature_loss):
+        if self.one_teacher and (stacked is not None or not self.feature_loss):
             return CF.group_student_loss(logits, stacked, teacher, **kw)
-        weights = CF.distillation_weights(score.detach(), self.weight_mode, teacher)
+        weights = CF.distillation_weights(score.detach(), self.mode, self.teachers, teacher=teacher)
         feature_l2 = None
         if self.feature_loss:
             feature_l2 = CF.pairwise_feature_l2(stacked if stacked is not None else feats,
@@ -403,7 +377,7 @@ class CompetitiveDistillation(nn.Module):
         """Each student towards its teachers' outputs on the student's own input.
 
         Teacher j's view of the clean batch is its own output (j != r) or its extra forward
-        (j == r); of the perturbed batch, the other way round. Row r (the mutated student)
+        (j == r); of the perturbed batch, the other way round. Row r (the perturbed student)
         reads the perturbed views, every other row the clean ones.
         """
         n = self.n
@@ -416,7 +390,7 @@ class CompetitiveDistillation(nn.Module):
 
         clean_logits, pert_logits = (torch.stack(v) for v in views(logits, other_logits))
         clean_feats, pert_feats = views(feats, other_feats) if self.feature_loss else (None, None)
-        if self.weight_mode == "best" and (stacked is not None or not self.feature_loss):
+        if self.one_teacher and (stacked is not None or not self.feature_loss):
             # one teacher: per-student targets for the fused loss, row r from the perturbed view
             def per_student(clean: Tensor, pert: Tensor) -> Tensor:
                 clean_t, pert_t = clean.index_select(0, teacher), pert.index_select(0, teacher)
@@ -439,11 +413,11 @@ class CompetitiveDistillation(nn.Module):
                 l2_clean = CF.pairwise_feature_l2(feats, self.adapters.adapt, clean_feats)
                 l2_pert = CF.pairwise_feature_l2(feats, self.adapters.adapt, pert_feats)
             pair = pair + self.beta * torch.where(row_is_r, l2_pert, l2_clean)
-        weights = CF.distillation_weights(score.detach(), self.weight_mode, teacher)
+        weights = CF.distillation_weights(score.detach(), self.mode, self.teachers, teacher=teacher)
         return (weights.to(pair.dtype) * pair).sum(1)
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
-        """One full training iteration: mutation, forwards, election, losses, backward, N optimizer steps.
+        """One full training iteration: perturbation, forwards, election, losses, backward, N optimizer steps.
 
         With the graph engine the iteration is a CUDA graph replay, and the returned tensors are
         slots of a ring of ``ring_size`` (1024) steps: read them within that many steps.
@@ -454,7 +428,7 @@ class CompetitiveDistillation(nn.Module):
         if self._graph_step is not None:
             return self._graph_step.step(x, y)
         y = self._check_batch(x, y)
-        return self._eager_step(x, y, *self._draw_mutation())
+        return self._eager_step(x, y, *self._draw_perturbation())
 
     def _eager_step(self, x: Tensor, y: Tensor, r: int, op: int) -> StepResult:
         for opt in self.optimizers:

@@ -33,10 +33,8 @@ import yaml
 from cdfast.safe_write import atomic_write
 from cdfast.train.config import TrainConfig, read_yaml_mapping
 from cdfast.train.metrics import summarize_epochs
-from cdfast.train.run_folder import CONFIG_FILE, has_checkpoint, read_epochs, run_state
+from cdfast.train.run_folder import CONFIG_FILE, GRID_FILE, RESULTS_FILE, has_checkpoint, read_epochs, run_state
 
-RESULTS_FILE = "results.jsonl"
-GRID_FILE = "grid.yaml"
 # Group and method names become folder names: plain names only, never a path.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from cdfast import reference
 from cdfast.ops import competitive_ce as ce_op
 from cdfast.ops import student_loss as student_loss_op
-from cdfast.options import check_option
+from cdfast.options import check_option, check_teachers
 
 __all__ = [
     "competitive_ce",
@@ -38,10 +38,7 @@ __all__ = [
     "pairwise_feature_l2",
     "pairwise_kl",
     "distillation_weights",
-    "DISTILLATION_MODES",
 ]
-
-DISTILLATION_MODES = ("best", "all-better", "all", "none")
 
 
 def _stack(logits: Tensor | Sequence[Tensor], name: str = "logits") -> Tensor:
@@ -282,14 +279,27 @@ def weighted_student_loss(
     )
 
 
-def distillation_weights(ce: Tensor, mode: str, teacher: Tensor | None = None) -> Tensor:
+def distillation_weights(ce: Tensor, mode: str = "competitive", teachers: str = "best", *,
+                         teacher: Tensor | None = None) -> Tensor:
     """``W[i, j]``: weight of network j as a teacher of network i; see :func:`cdfast.reference.distillation_weights`.
 
-    ``teacher``: for ``"best"``, the index :func:`competitive_ce` already elected (no second argmin).
+    ``mode`` and ``teachers`` are the words :class:`cdfast.CompetitiveDistillation` takes
+    (:mod:`cdfast.options`). ``teacher``: for ``teachers="best"``, the index
+    :func:`competitive_ce` already elected (no second argmin).
     """
-    if mode not in DISTILLATION_MODES:
-        raise ValueError(f"unknown distillation mode {mode!r}; choose one of {DISTILLATION_MODES}")
-    return reference.distillation_weights(ce, mode, teacher)
+    if mode in _FORMER_RULES:
+        raise ValueError(f"distillation_weights takes mode= and teachers= like CompetitiveDistillation: {mode!r} is "
+                         f"now {_FORMER_RULES[mode]}")
+    check_teachers(mode, teachers)
+    _check_tensor(ce, "ce", getattr(ce, "device", None))
+    if ce.dim() != 1:
+        raise ValueError(f"ce must be [N], one cross-entropy per network; got {list(ce.shape)}")
+    return reference.distillation_weights(ce, mode, teachers, teacher=teacher)
+
+
+# The single-word rules of cdfast 0.1's distillation_weights, and what they are called now.
+_FORMER_RULES = {"best": "mode='competitive', teachers='best'", "all-better": "mode='competitive', teachers='all-better'",
+                 "all": "mode='dml'", "none": "mode='independent'"}
 
 
 pairwise_feature_l2 = reference.pairwise_feature_l2

@@ -1,9 +1,17 @@
-"""The valid range of every numeric option, and the one check that enforces it.
+"""The options the group shares: their valid values, and the one check of each.
 
 The training config (YAML and ``cdfast train`` flags, :class:`cdfast.train.TrainConfig`),
 :class:`cdfast.CompetitiveDistillation` and the functional API all check the shared
-hyper-parameters through :func:`check_option`, so a value is refused the same way,
-with the same message, wherever it comes in.
+options here (numbers through :func:`check_option`, named choices through
+:func:`check_choice`, who-teaches-whom through :func:`check_teachers`), so a value is
+refused the same way, with the same message, wherever it comes in.
+
+Who learns from whom is said in two words everywhere (class, config, CLI, functional):
+``mode`` (``competitive``: an elected teacher; ``dml``: every network learns from every
+other; ``independent``: labels only) and, in competitive mode, ``teachers`` (``best``:
+the elected network teaches all; ``all-better``: each learns from every network that did
+better). The perturbation is one word too: one network's batch is *perturbed*
+(``perturb``, ``perturb_*``, ``perturbed_bn``).
 """
 
 from __future__ import annotations
@@ -12,7 +20,21 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["RANGES", "check_number", "check_option", "describe_range"]
+__all__ = ["RANGES", "CHOICES", "MODES", "TEACHER_RULES", "ELECTIONS", "PERTURBED_BN", "check_number",
+           "check_option", "check_choice", "check_flag", "check_teachers", "describe_range"]
+
+MODES = ("competitive", "dml", "independent")
+TEACHER_RULES = ("best", "all-better")  # who teaches in competitive mode
+ELECTIONS = ("ce", "clean-equivalent")
+PERTURBED_BN = ("frozen", "updated", "clean")  # the perturbed network's BatchNorm running statistics
+
+# name -> the values it may take
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": MODES,
+    "teachers": TEACHER_RULES,
+    "election": ELECTIONS,
+    "perturbed_bn": PERTURBED_BN,
+}
 
 # name -> bounds (ge/gt/le/lt); every option is also required to be finite.
 RANGES: dict[str, dict[str, float]] = {
@@ -54,3 +76,27 @@ def check_number(name: str, value: Any, *, integer: bool = False, ge=None, gt=No
 def check_option(name: str, value: Any) -> float:
     """Check one of the shared hyper-parameters of :data:`RANGES`; returns it as a float."""
     return float(check_number(name, value, **RANGES[name]))
+
+
+def check_choice(name: str, value: Any, choices=None) -> Any:
+    """``value`` if it is one of ``choices`` (default: :data:`CHOICES` of ``name``); else a clear error."""
+    choices = CHOICES[name] if choices is None else choices
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}; choose one of {', '.join(map(str, choices))}")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is True or False (not 0/1, not a string); else a clear error."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_teachers(mode: str, teachers: str) -> None:
+    """Check who learns from whom: a known ``mode`` and, with it, a ``teachers`` rule it accepts."""
+    check_choice("mode", mode)
+    check_choice("teachers", teachers)
+    if mode != "competitive" and teachers != "best":
+        raise ValueError(f"teachers={teachers!r} only applies to mode='competitive' (got mode={mode!r}); "
+                         "dml already learns from every other network")

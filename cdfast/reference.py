@@ -178,7 +178,7 @@ def pairwise_kl(logits: Tensor, temperature: float = 1.0, targets: Tensor | None
     """``M[i, j] = KL(q_j || p_i)`` for a group ``[N, B, K]``, with ``q_j`` constant. ``[N, N]``.
 
     ``q_j`` is network j's softmax on the same logits, or on ``targets [N, B, K]`` when given
-    (e.g. every network's output on another input: the teachers' view of a mutated student's batch).
+    (e.g. every network's output on another input: the teachers' view of a perturbed student's batch).
     """
     logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
     logp = logp.clamp(min=torch.finfo(logp.dtype).min)  # -inf logits (masked classes): 0 * -inf would be NaN
@@ -248,29 +248,33 @@ def weighted_student_loss(
     return (weights.to(pair.dtype) * pair).sum(1)
 
 
-def distillation_weights(ce: Tensor, mode: str, teacher: Tensor | None = None) -> Tensor:
+def distillation_weights(ce: Tensor, mode: str = "competitive", teachers: str = "best", *,
+                         teacher: Tensor | None = None) -> Tensor:
     """Who learns from whom: ``W[i, j]`` is the weight of teacher j in student i's loss.
 
-    modes: ``"best"`` (the competitive rule: everybody learns from the argmin,
-    which learns from nobody), ``"all-better"`` (each network learns from every
-    better one, averaged; ties ordered by index like the election), ``"all"``
-    (deep mutual learning: from every other network, averaged) and ``"none"``
-    (independent training). Computed on the device from ``ce [N]``; for ``"best"``, a
+    In the words of :class:`cdfast.CompetitiveDistillation`: ``mode="competitive"`` with
+    ``teachers="best"`` (everybody learns from the argmin, which learns from nobody) or
+    ``teachers="all-better"`` (each network learns from every better one, averaged; ties
+    ordered by index like the election; a non-finite CE never teaches); ``mode="dml"``
+    (deep mutual learning: from every other network, averaged); ``mode="independent"``
+    (nobody: all zeros). Computed on the device from ``ce [N]``; for ``"best"``, a
     ``teacher`` already elected (by :func:`competitive_ce`) is used instead of a second argmin.
     """
     n = ce.shape[-1]
     idx = torch.arange(n, device=ce.device)
-    if mode == "best":
+    if mode == "independent":
+        return torch.zeros(n, n, device=ce.device)
+    if mode == "dml":
+        return (1.0 - torch.eye(n, device=ce.device)) / (n - 1)
+    if mode != "competitive":
+        raise ValueError(f"unknown mode {mode!r}; use 'competitive', 'dml' or 'independent'")
+    if teachers == "best":
         teacher = elect_teacher(ce) if teacher is None else teacher
         w = (idx.unsqueeze(0) == teacher) & (idx.unsqueeze(1) != teacher)
         return w.float()
-    if mode == "all-better":
+    if teachers == "all-better":
         lower = ce.unsqueeze(0) < ce.unsqueeze(1)  # [i, j]: ce_j < ce_i
         tie_first = (ce.unsqueeze(0) == ce.unsqueeze(1)) & (idx.unsqueeze(0) < idx.unsqueeze(1))
         better = ((lower | tie_first) & torch.isfinite(ce).unsqueeze(0)).float()  # a non-finite CE never teaches
         return better / better.sum(1, keepdim=True).clamp(min=1.0)
-    if mode == "all":
-        return (1.0 - torch.eye(n, device=ce.device)) / (n - 1)
-    if mode == "none":
-        return torch.zeros(n, n, device=ce.device)
-    raise ValueError(f"unknown distillation mode {mode!r}; use 'best', 'all-better', 'all' or 'none'")
+    raise ValueError(f"unknown teachers rule {teachers!r}; use 'best' or 'all-better'")

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 
-from cdfast.experiment import GRID_FILE, RESULTS_FILE
 from cdfast.safe_write import atomic_write
 from cdfast.train.config import read_yaml_mapping
+from cdfast.train.run_folder import GRID_FILE, RESULTS_FILE
 
 DEFAULT_ABLATION = {"cd": ["cd-backbone", "cd+feat", "cd+perturb", "cd"],
                     "dml": ["dml", "dml+feat", "dml+perturb", "dml+both"]}
@@ -161,9 +161,9 @@ def _steps(run: dict[str, Any]) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def mutation_table(res: Results) -> list[str]:
-    """How often the mutated network won the election, per group and method (the mechanism of the paper:
-    a mutation that helps wins and spreads; one that hurts loses). Needs the runs' steps.csv files."""
+def perturbation_table(res: Results) -> list[str]:
+    """How often the perturbed network won the election, per group and method (the mechanism of the paper:
+    a perturbation that helps wins and spreads; one that hurts loses). Needs the runs' steps.csv files."""
     rows, ops = [], []
     for group in res.groups:
         for method in res.methods:
@@ -181,7 +181,7 @@ def mutation_table(res: Results) -> list[str]:
                 rows.append((group, method, perturbed, won, by_op))
     if not rows:
         return []
-    lines = ["| group | method | mutated steps | mutated network elected | " + " | ".join(ops) + " |",
+    lines = ["| group | method | perturbed steps | perturbed network elected | " + " | ".join(ops) + " |",
              "|" + "---|" * (4 + len(ops))]
     for group, method, perturbed, won, by_op in rows:
         cells = [f"{100 * by_op[op][1] / by_op[op][0]:.1f}%" if op in by_op else "—" for op in ops]
@@ -261,11 +261,11 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     lines += ablation_table(res, spec)
     lines += ["", "## What the numbers say", ""]
     lines += claims(res, spec)
-    mutations = mutation_table(res)
-    if mutations:
-        lines += ["", "## Did mutations win the election?", "",
-                  "Share of the steps with a mutated network in which that network became the teacher, "
-                  "all seeds pooled, overall and per perturbation op.", ""] + mutations
+    perturbations = perturbation_table(res)
+    if perturbations:
+        lines += ["", "## Did perturbations win the election?", "",
+                  "Share of the steps with a perturbed network in which that network became the teacher, "
+                  "all seeds pooled, overall and per perturbation op.", ""] + perturbations
     lines += ["", "## Learning curves", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plot_curves(res, out)]
     timeline = plot_timeline(res, spec, out)

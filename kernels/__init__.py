@@ -1,8 +1,8 @@
-"""Triton kernels of cdfast, installed as ``cdfast.kernels``.
+"""Triton kernels of cdfast, imported as ``cdfast.kernels`` (``cdfast/kernels`` links here).
 
 ``student_loss``: the fused group student loss (softmax + KL + feature L2 for
 all students, teacher index read on the device), forward and backward; served
-through the ``cdfast::group_student_loss`` op (``cdfast/_student_loss_op.py``).
+through the ``cdfast::group_student_loss`` op (``cdfast/ops/student_loss.py``).
 Importing cdfast never requires Triton: without it, ``HAS_TRITON`` is False and
 cdfast uses its PyTorch reference. Set ``TRITON_INTERPRET=1`` before importing
 to run the kernels on CPU tensors (the tests do so on machines without a GPU).

@@ -26,7 +26,7 @@ class _ReplayBody:
     optimizer setting and the group's loss settings. So a change the engine fails to notice (or
     a number it fails to write into the captured lr tensor) shows up as a difference from eager."""
 
-    GROUP_SETTINGS = ("mode", "teachers", "alpha", "beta", "temperature", "feature_loss", "mutated_bn",
+    GROUP_SETTINGS = ("mode", "teachers", "alpha", "beta", "temperature", "feature_loss", "perturbed_bn",
                       "matched_inputs", "election", "autocast_dtype", "channels_last")
 
     def __init__(self, group, body):

@@ -1,4 +1,4 @@
-"""The competitive step: roles, gradients, modes, mutation, adapters and bad input."""
+"""The competitive step: roles, gradients, modes, perturbation, adapters and bad input."""
 
 import copy
 
@@ -196,7 +196,7 @@ def test_bad_groups_and_batches(tiny_batch):
         cdfast.CompetitiveDistillation([TinyNet()])
     with pytest.raises(ValueError, match="different numbers of classes"):
         cdfast.CompetitiveDistillation([TinyNet(num_classes=10), TinyNet(num_classes=5)])
-    with pytest.raises(ValueError, match="unknown mode"):
+    with pytest.raises(ValueError, match="mode=.teacher-student.; choose one of"):
         cdfast.CompetitiveDistillation([TinyNet(), TinyNet()], mode="teacher-student")
     with pytest.raises(ValueError, match="only applies"):
         cdfast.CompetitiveDistillation([TinyNet(), TinyNet()], mode="dml", teachers="all-better")
@@ -291,7 +291,7 @@ class BNNet(TinyNet):
 def test_perturbed_batch_and_batchnorm_running_stats(tiny_batch, update):
     x, y = tiny_batch
     nets = [BNNet(), BNNet()]
-    group = cdfast.CompetitiveDistillation(nets, perturb=True, perturb_bn_stats=update,
+    group = cdfast.CompetitiveDistillation(nets, perturb=True, perturbed_bn="updated" if update else "frozen",
                                            perturb_ops=PerturbationPool([FixedMix()], seed=0))
     before = [n.bn.running_mean.clone() for n in nets]
     out = group.losses(x, y)
@@ -304,8 +304,8 @@ def test_perturbed_batch_and_batchnorm_running_stats(tiny_batch, update):
 def test_perturb_every_kth_step(tiny_batch):
     x, y = tiny_batch
     group = make_group(2, perturb=True, perturb_every=3)
-    mutated = [group.step(x, y).perturbed >= 0 for _ in range(9)]
-    assert mutated == [True, False, False] * 3
+    perturbed = [group.step(x, y).perturbed >= 0 for _ in range(9)]
+    assert perturbed == [True, False, False] * 3
     with pytest.raises(ValueError, match="perturb_every"):
         make_group(2, perturb=True, perturb_every=0)
 
@@ -376,7 +376,7 @@ def test_clean_equivalent_election_lets_a_mixed_label_network_win(tiny_batch):
             # identical networks, identical images: the CEs tie; only the label-mix entropy separates them
             torch.testing.assert_close(out.ce[0], out.ce[1])
             assert (int(out.teacher) == out.perturbed) == (wins or out.perturbed == 0)
-    with pytest.raises(ValueError, match="unknown election"):
+    with pytest.raises(ValueError, match="election=.*; choose one of ce, clean-equivalent"):
         make_group(2, election="lowest")
 
 
@@ -388,7 +388,7 @@ def test_mutated_networks_batchnorm_statistics(mode):
     x, y = torch.randn(16, 1, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
     torch.manual_seed(0)
     nets = [build_model("resnet8", 10, 1) for _ in range(2)]
-    group = cdfast.CompetitiveDistillation(nets, perturb=True, perturb_ops=[flip_op], mutated_bn=mode,
+    group = cdfast.CompetitiveDistillation(nets, perturb=True, perturb_ops=[flip_op], perturbed_bn=mode,
                                            input_shape=(1, 12, 12))
     before = copy.deepcopy(group.networks)
     out = group.losses(x, y)
@@ -406,8 +406,8 @@ def test_mutated_networks_batchnorm_statistics(mode):
     with torch.no_grad():
         ref_other(x)
     torch.testing.assert_close(mean(group.networks[other]), mean(ref_other))
-    with pytest.raises(ValueError, match="mutated_bn"):
-        cdfast.CompetitiveDistillation(nets, mutated_bn="clean", perturb_bn_stats=True)
+    with pytest.raises(ValueError, match="perturbed_bn='fresh'; choose one of frozen, updated, clean"):
+        cdfast.CompetitiveDistillation(nets, perturbed_bn="fresh")
 
 
 @pytest.mark.parametrize("models,teachers", [(("resnet8", "resnet14"), "best"), (("resnet8", "resnet14"), "all-better"),

@@ -40,10 +40,10 @@ def test_grid_runs_reports_and_skips_finished_runs(tmp_path, fmnist_root, monkey
     text = report.read_text()
     assert "Last epoch" in text and "Imp-Ind" in text and "Imp-DML" in text
     assert "| pair | net 1: resnet8 |" in text and "teacher switches" in text
-    mutations = [line for line in text.splitlines() if line.startswith("| pair | ")
+    perturbations = [line for line in text.splitlines() if line.startswith("| pair | ")
                  and "%" in line and "net " not in line]
-    assert [line.split(" | ")[1] for line in mutations] == ["cd"]  # only cd mutates (perturb on by default)
-    assert int(mutations[0].split(" | ")[2]) == 2 * 2  # 2 seeds x 2 steps, a mutation in every step
+    assert [line.split(" | ")[1] for line in perturbations] == ["cd"]  # only cd perturbs (perturb on by default)
+    assert int(perturbations[0].split(" | ")[2]) == 2 * 2  # 2 seeds x 2 steps, a perturbation in every step
     assert (out / "curves-pair.png").exists() and (out / "teacher-timeline-pair-cd.png").exists()
 
     def must_not_train(self, *a, **k):

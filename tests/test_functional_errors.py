@@ -47,5 +47,13 @@ def test_bad_temperature_and_teacher():
         cdfast.group_student_loss(logits, None, torch.tensor(0), temperature=0.0)
     with pytest.raises(ValueError, match="0-d int64"):
         cdfast.group_student_loss(logits, None, torch.tensor([0]))
-    with pytest.raises(ValueError, match="unknown distillation mode"):
+    with pytest.raises(ValueError, match="mode='worst'; choose one of competitive, dml, independent"):
         cdfast.distillation_weights(torch.randn(3), "worst")
+    with pytest.raises(ValueError, match="teachers='all-better' only applies to mode='competitive'"):
+        cdfast.distillation_weights(torch.randn(3), "dml", "all-better")
+    with pytest.raises(ValueError, match="'all' is now mode='dml'"):  # cdfast 0.1's single-word rules
+        cdfast.distillation_weights(torch.randn(3), "all")
+    with pytest.raises(ValueError, match=r"ce must be \[N\]"):
+        cdfast.distillation_weights(torch.randn(2, 3))
+    with pytest.raises(TypeError, match="ce must be a torch.Tensor"):
+        cdfast.distillation_weights([0.1, 0.2])

@@ -285,7 +285,7 @@ def test_auto_measurement_leaves_no_trace_in_training():
     for a, b in zip(timed.optimizers, untouched.optimizers):
         assert a.state_dict()["state"].keys() == b.state_dict()["state"].keys() == set()
     for x, y in batches(3):  # and it trains on exactly like a group that was never measured
-        timed._eager_step(x, y, *timed._draw_mutation()), untouched.step(x, y)
+        timed._eager_step(x, y, *timed._draw_perturbation()), untouched.step(x, y)
     assert_same_state(timed, untouched)
 
 
@@ -329,7 +329,7 @@ CUDA_VARIANTS = {
     "perturb-half-the-steps": dict(perturb_prob=0.5),
     "compiled": dict(compile=True),
     "adam": dict(optimizers=lambda p: torch.optim.Adam(p, lr=1e-3, capturable=True)),
-    "matched-protocol": dict(matched_inputs=True, election="clean-equivalent", mutated_bn="clean",
+    "matched-protocol": dict(matched_inputs=True, election="clean-equivalent", perturbed_bn="clean",
                              perturb_ops=["authors"], perturb_every=3),
 }
 

@@ -108,7 +108,7 @@ FLAG_CASES = [
     (["--log-interval", "0"], "log_interval must be >= 1"),
     (["--models", "resnet8"], "at least 2 models"),
     (["--models", "resnet8,nosuchnet"], "unknown model 'nosuchnet'"),
-    (["--mode", "dml", "--teachers", "all-better"], "teachers=all-better needs mode=competitive"),
+    (["--mode", "dml", "--teachers", "all-better"], "teachers='all-better' only applies to mode='competitive'"),
     (["--resume-with-changes"], "--resume-with-changes needs --resume"),
 ]
 
@@ -538,7 +538,7 @@ API_CASES = [
     ("nan alpha", lambda: group(alpha=float("nan")), ValueError, "alpha must be a finite number"),
     ("negative beta", lambda: group(beta=-1.0), ValueError, "beta must be >= 0"),
     ("string perturb_prob", lambda: group(perturb_prob="0.5"), TypeError, "perturb_prob must be a number"),
-    ("string feature_loss", lambda: group(feature_loss="no"), TypeError, "feature_loss must be True or False"),
+    ("string feature_loss", lambda: group(feature_loss="no"), TypeError, "feature_loss must be true or false"),
     ("not a module", lambda: CompetitiveDistillation([build_model("resnet8", 10, 1), "resnet8"]), TypeError,
      r"networks \[1\] are not torch.nn.Module"),
     ("int teacher", lambda: cdfast.group_student_loss(LOGITS, None, 1), TypeError, r"use torch.tensor\(1, device="),
@@ -720,7 +720,8 @@ def test_perturbation_rng_of_an_absent_gpu_is_skipped():
 
 
 def test_all_better_never_learns_from_a_non_finite_network():
-    w = cdfast.distillation_weights(torch.tensor([float("inf"), float("inf"), 0.5, float("nan")]), "all-better")
+    w = cdfast.distillation_weights(torch.tensor([float("inf"), float("inf"), 0.5, float("nan")]),
+                                     "competitive", "all-better")
     assert w[:, [0, 1, 3]].sum() == 0 and w[0, 2] == 1 and w[1, 2] == 1  # +inf students learn from the finite one
 
 

@@ -106,7 +106,7 @@ def test_weighted_loss_with_one_hot_weights_equals_group_loss():
     torch.manual_seed(3)
     logits, feats = torch.randn(3, 4, 6), torch.randn(3, 4, 8)
     ce = torch.tensor([0.9, 0.4, 0.7])
-    w = cdfast.distillation_weights(ce, "best")
+    w = cdfast.distillation_weights(ce, "competitive", "best")
     fl = cdfast.pairwise_feature_l2(feats)
     got = cdfast.weighted_student_loss(logits, fl, w, temperature=3.0)
     want = cdfast.group_student_loss(logits, feats, torch.tensor(1), temperature=3.0)
@@ -125,15 +125,17 @@ def test_pairwise_kl_entries():
 
 def test_distillation_weights():
     ce = torch.tensor([0.5, 0.2, 0.2, 0.9])
-    best = cdfast.distillation_weights(ce, "best")
+    best = cdfast.distillation_weights(ce)  # competitive, best: the defaults
     assert best.tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0]]
-    better = cdfast.distillation_weights(ce, "all-better")
+    better = cdfast.distillation_weights(ce, "competitive", "all-better")
     # order by (ce, index): 1 < 2 < 0 < 3
     want = torch.tensor([[0, 0.5, 0.5, 0], [0, 0, 0, 0], [0, 1, 0, 0], [1 / 3, 1 / 3, 1 / 3, 0]])
     torch.testing.assert_close(better, want)
-    dml = cdfast.distillation_weights(ce, "all")
+    dml = cdfast.distillation_weights(ce, "dml")
     assert torch.allclose(dml, (1 - torch.eye(4)) / 3)
-    assert cdfast.distillation_weights(ce, "none").abs().sum() == 0
+    assert cdfast.distillation_weights(ce, "independent").abs().sum() == 0
+    teacher = torch.tensor(2)  # a teacher already elected is used, not a second argmin
+    assert cdfast.distillation_weights(ce, teacher=teacher)[:, 2].tolist() == [1, 1, 0, 1]
 
 
 def test_heterogeneous_pairwise_feature_l2_uses_adapter():

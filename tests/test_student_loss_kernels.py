@@ -7,6 +7,7 @@ computes bf16 wrongly.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,13 @@ def test_op_with_per_student_targets_opcheck_and_functional_checks():
         cdfast.group_student_loss(logits, feats, teacher, target_logits=tl_[:, :2])
     with pytest.raises(ValueError, match="target_feats needs target_logits"):
         cdfast.group_student_loss(logits, feats, teacher, target_feats=tf_)
+
+
+def test_the_top_level_kernels_folder_is_the_imported_package():
+    """kernels/ is the source of truth; cdfast/kernels links to it, so a plain checkout and an
+    installed package import the very same files."""
+    import cdfast.kernels
+
+    root = Path(__file__).resolve().parents[1]
+    assert Path(cdfast.kernels.__file__).resolve() == root / "kernels" / "__init__.py"
+    assert (root / "cdfast" / "kernels").resolve() == root / "kernels"

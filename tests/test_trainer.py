@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+import cdfast
+
 from cdfast.train import NonFiniteLossError, Trainer, TrainConfig, load_checkpoint, save_atomic
 
 
@@ -140,6 +142,35 @@ def test_config_validation():
         TrainConfig.from_dict({"epochz": 3})
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         TrainConfig(compile_mode="fastest").validate()
+
+
+@pytest.mark.parametrize("options, error", [
+    (dict(mode="solo"), "mode='solo'; choose one of competitive, dml, independent"),
+    (dict(mode="dml", teachers="all-better"), "teachers='all-better' only applies to mode='competitive'"),
+    (dict(election="vote"), "election='vote'; choose one of ce, clean-equivalent"),
+    (dict(perturbed_bn="fresh"), "perturbed_bn='fresh'; choose one of frozen, updated, clean"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(feature_loss=1), "feature_loss must be true or false"),
+])
+def test_config_and_class_refuse_an_option_with_the_same_message(options, error):
+    """One source of truth: cdfast.options checks the group's options for the config and the class alike."""
+    with pytest.raises((ValueError, TypeError), match=error):
+        TrainConfig(**options).validate()
+    with pytest.raises((ValueError, TypeError), match=error):
+        cdfast.CompetitiveDistillation([torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)], **options)
+
+
+def test_settings_saved_under_former_names_load_as_today():
+    """Run folders written before perturbed_bn (mutated_bn, perturb_bn_stats) still resume."""
+    assert TrainConfig.from_dict({"mutated_bn": "clean", "perturb_bn_stats": False}).perturbed_bn == "clean"
+    assert TrainConfig.from_dict({"mutated_bn": None, "perturb_bn_stats": True}).perturbed_bn == "updated"
+    assert TrainConfig.from_dict({"mutated_bn": None, "perturb_bn_stats": False}).perturbed_bn == "frozen"
+    from cdfast.train.trainer import config_changes
+
+    saved = {**TrainConfig().to_dict(), "mutated_bn": None, "perturb_bn_stats": True}
+    del saved["perturbed_bn"]
+    assert config_changes(saved, TrainConfig(perturbed_bn="updated")) == {}
+    assert config_changes(saved, TrainConfig()) == {"perturbed_bn": ("updated", "frozen")}
 
 
 def test_compile_settings_reach_the_engine(tmp_path, fmnist_root):

@@ -5,7 +5,7 @@
 - ``fused``: identical networks stacked and run as one with ``torch.func.vmap``.
 - ``auto``: on a GPU, ``fused`` for identical networks and ``streams`` otherwise; on the
   CPU ``sequential`` (fused is slower there, streams do not exist).
-- ``graph`` (= ``sequential+graph``), ``fused+graph``: the whole training step (mutation,
+- ``graph`` (= ``sequential+graph``), ``fused+graph``: the whole training step (perturbation,
   forwards, election, losses, backward, optimizer steps) captured in CUDA graphs and
   replayed (:mod:`cdfast.engines.graph`); the part before ``+`` runs the forwards.
 

@@ -3,7 +3,7 @@
 Which engine wins depends on the networks, the batch, the precision and the GPU
 (launch-bound small networks favour the graph engines, large ones barely care),
 so a rule would be a guess. At the group's first :meth:`step` on CUDA, each
-candidate runs a few steps on that very batch, with the mutation fixed (network
+candidate runs a few steps on that very batch, with the perturbation fixed (network
 0, the pool's first op) so every candidate does the same work; the group's
 weights, optimizer state, BatchNorm statistics and random streams are restored
 after each, so the measurement leaves no trace in training. The choice and the
@@ -69,13 +69,13 @@ def _restore(group: CompetitiveDistillation, snap: dict) -> None:
     torch.set_rng_state(snap["cpu_rng"])
 
 
-def _time_engine(group: CompetitiveDistillation, x: Tensor, y: Tensor, mutation: tuple[int, int],
+def _time_engine(group: CompetitiveDistillation, x: Tensor, y: Tensor, perturbation: tuple[int, int],
                  warmup: int, steps: int) -> float:
     def one():
         if group._graph_step is not None:
-            group._graph_step.step(x, y, mutation=mutation)
+            group._graph_step.step(x, y, perturbation=perturbation)
         else:
-            group._eager_step(x, y, *mutation)
+            group._eager_step(x, y, *perturbation)
 
     def sync():
         if x.is_cuda:
@@ -98,7 +98,7 @@ def measure(group: CompetitiveDistillation, x: Tensor, y: Tensor, steps: int = 5
     The group ends with its state as before the call, and with the engine it had.
     """
     names, left_out = candidates(group)
-    mutation = (0, 0) if group.perturb else (-1, -1)
+    perturbation = (0, 0) if group.perturb else (-1, -1)
     if group.compile_options is not None:
         warmup = max(warmup, 10)  # compilation and recompilation happen in the first steps
     snap = _snapshot(group)
@@ -108,7 +108,7 @@ def measure(group: CompetitiveDistillation, x: Tensor, y: Tensor, steps: int = 5
         for name in names:
             group._set_engine(name)
             try:
-                seconds[name] = _time_engine(group, x, y, mutation, warmup, steps)
+                seconds[name] = _time_engine(group, x, y, perturbation, warmup, steps)
             except (RuntimeError, ValueError) as e:  # an engine that cannot run here is not a candidate
                 left_out.append(f"{name} (failed: {str(e).splitlines()[0][:120]})")
             finally:

@@ -23,7 +23,7 @@ def running_stat_modules(net: nn.Module) -> list[nn.Module]:
 def frozen_batchnorm_stats(net: nn.Module):
     """BatchNorm still normalizes with batch statistics, but its running statistics stay put.
 
-    Used for the mutated network's forward: evaluation sees clean images, so the
+    Used for the perturbed network's forward: evaluation sees clean images, so the
     running statistics should describe clean images, not noise or mixed batches.
     """
     norms = running_stat_modules(net)

@@ -2,14 +2,14 @@
 
 Small networks at batch 128 are launch-bound: the host spends longer issuing a
 step's hundreds of kernels than the GPU spends running them. Here the complete
-step (the mutation of one network's batch, the N forwards, ``competitive_ce``
+step (the perturbation of one network's batch, the N forwards, ``competitive_ce``
 and the election, the student losses, the backward and every optimizer step)
-is recorded once per (mutated network, perturbation op) pair and replayed, so
+is recorded once per (perturbed network, perturbation op) pair and replayed, so
 a step costs a handful of host calls whatever the network's depth.
 
 What makes a step replayable, and how this module provides it:
 
-- Choices that select code (which network is mutated, with which op) are drawn
+- Choices that select code (which network is perturbed, with which op) are drawn
   on the host and pick the graph; every number inside the step (noise std,
   mixing weight, boxes, matrices, partners) is drawn on the device from the
   pool's generator, which each graph registers so replays advance it.
@@ -77,7 +77,7 @@ def _hyper_signature(optimizer: torch.optim.Optimizer) -> tuple:
 def _group_signature(group: CompetitiveDistillation) -> tuple:
     """The group's settings a captured step bakes in (floats reach the kernels as arguments)."""
     return (group.mode, group.teachers, group.alpha, group.beta, group.temperature, group.feature_loss,
-            group.mutated_bn, group.matched_inputs, group.election, group.autocast_dtype, group.channels_last,
+            group.perturbed_bn, group.matched_inputs, group.election, group.autocast_dtype, group.channels_last,
             group.engine_name, group.training, tuple(net.training for net in group.networks))
 
 
@@ -178,11 +178,11 @@ class GraphStep:
                     pg["lr"] = t
 
     # ---- the step ------------------------------------------------------------------------
-    def step(self, x: Tensor, y: Tensor, mutation: tuple[int, int] | None = None) -> StepResult:
-        """One step as a replay. ``mutation``: fixed ``(network, op)`` instead of drawn (engine auto's timing)."""
+    def step(self, x: Tensor, y: Tensor, perturbation: tuple[int, int] | None = None) -> StepResult:
+        """One step as a replay. ``perturbation``: fixed ``(network, op)`` instead of drawn (engine auto's timing)."""
         g = self.group
         y = g._check_batch(x, y)
-        r, op = g._draw_mutation() if mutation is None else mutation
+        r, op = g._draw_perturbation() if perturbation is None else perturbation
         if not self._can_capture(x.device):
             if not self._warned_fallback:
                 log.warning("cdfast: the graph engine needs CUDA; running the eager step on %s", x.device)
@@ -278,7 +278,7 @@ class GraphStep:
         for opt in self.group.optimizers:
             opt.zero_grad(set_to_none=True)  # p.grad would alias pool memory other graphs reuse
         self.captures += 1
-        log.debug("cdfast: graph engine: captured the step for mutated network %d, op %d", r, op)
+        log.debug("cdfast: graph engine: captured the step for perturbed network %d, op %d", r, op)
         return graph
 
     def _body(self, r: int, op: int) -> None:

@@ -1,4 +1,4 @@
-"""Stochastic perturbations ("mutations") applied to one network's batch per step."""
+"""Stochastic perturbations (the paper's "mutations") applied to one network's batch per step."""
 
 from cdfast.perturb.ops import (
     ClampedNoise,

@@ -1,4 +1,4 @@
-"""The perturbation pool: which network is mutated this step, and with which op."""
+"""The perturbation pool: which network is perturbed this step, and with which op."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class PerturbationPool:
     ``"authors"``). ``fill`` / ``white``: the normalized black and white per channel
     (``-mean / std``, ``(1 - mean) / std``): the warping ops put black where the image
     moves away (None keeps 0, the mean colour), ``noise-clamp`` clamps to that range.
-    Each step, :meth:`choose_network` picks the network to mutate and
+    Each step, :meth:`choose_network` picks the network to perturb and
     :meth:`choose_op` the op (host RNG: they select which code runs, and never
     wait on the device); :meth:`apply` runs the op, whose own random numbers are
     drawn on the device. :meth:`perturb` does both.
@@ -98,10 +98,10 @@ class PerturbationPool:
         return [_op_name(op) for op in self.ops]
 
     def choose_network(self, n_networks: int, prob: float = 1.0, every: int = 1) -> int:
-        """Index of the network to mutate this step, or -1 for none.
+        """Index of the network to perturb this step, or -1 for none.
 
         A step is eligible every ``every`` steps (the authors' code: 10; the paper's text: 1),
-        and an eligible step mutates with probability ``prob``. Ineligible steps draw nothing.
+        and an eligible step perturbs with probability ``prob``. Ineligible steps draw nothing.
         """
         due = self.steps % every == 0
         self.steps += 1
@@ -123,7 +123,7 @@ class PerturbationPool:
             raise ValueError(f"perturbation {_op_name(op)!r} changed the batch shape {list(x.shape)} -> {list(out.x.shape)}")
         return out
 
-    def mutate_group(self, x: Tensor, y: Tensor, n: int, r: int, op: int):
+    def perturb_group(self, x: Tensor, y: Tensor, n: int, r: int, op: int):
         """Inputs and targets of a group of ``n`` networks: network ``r`` gets the batch perturbed by
         op ``op`` (``r = -1``: nobody). Returns ``(inputs, targets, targets_b, lam)``: targets ``[B]``
         shared, or ``[N, B]`` with ``targets_b`` and ``lam [N]`` when the op mixed labels. No sync."""

@@ -9,6 +9,7 @@ from importlib import import_module
 _HOME = {
     "TrainConfig": "cdfast.train.config",
     "Trainer": "cdfast.train.trainer",
+    "build_group": "cdfast.train.group",
     "NonFiniteLossError": "cdfast.train.metrics",
     "RunFolderError": "cdfast.train.run_folder",
     "CheckpointError": "cdfast.train.checkpoint",

@@ -21,11 +21,10 @@ from typing import Any
 
 import yaml
 
-from cdfast.algorithm import ELECTIONS, MODES, MUTATED_BN, TEACHER_RULES
 from cdfast.data import DATASETS
 from cdfast.engines import ENGINE_CHOICES
 from cdfast.models import FEATURE_MODES, check_model_name
-from cdfast.options import RANGES, check_number
+from cdfast.options import CHOICES, RANGES, check_choice, check_flag, check_number, check_teachers
 from cdfast.perturb import DEFAULT_OPS, OPS, PRESETS
 from cdfast.safe_write import atomic_write
 
@@ -56,27 +55,27 @@ class TrainConfig:
     # group
     models: list[str] = _f(["resnet8", "resnet8"], "the group's networks, comma-separated (cdfast models lists them)")
     features: str = _f("pooled", "feature tensor for the L2 loss: pooled penultimate or last feature map", choices=FEATURE_MODES)
-    mode: str = _f("competitive", "training mode", choices=MODES)
-    teachers: str = _f("best", "competitive teacher rule: best (argmin) or all-better", choices=TEACHER_RULES)
+    mode: str = _f("competitive", "who learns from whom: competitive (an elected teacher), dml (every network from "
+                                  "every other), independent (labels only)", choices=CHOICES["mode"])
+    teachers: str = _f("best", "competitive mode's teachers: best (the elected network teaches all) or all-better "
+                               "(each network learns from every better one)", choices=CHOICES["teachers"])
     alpha: float = _f(1.0, "weight of the KL term", **RANGES["alpha"])
     beta: float = _f(1.0, "weight of the feature L2 term", **RANGES["beta"])
     temperature: float = _f(1.0, "softmax temperature of the KL term", **RANGES["temperature"])
     feature_loss: bool = _f(True, "add the feature L2 term to the students' losses")
-    perturb: bool | None = _f(None, "mutate one random network's batch per step (default: on for competitive, off otherwise)")
-    perturb_prob: float = _f(1.0, "probability of a mutation in an eligible step", **RANGES["perturb_prob"])
-    perturb_every: int = _f(1, "a mutation is possible every this many steps (paper: 1; the authors' code: 10)",
+    perturb: bool | None = _f(None, "perturb one random network's batch per step (default: on for competitive, off otherwise)")
+    perturb_prob: float = _f(1.0, "probability of a perturbation in an eligible step", **RANGES["perturb_prob"])
+    perturb_every: int = _f(1, "a perturbation is possible every this many steps (paper: 1; the authors' code: 10)",
                             **RANGES["perturb_every"])
     perturb_ops: list[str] = _f(list(DEFAULT_OPS), f"perturbation pool, comma-separated from: {', '.join(OPS)}; or a "
                                                    f"preset: {_PRESETS_HELP}")
-    perturb_bn_stats: bool = _f(False, "let perturbed batches update the mutated network's BatchNorm running statistics "
-                                       "(the same as --mutated-bn updated)")
-    mutated_bn: str | None = _f(None, "the mutated network's BatchNorm statistics: frozen (default), updated by the "
-                                      "perturbed batch, or clean (updated by a no-grad forward of the clean batch)",
-                                choices=MUTATED_BN)
+    perturbed_bn: str = _f("frozen", "the perturbed network's BatchNorm statistics: frozen (untouched by the perturbed "
+                                     "batch), updated by it, or clean (updated by a no-grad forward of the clean batch)",
+                           choices=CHOICES["perturbed_bn"])
     matched_inputs: bool = _f(False, "distil each student towards the teacher's output on the student's own input "
-                                     "(one extra no-grad forward per network in mutated steps)")
+                                     "(one extra no-grad forward per network in perturbed steps)")
     election: str = _f("ce", "who teaches: ce (lowest cross-entropy, the paper) or clean-equivalent (a mixed-label "
-                             "CE minus the entropy of its label mix)", choices=ELECTIONS)
+                             "CE minus the entropy of its label mix)", choices=CHOICES["election"])
     engine: str = _f("auto", "how the networks execute: auto (GPU: fused for identical networks, else streams; "
                      "CPU: sequential), sequential, streams, fused; graph or fused+graph capture the whole step in "
                      "CUDA graphs (fused SGD; eager on the CPU)",
@@ -140,10 +139,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown perturbation ops {unknown}; available: {', '.join(OPS)}, or a preset: "
                              f"{', '.join(PRESETS)}")
-        if not self.perturb_ops and self.perturb is not False and self.mode == "competitive":
+        if not self.perturb_ops and (self.perturb or (self.perturb is None and self.mode == "competitive")):
             raise ValueError("perturb_ops is empty; name at least one op or turn perturbation off (--no-perturb)")
-        if self.mode != "competitive" and self.teachers != "best":
-            raise ValueError("teachers=all-better needs mode=competitive")
+        check_teachers(self.mode, self.teachers)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(map(str, COMPILE_MODES))}, got {self.compile_mode!r}")
         if self.warmup_epochs > self.epochs:
@@ -156,6 +154,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        values = upgrade_legacy_keys(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -169,6 +168,19 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def upgrade_legacy_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Settings written by an earlier cdfast (a run folder's config.yaml or checkpoint) in today's names.
+
+    ``mutated_bn`` is now ``perturbed_bn``; ``perturb_bn_stats: true`` is ``perturbed_bn: updated``.
+    """
+    values = dict(values)
+    legacy_bn = values.pop("mutated_bn", None)
+    updated = values.pop("perturb_bn_stats", False)
+    if "perturbed_bn" not in values and (legacy_bn is not None or updated is True):
+        values["perturbed_bn"] = legacy_bn or "updated"
+    return values
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -216,14 +228,13 @@ def _check_field(f: dataclasses.Field, value: Any, hint: Any) -> None:
     else:
         _check_scalar(name, value, hint, bounds)
     choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise ValueError(f"{name}={value!r}; choose one of {', '.join(map(str, choices))}")
+    if choices:
+        check_choice(name, value, choices)
 
 
 def _check_scalar(name: str, value: Any, kind: type, bounds: dict[str, float]) -> None:
     if kind is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be true or false, got {type(value).__name__} {value!r}")
+        check_flag(name, value)
     elif kind in (int, float):
         check_number(name, value, integer=kind is int, **bounds)
     elif kind is str:

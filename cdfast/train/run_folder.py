@@ -10,6 +10,9 @@ A run folder holds::
     checkpoint.pt       the latest checkpoint; checkpoint.prev.pt the one before it
     summary.txt         the final table; accuracy.png, teacher_timeline.png, tensorboard/
 
+A grid folder (``cdfast experiment``) holds ``grid.yaml`` (the grid it runs), ``results.jsonl``
+(one record per finished run) and a run folder per ``<group>/<method>/seed-<k>``.
+
 cdfast writes only into folders that are new, empty, or carry its marker, so it
 never overwrites or appends to files it did not write. Records written after the
 checkpoint a run continues from are cut back to it, so a resumed run's records
@@ -33,8 +36,10 @@ from cdfast.train.checkpoint import CHECKPOINT, PREV_CHECKPOINT
 MARKER = ".cdfast-run"
 CONFIG_FILE, CHANGES_FILE, SUMMARY_FILE = "config.yaml", "changes.jsonl", "summary.txt"
 STEPS_FILE, EPOCHS_FILE, TENSORBOARD_DIR = "steps.csv", "epochs.jsonl", "tensorboard"
+GRID_FILE, RESULTS_FILE = "grid.yaml", "results.jsonl"  # of a grid folder
 
 __all__ = ["MARKER", "CONFIG_FILE", "CHANGES_FILE", "SUMMARY_FILE", "STEPS_FILE", "EPOCHS_FILE", "TENSORBOARD_DIR",
+           "GRID_FILE", "RESULTS_FILE",
            "RunFolderError", "is_run_folder", "has_checkpoint", "claim_new", "resolve_resume", "run_state",
            "lock_folder", "unlock_folder", "mark", "read_epochs", "truncate_records", "reset_records",
            "write_changes", "remove_stale_temp"]

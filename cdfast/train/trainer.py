@@ -12,17 +12,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cdfast.algorithm import CompetitiveDistillation
 from cdfast.models import split_output
 from cdfast.data import BadImageError, load_data
-from cdfast.engines import split_engine_name
-from cdfast.models import build_model
-from cdfast.perturb import PerturbationPool
 from cdfast.engines.batchnorm import recalibrated_batchnorm
 from cdfast.safe_write import WriteError, atomic_write
 from cdfast.train import run_folder
 from cdfast.train.checkpoint import load_checkpoint, load_latest, save_checkpoint, set_aside
-from cdfast.train.config import RESUME_FIXED, RESUME_FREE, TrainConfig
+from cdfast.train.config import RESUME_FIXED, RESUME_FREE, TrainConfig, upgrade_legacy_keys
+from cdfast.train.group import build_group, sgd_options
 from cdfast.train.metrics import EpochMeter, NonFiniteLossError, RunLogger, StepBuffer, summarize_epochs
 from cdfast.train.run_folder import CONFIG_FILE, SUMMARY_FILE, RunFolderError, read_epochs
 
@@ -68,6 +65,7 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """The settings that would change the run's trajectory: ``{name: (saved value, new value)}``."""
+    saved = upgrade_legacy_keys(saved)
     before = dataclasses.replace(TrainConfig(), **{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     return {f.name: (getattr(before, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)
             if f.name not in RESUME_FREE and getattr(before, f.name) != getattr(cfg, f.name)}
@@ -227,22 +225,8 @@ class Trainer:
             workers=cfg.workers, image_size=cfg.image_size, skip_bad_images=cfg.skip_bad_images,
         )
         self.names = list(cfg.models)
-        memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-        networks = [build_model(name, self.data.num_classes, self.data.input_shape[0], cfg.features)
-                    .to(self.device, memory_format=memory_format) for name in cfg.models]
-        self.group = CompetitiveDistillation(
-            networks,
-            optimizers=lambda params: torch.optim.SGD(params, lr=cfg.lr, **self._sgd_options()),
-            mode=cfg.mode, teachers=cfg.teachers, alpha=cfg.alpha, beta=cfg.beta,
-            temperature=cfg.temperature, feature_loss=cfg.feature_loss, perturb=cfg.perturb,
-            perturb_prob=cfg.perturb_prob, perturb_every=cfg.perturb_every, seed=cfg.seed,
-            perturb_ops=PerturbationPool(cfg.perturb_ops, seed=cfg.seed, fill=self.data.black, white=self.data.white),
-            perturb_bn_stats=cfg.perturb_bn_stats, mutated_bn=cfg.mutated_bn, matched_inputs=cfg.matched_inputs,
-            election=cfg.election,
-            input_shape=self.data.input_shape, autocast_dtype=torch.bfloat16 if cfg.amp else None,
-            channels_last=cfg.channels_last, engine=cfg.engine,
-            compile=({"mode": cfg.compile_mode} if cfg.compile_mode else cfg.compile),
-        ).to(self.device)
+        self.group = build_group(cfg, num_classes=self.data.num_classes, input_shape=self.data.input_shape,
+                                 device=self.device, black=self.data.black, white=self.data.white)
         self.steps_per_epoch = len(self.data.train)
         self.schedulers = [
             torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s, self.steps_per_epoch))
@@ -251,21 +235,13 @@ class Trainer:
         self._engine_reported = False
         self._calibration = None  # clean training batches for BatchNorm recalibration, made at first use
 
-    def _sgd_options(self) -> dict[str, Any]:
-        cfg = self.cfg
-        # A graph engine captures the optimizer step: fused SGD reads its learning rate from the device
-        # (engine auto on a GPU may choose a graph engine).
-        graphed = split_engine_name(cfg.engine)[1] or (cfg.engine == "auto" and torch.device(self.device).type == "cuda")
-        return dict(momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                    weight_decay=cfg.weight_decay, fused=True if (cfg.fused_sgd or graphed) else None)
-
     def _apply_hyperparameters(self) -> None:
         """Optimizer and schedule settings from the config, also over what a checkpoint restored.
 
         ``Optimizer.load_state_dict`` brings back the saved hyper-parameters; a resume that
         changed them (--resume-with-changes) must really use the new ones.
         """
-        options = self._sgd_options()
+        options = sgd_options(self.cfg, self.device)
         factor = lr_factor(self.cfg, self.step, self.steps_per_epoch)
         for opt, sched in zip(self.group.optimizers, self.schedulers, strict=True):
             sched.base_lrs = [self.cfg.lr] * len(opt.param_groups)
