@@ -10,6 +10,7 @@ later engines can capture the step in a CUDA graph; metrics are read after it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from cdfast.options import (ELECTIONS, MODES, PERTURBED_BN, RANGES, TEACHER_RULE
                             check_number, check_option, check_teachers)
 from cdfast.models import split_output
 from cdfast.models.adapters import FeatureAdapters, probe_feature_shapes
-from cdfast.perturb import PerturbationPool, PerturbOp
+from cdfast.perturb import PerturbationPool, Perturbed, PerturbOp
 
 log = logging.getLogger("cdfast")
 
@@ -205,10 +206,10 @@ class CompetitiveDistillation(nn.Module):
         self._engine, self._engine_device = None, None
         self._graph_step = GraphStep(self) if graphed else None
 
-    def _choose_engine(self, x: Tensor, y: Tensor) -> None:
+    def _choose_engine(self, x: Tensor, y: Tensor, views: bool = False) -> None:
         from cdfast.engines import auto
 
-        fastest, seconds, left_out = auto.measure(self, x, y)
+        fastest, seconds, left_out = auto.measure(self, x, y, views=views)
         timings = ", ".join(f"{name} {1e3 * t:.2f} ms" for name, t in sorted(seconds.items(), key=lambda kv: kv[1]))
         log.info("cdfast: engine auto -> %s (measured per step on this batch: %s%s)", fastest, timings,
                  f"; not timed: {'; '.join(left_out)}" if left_out else "")
@@ -290,26 +291,53 @@ class CompetitiveDistillation(nn.Module):
                 )
         return y if y.dtype == torch.int64 else y.long()
 
-    def _draw_perturbation(self) -> tuple[int, int]:
-        """Host choices of this step: the network to perturb (-1: none) and the op's index in the pool."""
+    def _draw_perturbation(self, ready: Perturbed | None = None) -> tuple[int, int]:
+        """Host choices of this step: the network to perturb (-1: none) and the op's index in the pool
+        (-1 with a ``ready`` view: the loader chose the op)."""
         r = self.pool.choose_network(self.n, self.perturb_prob, self.perturb_every) if self.perturb else -1
-        return r, (self.pool.choose_op() if r >= 0 else -1)
+        return r, (self.pool.choose_op() if r >= 0 and ready is None else -1)
 
-    def losses(self, x: Tensor, y: Tensor) -> GroupLosses:
+    def losses(self, x: Tensor, y: Tensor, perturbed: Perturbed | None = None) -> GroupLosses:
         """Forward the group on a batch and return every network's loss, attached to the graph.
 
         Use this to drive the group from your own loop: ``out.loss.sum().backward()``
-        gives each network exactly the gradient of its own loss.
+        gives each network exactly the gradient of its own loss. ``perturbed``: see :meth:`step`.
         """
         y = self._check_batch(x, y)
-        return self._losses(x, y, *self._draw_perturbation())
+        perturbed = self._check_view(x, y, perturbed)
+        return self._losses(x, y, *self._draw_perturbation(perturbed), ready=perturbed)
 
-    def _losses(self, x: Tensor, y: Tensor, r: int, op: int) -> GroupLosses:
+    def _check_view(self, x: Tensor, y: Tensor, view: Perturbed | None) -> Perturbed | None:
+        """A perturbed view made by the loader: the batch's shape, device and labels, an op name."""
+        if view is None:
+            return None
+        if not isinstance(view, Perturbed):
+            raise TypeError(f"perturbed must be a cdfast.perturb.Perturbed (x, y_a, y_b, lam, op), got "
+                            f"{type(view).__name__}")
+        if self.graphed:
+            raise ValueError("a graph engine perturbs inside its captured step and cannot take a view made by the "
+                             "loader; use an eager engine (sequential, streams, fused) with a loader's views, or "
+                             "pass the plain batch alone")
+        if not isinstance(view.x, Tensor) or view.x.shape != x.shape or view.x.device != x.device:
+            raise ValueError(f"the perturbed view must be a tensor like the batch ({list(x.shape)} on {x.device}), got "
+                             f"{list(getattr(view.x, 'shape', []))} on {getattr(view.x, 'device', None)}")
+        for name in ("y_a", "y_b"):
+            labels = getattr(view, name)
+            if not isinstance(labels, Tensor) or labels.shape != y.shape or labels.device != y.device:
+                raise ValueError(f"the perturbed view's {name} must be labels like the batch's ({list(y.shape)} on "
+                                 f"{y.device})")
+        if not isinstance(view.op, str):
+            raise ValueError("the perturbed view must name its op (Perturbed.op), for the step's records")
+        return dataclasses.replace(view, y_a=view.y_a.long(), y_b=view.y_b.long())
+
+    def _losses(self, x: Tensor, y: Tensor, r: int, op: int, ready: Perturbed | None = None) -> GroupLosses:
         """The step's forward part for host choices ``(r, op)``: nothing here reads the device."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        inputs, targets, targets_b, lam = self.pool.perturb_group(x, y, self.n, r, op)
-        op_name = self.pool.names[op] if r >= 0 else None
+            if ready is not None:
+                ready = dataclasses.replace(ready, x=ready.x.contiguous(memory_format=torch.channels_last))
+        inputs, targets, targets_b, lam = self.pool.perturb_group(x, y, self.n, r, op, ready=ready)
+        op_name = (ready.op if ready is not None else self.pool.names[op]) if r >= 0 else None
         # autocast's weight cache must be off where the step is captured in a CUDA graph
         autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=not self.graphed)
                     if self.autocast_dtype is not None else nullcontext())
@@ -416,24 +444,30 @@ class CompetitiveDistillation(nn.Module):
         weights = CF.distillation_weights(score.detach(), self.mode, self.teachers, teacher=teacher)
         return (weights.to(pair.dtype) * pair).sum(1)
 
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
+    def step(self, x: Tensor, y: Tensor, perturbed: Perturbed | None = None) -> StepResult:
         """One full training iteration: perturbation, forwards, election, losses, backward, N optimizer steps.
 
         With the graph engine the iteration is a CUDA graph replay, and the returned tensors are
         slots of a ring of ``ring_size`` (1024) steps: read them within that many steps.
+
+        ``perturbed``: a perturbed view of this batch made by the loader (e.g. the DALI pipeline of
+        :mod:`cdfast.data.dali`), a :class:`~cdfast.perturb.Perturbed` with its op's name. The group
+        still draws which network (if any) sees it; the pool's own ops are then not used. Eager
+        engines only.
         """
         if self._auto_pending and x.is_cuda:
             self._check_batch(x, y)
-            self._choose_engine(x, y)
-        if self._graph_step is not None:
+            self._choose_engine(x, y, views=perturbed is not None)
+        if self._graph_step is not None and perturbed is None:
             return self._graph_step.step(x, y)
         y = self._check_batch(x, y)
-        return self._eager_step(x, y, *self._draw_perturbation())
+        perturbed = self._check_view(x, y, perturbed)
+        return self._eager_step(x, y, *self._draw_perturbation(perturbed), ready=perturbed)
 
-    def _eager_step(self, x: Tensor, y: Tensor, r: int, op: int) -> StepResult:
+    def _eager_step(self, x: Tensor, y: Tensor, r: int, op: int, ready: Perturbed | None = None) -> StepResult:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        out = self._losses(x, y, r, op)
+        out = self._losses(x, y, r, op, ready=ready)
         out.loss.sum().backward()  # losses are decoupled: each network gets only its own gradient
         for opt in self.optimizers:
             opt.step()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -14,6 +14,7 @@ from cdfast.data.idx import load_fashion_mnist
 from cdfast.data.loader import TensorLoader
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+LOADERS = ("torch", "dali")
 
 class InMemorySpec(NamedTuple):
     """What the loader needs to know about a data set held in memory."""
@@ -85,17 +86,29 @@ def load_data(
     image_size: int = 224,
     in_channels: int = 3,
     skip_bad_images: bool = False,
+    loader: str = "torch",
+    perturb_ops: Sequence[str] = (),
 ) -> DataBundle:
     """Load a data set by name with its standard augmentation.
 
     ``skip_bad_images`` (image folders): leave unreadable or empty images out with a
     counted warning instead of stopping with an error that names the file.
 
-    Fashion-MNIST and CIFAR are held in memory (on ``device``) and batched by
-    :class:`TensorLoader`; ``imagefolder`` streams JPEGs through torchvision.
+    ``loader="torch"`` (default): Fashion-MNIST and CIFAR are held in memory (on ``device``)
+    and batched by :class:`TensorLoader`; ``imagefolder`` streams JPEGs through torchvision.
+    ``loader="dali"``: NVIDIA DALI pipelines on ``device`` (:mod:`cdfast.data.dali`) decode
+    and augment, and with ``perturb_ops`` also make the perturbed view of every training
+    batch (it then yields ``(x, y, Perturbed)``).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if loader not in LOADERS:
+        raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+    if loader == "dali":
+        return _load_with_dali(name, root, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
+                               device=device, train_subset=train_subset, test_subset=test_subset,
+                               image_size=image_size, in_channels=in_channels, skip_bad_images=skip_bad_images,
+                               perturb_ops=perturb_ops)
     if name == "imagefolder":
         train_dir, val_dir, classes = image_folder_splits(root)
         train = FolderLoader(train_dir, True, batch_size, workers, image_size, in_channels, seed, train_subset,
@@ -129,5 +142,45 @@ def load_data(
                       *_black_and_white(mean, std), calibration=calibration)
 
 
-__all__ = ["load_data", "DataBundle", "DATASETS", "TensorLoader", "FolderLoader", "BadImageError",
+def _load_with_dali(name, root, *, batch_size, eval_batch_size, seed, device, train_subset, test_subset, image_size,
+                    in_channels, skip_bad_images, perturb_ops) -> DataBundle:
+    from cdfast.data.dali import DaliLoader, require_dali
+
+    require_dali()
+    if name == "imagefolder":
+        train_dir, val_dir, classes = image_folder_splits(root)
+        mean, std = folder_mean_std(in_channels)
+        common = dict(image_size=image_size, in_channels=in_channels, mean=mean, std=std, seed=seed, device=device)
+        train = DaliLoader.from_folder(train_dir, classes, skip_bad_images=skip_bad_images, train=True,
+                                       batch_size=batch_size, ops=perturb_ops, subset=train_subset, **common)
+        test = DaliLoader.from_folder(val_dir, classes, skip_bad_images=skip_bad_images, train=False,
+                                      batch_size=eval_batch_size, subset=test_subset, **common)
+
+        def folder_calibration(n: int):  # the evaluation pipeline on a fixed subset of the training images
+            return DaliLoader.from_folder(train_dir, classes, skip_bad_images=skip_bad_images, train=False,
+                                          batch_size=batch_size, subset=n, **{**common, "seed": seed + 1})
+
+        return DataBundle(name, train, test, len(classes), (in_channels, image_size, image_size),
+                          len(train.samples), len(test.samples), *_black_and_white(mean, std),
+                          calibration=folder_calibration)
+    num_classes, channels, mean, std, pad = IN_MEMORY[name]
+    splits = load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, num_classes)
+    for split, (_, labels) in splits.items():
+        _check_labels(name, split, labels, num_classes)
+    train_x, train_y = _subset(*splits["train"], train_subset, seed)
+    test_x, test_y = _subset(*splits["test"], test_subset, seed)
+    common = dict(image_size=train_x.shape[-1], in_channels=channels, mean=mean, std=std, seed=seed, device=device)
+    train = DaliLoader.from_arrays(train_x, train_y, train=True, batch_size=batch_size, ops=perturb_ops, pad=pad,
+                                   **common)
+    test = DaliLoader.from_arrays(test_x, test_y, train=False, batch_size=eval_batch_size, **common)
+
+    def calibration(n: int):  # a fixed random subset of the training images, unaugmented
+        pick = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed + 1))[:n]
+        return DaliLoader.from_arrays(train_x[pick], train_y[pick], train=False, batch_size=batch_size, **common)
+
+    return DataBundle(name, train, test, num_classes, tuple(train_x.shape[1:]), train_x.shape[0], test_x.shape[0],
+                      *_black_and_white(mean, std), calibration=calibration)
+
+
+__all__ = ["load_data", "DataBundle", "DATASETS", "LOADERS", "TensorLoader", "FolderLoader", "BadImageError",
            "load_fashion_mnist", "load_cifar", "FASHION_MNIST_ROOT"]

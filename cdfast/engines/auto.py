@@ -30,8 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("cdfast")
 
 
-def candidates(group: CompetitiveDistillation) -> tuple[list[str], list[str]]:
-    """The engines worth timing for this group, and why the others are left out."""
+def candidates(group: CompetitiveDistillation, views: bool = False) -> tuple[list[str], list[str]]:
+    """The engines worth timing for this group, and why the others are left out.
+
+    ``views``: the loader makes the perturbed views, which a graph engine cannot take."""
     names, left_out = ["sequential", "streams"], []
     fusable = why_not_fusable(group.networks)
     if fusable is None:
@@ -40,7 +42,9 @@ def candidates(group: CompetitiveDistillation) -> tuple[list[str], list[str]]:
         left_out.append(f"fused ({fusable})")
     not_capturable = next((r for r in map(why_not_capturable, group.optimizers) if r is not None), None)
     mode = (group.compile_options or {}).get("mode")
-    if not_capturable is not None:
+    if views:
+        left_out.append("graph engines (the loader makes the perturbed views; a graph perturbs inside)")
+    elif not_capturable is not None:
         left_out.append(f"graph engines ({not_capturable})")
     elif mode in GRAPH_COMPILE_MODES_REFUSED:
         left_out.append(f"graph engines (torch.compile mode {mode!r} captures graphs itself)")
@@ -91,13 +95,13 @@ def _time_engine(group: CompetitiveDistillation, x: Tensor, y: Tensor, perturbat
     return (time.perf_counter() - t0) / steps
 
 
-def measure(group: CompetitiveDistillation, x: Tensor, y: Tensor, steps: int = 5, warmup: int = 3
-            ) -> tuple[str, dict[str, float], list[str]]:
+def measure(group: CompetitiveDistillation, x: Tensor, y: Tensor, steps: int = 5, warmup: int = 3,
+            views: bool = False) -> tuple[str, dict[str, float], list[str]]:
     """Time each candidate engine on ``(x, y)``; returns ``(fastest, seconds per step, left out)``.
 
     The group ends with its state as before the call, and with the engine it had.
     """
-    names, left_out = candidates(group)
+    names, left_out = candidates(group, views)
     perturbation = (0, 0) if group.perturb else (-1, -1)
     if group.compile_options is not None:
         warmup = max(warmup, 10)  # compilation and recompilation happen in the first steps

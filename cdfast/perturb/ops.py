@@ -45,6 +45,7 @@ class Perturbed:
     y_a: Tensor
     y_b: Tensor
     lam: float | Tensor  # weight of y_a: 1.0 when labels are not mixed, a 0-d device tensor when drawn
+    op: str | None = None  # the op's name, for a view made outside the pool (e.g. by a DALI pipeline)
 
     @property
     def mixes_labels(self) -> bool:

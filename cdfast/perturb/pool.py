@@ -123,14 +123,15 @@ class PerturbationPool:
             raise ValueError(f"perturbation {_op_name(op)!r} changed the batch shape {list(x.shape)} -> {list(out.x.shape)}")
         return out
 
-    def perturb_group(self, x: Tensor, y: Tensor, n: int, r: int, op: int):
+    def perturb_group(self, x: Tensor, y: Tensor, n: int, r: int, op: int, ready: Perturbed | None = None):
         """Inputs and targets of a group of ``n`` networks: network ``r`` gets the batch perturbed by
-        op ``op`` (``r = -1``: nobody). Returns ``(inputs, targets, targets_b, lam)``: targets ``[B]``
-        shared, or ``[N, B]`` with ``targets_b`` and ``lam [N]`` when the op mixed labels. No sync."""
+        op ``op`` (``r = -1``: nobody), or the view ``ready`` made by the loader. Returns ``(inputs,
+        targets, targets_b, lam)``: targets ``[B]`` shared, or ``[N, B]`` with ``targets_b`` and
+        ``lam [N]`` when the op mixed labels. No sync."""
         inputs = [x] * n
         targets, targets_b, lam = y, None, None
         if r >= 0:
-            out = self.apply(op, x, y)
+            out = self.apply(op, x, y) if ready is None else ready
             inputs[r] = out.x
             if out.mixes_labels:
                 targets = torch.stack([out.y_a if i == r else y for i in range(n)])

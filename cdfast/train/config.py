@@ -21,11 +21,12 @@ from typing import Any
 
 import yaml
 
-from cdfast.data import DATASETS
-from cdfast.engines import ENGINE_CHOICES
+from cdfast.data import DATASETS, LOADERS
+from cdfast.data.dali import DALI_OPS
+from cdfast.engines import ENGINE_CHOICES, split_engine_name
 from cdfast.models import FEATURE_MODES, check_model_name
 from cdfast.options import CHOICES, RANGES, check_choice, check_flag, check_number, check_teachers
-from cdfast.perturb import DEFAULT_OPS, OPS, PRESETS
+from cdfast.perturb import DEFAULT_OPS, OPS, PRESETS, expand_presets
 from cdfast.safe_write import atomic_write
 
 _PRESETS_HELP = ", ".join(f"{name} ({'+'.join(ops)})" for name, ops in PRESETS.items())
@@ -50,6 +51,10 @@ class TrainConfig:
     test_subset: int | None = _f(None, "evaluate on a random subset of this many images", ge=1)
     image_size: int = _f(224, "crop size for imagefolder data", ge=8)
     workers: int = _f(4, "DataLoader workers for imagefolder data", ge=0)
+    loader: str = _f("torch", "input pipeline: torch (in-memory batches; a DataLoader for image folders) or dali "
+                              "(NVIDIA DALI on the run's device: decoding, augmentation and the perturbed view in one "
+                              f"pipeline; ops {', '.join(DALI_OPS)}; needs pip install 'cdfast[dali]')",
+                     choices=LOADERS)
     skip_bad_images: bool = _f(False, "imagefolder: skip unreadable or empty images with a counted warning "
                                       "(default: stop and name the file)")
     # group
@@ -142,12 +147,32 @@ class TrainConfig:
         if not self.perturb_ops and (self.perturb or (self.perturb is None and self.mode == "competitive")):
             raise ValueError("perturb_ops is empty; name at least one op or turn perturbation off (--no-perturb)")
         check_teachers(self.mode, self.teachers)
+        if self.loader == "dali":
+            self._check_dali()
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(map(str, COMPILE_MODES))}, got {self.compile_mode!r}")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
+
+    @property
+    def perturbs(self) -> bool:
+        """Whether the run perturbs one network's batch (``perturb``; None: on in competitive mode)."""
+        return self.perturb if self.perturb is not None else self.mode == "competitive"
+
+    def perturb_op_names(self) -> list[str]:
+        """The pool's op names, presets expanded (the DALI loader makes exactly these)."""
+        return [op for op in expand_presets(self.perturb_ops) if isinstance(op, str)]
+
+    def _check_dali(self) -> None:
+        if split_engine_name(self.engine)[1]:
+            raise ValueError(f"engine {self.engine} perturbs inside its CUDA graphs and cannot take the DALI "
+                             "loader's perturbed views; use --engine auto, sequential, streams or fused with --loader dali")
+        missing = [op for op in self.perturb_op_names() if op not in DALI_OPS]
+        if self.perturbs and missing:
+            raise ValueError(f"the DALI pipeline has no {', '.join(missing)} op (it has {', '.join(DALI_OPS)}); choose "
+                             "--perturb-ops among those, or use --loader torch")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

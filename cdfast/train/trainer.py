@@ -218,11 +218,13 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        data_device = self.device if cfg.data != "imagefolder" else "cpu"
+        # the torch loader reads image folders on the host (DataLoader workers); everything else on the run's device
+        data_device = "cpu" if cfg.data == "imagefolder" and cfg.loader == "torch" else self.device
         self.data = load_data(
             cfg.data, cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
             seed=cfg.seed, device=data_device, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
             workers=cfg.workers, image_size=cfg.image_size, skip_bad_images=cfg.skip_bad_images,
+            loader=cfg.loader, perturb_ops=cfg.perturb_op_names() if cfg.perturbs else (),
         )
         self.names = list(cfg.models)
         self.group = build_group(cfg, num_classes=self.data.num_classes, input_shape=self.data.input_shape,
@@ -403,9 +405,9 @@ class Trainer:
             bar.set_postfix_str(meter.postfix())
 
         try:
-            for x, y in self.data.train:
+            for x, y, *view in self.data.train:  # the DALI loader adds the perturbed view
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                result = group.step(x, y)
+                result = group.step(x, y, perturbed=view[0] if view else None)
                 if group.engine_choice is not None and not self._engine_reported:
                     self._engine_reported = True
                     bar.write(self._engine_choice_line())
