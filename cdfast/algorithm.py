@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from cdfast import functional as CF
+from cdfast.distributed import average_gradients, global_mean, rank_and_world, resolve_process_group
 from cdfast.engines import get_engine, network_device, split_engine_name
 from cdfast.engines.graph import GraphStep
 from cdfast.options import (ELECTIONS, MODES, PERTURBED_BN, RANGES, TEACHER_RULES, check_choice, check_flag,
@@ -126,6 +127,12 @@ class CompetitiveDistillation(nn.Module):
             CUDA graphs and replay them (CUDA; optimizers must be capturable, e.g.
             ``SGD(..., fused=True)``, which the default optimizer then is); see
             :mod:`cdfast.engines` and :mod:`cdfast.engines.graph`.
+        process_group: data parallelism on ``torch.distributed``: every rank holds all N networks
+            and a shard of each batch; the CEs are all-reduced before the election (one teacher
+            for the global batch on every rank) and each network's gradients are averaged
+            across ranks after the backward (:mod:`cdfast.distributed`). ``"auto"`` (default):
+            the default group when torch.distributed is initialised with several ranks (as
+            under ``torchrun``), else none; ``None``: one process; or a ``ProcessGroup``.
         compile: ``torch.compile`` the networks' forwards inside the engine: ``True`` for the
             defaults, or a dict of ``torch.compile`` keyword arguments (e.g.
             ``{"mode": "max-autotune"}``). The losses and optimizer steps stay eager.
@@ -155,6 +162,7 @@ class CompetitiveDistillation(nn.Module):
         channels_last: bool = False,
         engine: str = "sequential",
         compile: bool | dict = False,
+        process_group="auto",
     ):
         super().__init__()
         networks = list(networks)
@@ -191,6 +199,9 @@ class CompetitiveDistillation(nn.Module):
             raise TypeError(f"compile must be True/False or a dict of torch.compile options, got {compile!r}")
         self.compile_options = None if compile is False else {} if compile is True else dict(compile)
         self.engine_choice: dict | None = None  # engine auto's measurement, once made
+        self.process_group = resolve_process_group(process_group)
+        self.rank, self.world_size = rank_and_world(self.process_group)
+        self.pool.rng.rank = self.rank  # the same choices on every rank, the op's own draws per rank
         self._set_engine(engine)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
 
@@ -204,6 +215,9 @@ class CompetitiveDistillation(nn.Module):
         self.engine_spec = spec
         self._auto_pending = spec == "auto"  # measured at the first CUDA step (cdfast.engines.auto)
         self._engine, self._engine_device = None, None
+        if graphed and self.process_group is not None:
+            raise ValueError(f"engine {spec!r} captures the step in CUDA graphs, which cannot hold the data-parallel "
+                             "all-reduces yet; use sequential, streams, fused or auto under torch.distributed")
         self._graph_step = GraphStep(self) if graphed else None
 
     def _choose_engine(self, x: Tensor, y: Tensor, views: bool = False) -> None:
@@ -213,6 +227,11 @@ class CompetitiveDistillation(nn.Module):
         timings = ", ".join(f"{name} {1e3 * t:.2f} ms" for name, t in sorted(seconds.items(), key=lambda kv: kv[1]))
         log.info("cdfast: engine auto -> %s (measured per step on this batch: %s%s)", fastest, timings,
                  f"; not timed: {'; '.join(left_out)}" if left_out else "")
+        if self.process_group is not None:  # ranks time differently: all take rank 0's choice
+            choice = [fastest]
+            torch.distributed.broadcast_object_list(choice, src=torch.distributed.get_global_rank(self.process_group, 0),
+                                                    group=self.process_group)
+            fastest = choice[0]
         self._set_engine(fastest)
         self.engine_choice = {"engine": fastest, "seconds_per_step": seconds, "timings": timings, "left_out": left_out}
 
@@ -239,6 +258,13 @@ class CompetitiveDistillation(nn.Module):
         return self.mode == "competitive" and self.teachers == "best"
 
     # ---- construction helpers -------------------------------------------------
+    def _params_to_average(self) -> list[Tensor]:
+        """Every trainable parameter the data-parallel all-reduce averages (DDP-wrapped networks average their own)."""
+        ddp = torch.nn.parallel.DistributedDataParallel
+        params = [p for net in self.networks if not isinstance(net, ddp) for p in net.parameters()]
+        params += [p for i in range(self.n) for p in self.adapters.parameters_of(i)]
+        return [p for p in params if p.requires_grad]
+
     def _build_optimizers(self, optimizers) -> list[torch.optim.Optimizer]:
         param_sets = [list(net.parameters()) + self.adapters.parameters_of(i) for i, net in enumerate(self.networks)]
         if optimizers is None or callable(optimizers):
@@ -355,6 +381,9 @@ class CompetitiveDistillation(nn.Module):
             rest = (1.0 - lam.to(ce.dtype)).clamp(1e-12, 1.0)
             score = ce + lam_c * lam_c.log() + rest * rest.log()
             teacher = CF.elect_teacher(score.detach())
+        if self.process_group is not None:  # one election for the global batch: the same teacher on every rank
+            score = global_mean(score, x.shape[0], self.process_group)
+            teacher = CF.elect_teacher(score)
         other = None  # every network's output on the other input (teachers' view of the students' batches)
         needs_other = self.matched_inputs and r >= 0 and self.mode != "independent"
         if needs_other or (r >= 0 and self.perturbed_bn == "clean"):
@@ -469,6 +498,8 @@ class CompetitiveDistillation(nn.Module):
             opt.zero_grad(set_to_none=True)
         out = self._losses(x, y, r, op, ready=ready)
         out.loss.sum().backward()  # losses are decoupled: each network gets only its own gradient
+        if self.process_group is not None:  # data parallel: every rank applies the global batch's gradient
+            average_gradients(self._params_to_average(), self.process_group)
         for opt in self.optimizers:
             opt.step()
         return out.detached()

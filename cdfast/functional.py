@@ -27,6 +27,7 @@ from torch import Tensor
 from cdfast import reference
 from cdfast.ops import competitive_ce as ce_op
 from cdfast.ops import student_loss as student_loss_op
+from cdfast.distributed import global_mean, resolve_process_group
 from cdfast.options import check_option, check_teachers
 
 __all__ = [
@@ -120,6 +121,8 @@ def competitive_ce(
     targets: Tensor,
     targets_b: Tensor | None = None,
     lam: Tensor | None = None,
+    *,
+    process_group=None,
 ) -> tuple[Tensor, Tensor]:
     """Per-network mean cross-entropy and the elected teacher, on the device.
 
@@ -129,6 +132,11 @@ def competitive_ce(
         targets: int64 labels ``[N, B]``, or ``[B]`` shared by every network.
         targets_b, lam: for mixed labels (mixup/cutmix): second label set like
             ``targets`` and a per-network weight ``lam [N]`` of ``targets``.
+        process_group: under data parallelism (each rank scores its shard of the batch),
+            a ``torch.distributed`` process group (or ``"auto"``: the default one when
+            initialised): the CEs are all-reduced, weighted by the shards' sizes, and the
+            teacher is elected from the global batch, the same on every rank. ``ce`` stays
+            this rank's mean (its gradient, averaged across ranks, is the global one).
     Returns:
         ``(ce [N] float32, teacher int64 0-d tensor)``; ties elect the lowest index.
         A network whose CE is NaN or infinite is never elected; if every CE is
@@ -151,7 +159,11 @@ def competitive_ce(
         _check_labels(targets_b, k, "targets_b", values=not checked_by_op)
         if tuple(lam.shape) != tuple(logits.shape[:-2]):
             raise ValueError(f"lam must have one weight per network, shape {list(logits.shape[:-2])}, got {list(lam.shape)}")
-    return ce_op.competitive_ce(logits, targets, targets_b, lam)
+    ce, teacher = ce_op.competitive_ce(logits, targets, targets_b, lam)
+    group = resolve_process_group(process_group)
+    if group is not None:
+        teacher = reference.elect_teacher(global_mean(ce, logits.shape[-2], group))
+    return ce, teacher
 
 
 def elect_teacher(ce_losses: Tensor | Sequence[Tensor]) -> Tensor:

@@ -31,6 +31,8 @@ class TensorLoader:
         augment_pad: int | None = None,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        rank: int = 0,
+        world: int = 1,
     ):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
@@ -47,6 +49,13 @@ class TensorLoader:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1) * 255
         self.generator = torch.Generator().manual_seed(seed)
+        # Data parallel: ``batch_size`` is the global batch; every rank draws the same order and
+        # augmentation (one generator stream, as in one process) and keeps its contiguous share.
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must lie in [0, world={world}), got {rank}")
+        if world > 1 and batch_size % world:
+            raise ValueError(f"the global batch size {batch_size} must be a multiple of the {world} ranks")
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         n = self.images.shape[0]
@@ -61,7 +70,11 @@ class TensorLoader:
             x = self.images.index_select(0, idx).float()
             if self.augment_pad is not None:  # on raw pixels, so the padding is black (0), not the mean
                 x = pad_crop_flip(x, self.augment_pad, self.generator)
-            yield (x - self.mean) / self.std, self.labels.index_select(0, idx)
+            y = self.labels.index_select(0, idx)
+            if self.world > 1:
+                share = -(-idx.shape[0] // self.world)
+                x, y = x[self.rank * share:(self.rank + 1) * share], y[self.rank * share:(self.rank + 1) * share]
+            yield (x - self.mean) / self.std, y
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

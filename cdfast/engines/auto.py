@@ -44,6 +44,8 @@ def candidates(group: CompetitiveDistillation, views: bool = False) -> tuple[lis
     mode = (group.compile_options or {}).get("mode")
     if views:
         left_out.append("graph engines (the loader makes the perturbed views; a graph perturbs inside)")
+    elif group.process_group is not None:
+        left_out.append("graph engines (data parallel: the all-reduces are not captured yet)")
     elif not_capturable is not None:
         left_out.append(f"graph engines ({not_capturable})")
     elif mode in GRAPH_COMPILE_MODES_REFUSED:

@@ -57,8 +57,9 @@ class PerturbRNG:
     """Seeded randomness of the pool: a host RNG for the choices of network and op (they pick
     which code runs, so they are host values), one generator per device for everything an op draws."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, rank: int = 0):
         self.seed = seed
+        self.rank = rank  # data parallel: the host choices agree across ranks, the device draws differ
         self.host = random.Random(seed)
         self._generators: dict[str, torch.Generator] = {}
         self._seeds: dict[str, int] = {}
@@ -67,7 +68,7 @@ class PerturbRNG:
         key = str(torch.device(device))
         if key not in self._generators:
             gen = torch.Generator(device=device)
-            self._seeds[key] = self.seed + 1 + len(self._generators)
+            self._seeds[key] = self.seed + 1 + len(self._generators) + (0x9E3779B1 * self.rank) % 2**62
             gen.manual_seed(self._seeds[key])
             self._generators[key] = gen
         return self._generators[key]

@@ -1,0 +1,114 @@
+"""Data-parallel Competitive Distillation on torch.distributed: one election for the global batch.
+
+Every rank holds all N networks and a shard of each batch. Three things make the
+method exact across ranks:
+
+- **One election.** Each network's CE on the rank's shard is all-reduced (weighted by
+  the shard's size) before the argmin, so every rank elects the same teacher from the
+  global batch (:func:`global_mean`; ``competitive_ce(..., process_group=...)``).
+- **One update.** After the backward, every network's gradients are averaged across
+  ranks in a few flat buckets (:func:`average_gradients`, the all-reduce DDP would do,
+  after the backward instead of overlapped with it; networks the caller already wrapped
+  in ``DistributedDataParallel`` are left to DDP).
+- **One perturbation choice.** The pool's host RNG has the same seed on every rank, so the
+  perturbed network and the op agree; the op's per-sample draws come from device
+  generators offset by the rank, so shards are not perturbed identically.
+
+Gloo on the CPU and NCCL on GPUs both work; nothing here reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["resolve_process_group", "rank_and_world", "global_mean", "average_gradients", "BUCKET_BYTES"]
+
+BUCKET_BYTES = 64 * 2**20  # gradients are all-reduced in flat buckets of at most this size (DDP uses 25 MiB)
+
+GroupSpec = Union[None, str, "dist.ProcessGroup"]
+
+
+def resolve_process_group(spec: GroupSpec):
+    """The process group to elect and average over, or None (one process).
+
+    ``"auto"``: the default group when torch.distributed is initialised with more than one
+    rank (as under ``torchrun``), else None. ``None``: single-process behaviour even inside a
+    distributed job. A ``ProcessGroup``: that group.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "auto":
+            raise ValueError(f"process_group must be 'auto', None or a torch.distributed ProcessGroup, got {spec!r}")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("a process_group was given but torch.distributed is not initialised; call "
+                           "torch.distributed.init_process_group first (torchrun sets up the environment for it)")
+    return spec
+
+
+def rank_and_world(group) -> tuple[int, int]:
+    """``(rank, world size)`` in ``group``; ``(0, 1)`` without one."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def global_mean(values: Tensor, count: int | Tensor, group) -> Tensor:
+    """Per-network means over the global batch from the means over this rank's ``count`` samples.
+
+    ``sum_r values_r * count_r / sum_r count_r``, all-reduced in one call; detached, float32.
+    """
+    if group is None:
+        return values.detach().float()
+    flat = values.detach().float().reshape(-1)
+    count = torch.as_tensor(count, dtype=torch.float32, device=flat.device).reshape(1)
+    buf = torch.cat([flat * count, count])
+    dist.all_reduce(buf, group=group)
+    return (buf[:-1] / buf[-1]).view(values.shape)
+
+
+def average_gradients(params: Iterable[Tensor], group, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Average ``params``' gradients across the ranks of ``group``, in place.
+
+    Every rank must pass the same parameters in the same order. A parameter without a
+    gradient gets zeros first, so all ranks flatten the same list (a network's parameter
+    unused on one rank's shard would otherwise shift every later bucket).
+    """
+    if group is None:
+        return
+    world = dist.get_world_size(group)
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    bucket: list[Tensor] = []
+    size = 0
+    for g in grads + [None]:  # None flushes the last bucket
+        if g is not None and bucket and (size + g.numel() * g.element_size() > bucket_bytes
+                                         or g.dtype != bucket[0].dtype or g.device != bucket[0].device):
+            _reduce_bucket(bucket, world, group)
+            bucket, size = [], 0
+        if g is None:
+            if bucket:
+                _reduce_bucket(bucket, world, group)
+            break
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+
+
+def _reduce_bucket(grads: list[Tensor], world: int, group) -> None:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat.div_(world)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

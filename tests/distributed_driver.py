@@ -1,0 +1,101 @@
+"""One rank of a small data-parallel job (gloo, loopback); used by test_distributed.
+
+    python tests/distributed_driver.py SCENARIO OUT_DIR RANK WORLD
+
+Scenarios (each rank writes OUT_DIR/rank-<r>.pt with what it saw):
+    group       a few CompetitiveDistillation steps on this rank's shard of fixed global batches
+    perturbed   the same with perturbation on: the choices and teachers must agree across ranks
+    functional  competitive_ce(process_group=...) on shards whose local winners disagree
+    dead-rank   rank 1 exits after one step; rank 0 keeps stepping and must get an error, not hang
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import cdfast
+
+GLOBAL_BATCH, STEPS, CLASSES = 16, 4, 5
+
+
+class SmallNet(nn.Module):
+    """No BatchNorm: a data-parallel step then equals one process's step on the global batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, CLASSES)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x)).flatten(1)
+        return self.fc(f), f
+
+
+def make_group(process_group="auto", perturb=False, mode="competitive", teachers="best"):
+    torch.manual_seed(0)
+    nets = [SmallNet() for _ in range(3)]
+    return cdfast.CompetitiveDistillation(
+        nets, optimizers=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), mode=mode, teachers=teachers,
+        perturb=perturb, perturb_ops=["noise", "mixup"], seed=3, process_group=process_group)
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        yield torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g)
+
+
+def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    share = t.shape[0] // world
+    return t[rank * share:(rank + 1) * share]
+
+
+def main() -> None:
+    scenario, out, rank, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    timeout = datetime.timedelta(seconds=10 if scenario == "dead-rank" else 120)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world,
+                            timeout=timeout)
+    seen: dict = {}
+    if scenario in ("group", "perturbed"):
+        teachers = os.environ.get("CDFAST_TEACHERS", "best")
+        group = make_group(perturb=scenario == "perturbed", teachers=teachers)
+        seen["steps"] = []
+        for x, y in batches():
+            result = group.step(shard(x, rank, world), shard(y, rank, world))
+            seen["steps"].append((int(result.teacher), result.perturbed, result.perturbation))
+        seen["params"] = {k: v.detach().clone() for k, v in group.state_dict().items()}
+        seen["device_seed"] = group.pool.rng.on(torch.device("cpu")).initial_seed()
+    elif scenario == "functional":
+        logits = torch.zeros(2, 4, 3)
+        y = torch.zeros(4, dtype=torch.int64)
+        # network 0 wins on rank 0's shard by a little (CE 0.24 vs 0.37), network 1 on rank 1's by a lot
+        # (0.04 vs 1.10): globally network 1
+        logits[0, :, 0] = 2.0 if rank == 0 else 0.0
+        logits[1, :, 0] = 1.5 if rank == 0 else 4.0
+        ce, teacher = cdfast.competitive_ce(logits, y, process_group="auto")
+        seen.update(ce=ce, teacher=int(teacher), local=int(cdfast.elect_teacher(ce)))
+    elif scenario == "dead-rank":
+        group = make_group()
+        for k, (x, y) in enumerate(batches()):
+            if k == 1 and rank == 1:
+                os._exit(0)  # a rank that dies mid-run (no goodbye to the others)
+            try:
+                group.step(shard(x, rank, world), shard(y, rank, world))
+            except RuntimeError as e:
+                seen["error"] = str(e).splitlines()[0]
+                break
+    torch.save(seen, out / f"rank-{rank}.pt")
+    if scenario != "dead-rank":
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

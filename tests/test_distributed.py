@@ -1,0 +1,80 @@
+"""Data parallelism on torch.distributed (gloo, 2 processes, loopback): one election for the global
+batch, the same update as one process on the global batch, agreed perturbation choices, and a dead rank."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import cdfast
+
+DRIVER = Path(__file__).with_name("distributed_driver.py")
+sys.path.insert(0, str(DRIVER.parent))
+import distributed_driver as driver  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def launch(scenario: str, tmp_path: Path, world: int = 2, env: dict | None = None, timeout: float = 240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    procs = [subprocess.Popen([sys.executable, str(DRIVER), scenario, str(tmp_path), str(r), str(world)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for r, p in enumerate(procs):
+        if scenario != "dead-rank":
+            assert p.returncode == 0, f"rank {r} failed:\n{outputs[r][-3000:]}"
+    return [torch.load(tmp_path / f"rank-{r}.pt", weights_only=False) if (tmp_path / f"rank-{r}.pt").exists()
+            else None for r in range(world)]
+
+
+@pytest.mark.parametrize("teachers", ["best", "all-better"])
+def test_two_ranks_elect_one_teacher_and_step_like_one_process(tmp_path, teachers):
+    ranks = launch("group", tmp_path, env={"CDFAST_TEACHERS": teachers})
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # the same teacher on both ranks, every step
+    single = driver.make_group(process_group=None, teachers=teachers)
+    want = []
+    for x, y in driver.batches():
+        want.append(int(single.step(x, y).teacher))
+    assert [t for t, _, _ in ranks[0]["steps"]] == want  # and the one a single process elects on the global batch
+    for name, value in single.state_dict().items():
+        for r in (0, 1):  # the same weights as one process on the global batch (float rounding of the all-reduce)
+            torch.testing.assert_close(ranks[r]["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_perturbation_choices_agree_and_draws_differ_across_ranks(tmp_path):
+    ranks = launch("perturbed", tmp_path)
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # teacher, perturbed network and op agree
+    assert any(p >= 0 for _, p, _ in ranks[0]["steps"])
+    assert ranks[0]["device_seed"] != ranks[1]["device_seed"]  # the ops' own draws differ per rank
+    alone = driver.make_group(process_group=None, perturb=True)
+    assert alone.pool.rng.on(torch.device("cpu")).initial_seed() == ranks[0]["device_seed"]  # rank 0 = one process
+
+
+def test_functional_election_is_global(tmp_path):
+    ranks = launch("functional", tmp_path)
+    assert [r["local"] for r in ranks] == [0, 1]  # the shards alone disagree...
+    assert [r["teacher"] for r in ranks] == [1, 1]  # ...the global batch elects network 1 on both ranks
+    assert not torch.equal(ranks[0]["ce"], ranks[1]["ce"])  # ce stays each rank's own mean
+
+
+def test_a_rank_that_dies_stops_the_others_with_an_error(tmp_path):
+    t0 = time.perf_counter()
+    ranks = launch("dead-rank", tmp_path, timeout=120)
+    assert ranks[1] is None  # it died without writing anything
+    assert "error" in ranks[0], "the surviving rank kept stepping without noticing"
+    assert time.perf_counter() - t0 < 90
+
+
+def test_without_torch_distributed_the_group_is_one_process():
+    group = driver.make_group()
+    assert group.process_group is None and (group.rank, group.world_size) == (0, 1)
+    with pytest.raises(ValueError, match="process_group must be 'auto', None"):
+        driver.make_group(process_group="everyone")
+    with pytest.raises(RuntimeError, match="not initialised"):
+        cdfast.competitive_ce(torch.zeros(2, 4, 3), torch.zeros(4, dtype=torch.int64), process_group=object())
