@@ -4,7 +4,9 @@ a grid's report, ``models`` lists the model names."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -71,6 +73,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cdfast.distributed import init_from_environment
+
+    joined = init_from_environment()  # under torchrun: one rank of a data-parallel job
+    try:
+        if joined and torch_distributed_rank() > 0:  # rank 0 speaks for the job
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+                return _train(args)
+        return _train(args)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def torch_distributed_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def _train(args: argparse.Namespace) -> int:
     from cdfast.train import Trainer
 
     if args.resume:
@@ -88,7 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"features {'on' if g.feature_loss else 'off'}, perturbation {'on: ' + ','.join(g.pool.names) if g.perturb else 'off'}) "
           f"of {len(cfg.models)} networks [{', '.join(cfg.models)}] on {cfg.data} "
           f"({trainer.data.train_size} train / {trainer.data.test_size} test images, {trainer.data.num_classes} classes) "
-          f"for {cfg.epochs} epochs on {trainer.device}, engine {engine_label(g)}; outputs in {trainer.out}")
+          f"for {cfg.epochs} epochs on {trainer.device}"
+          + (f" x {trainer.world} processes (data parallel, global batch {cfg.batch_size})" if trainer.world > 1 else "")
+          + f", engine {engine_label(g)}; outputs in {trainer.out}")
     if trainer.epoch:
         print(f"cdfast: resumed from epoch {trainer.epoch} (step {trainer.step})")
     summary = trainer.fit()

@@ -19,17 +19,40 @@ Gloo on the CPU and NCCL on GPUs both work; nothing here reads a device value on
 
 from __future__ import annotations
 
+import datetime
+import os
 from typing import Iterable, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["resolve_process_group", "rank_and_world", "global_mean", "average_gradients", "BUCKET_BYTES"]
+__all__ = ["resolve_process_group", "rank_and_world", "global_mean", "average_gradients", "all_reduce_sum",
+           "gather_objects", "init_from_environment", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 64 * 2**20  # gradients are all-reduced in flat buckets of at most this size (DDP uses 25 MiB)
 
 GroupSpec = Union[None, str, "dist.ProcessGroup"]
+
+
+def init_from_environment() -> bool:
+    """Join the job torchrun describes (``WORLD_SIZE`` > 1 in the environment); False when there is none.
+
+    Gloo for CPU tensors, NCCL for CUDA ones (``cpu:gloo,cuda:nccl`` where CUDA is available; each
+    rank drives GPU ``LOCAL_RANK``). A collective that waits longer than ``CDFAST_DIST_TIMEOUT``
+    seconds (default 600) fails, so a rank that died stops the others instead of hanging them.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    timeout = datetime.timedelta(seconds=float(os.environ.get("CDFAST_DIST_TIMEOUT", "600")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+    return True
 
 
 def resolve_process_group(spec: GroupSpec):
@@ -72,6 +95,28 @@ def global_mean(values: Tensor, count: int | Tensor, group) -> Tensor:
     buf = torch.cat([flat * count, count])
     dist.all_reduce(buf, group=group)
     return (buf[:-1] / buf[-1]).view(values.shape)
+
+
+def all_reduce_sum(tensors: list[Tensor], group) -> list[Tensor]:
+    """The sums over ranks of ``tensors`` (float32, one all-reduce); the tensors themselves without a group."""
+    if group is None:
+        return tensors
+    flat = torch.cat([t.float().reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return out
+
+
+def gather_objects(obj, group) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` without a group."""
+    if group is None:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def average_gradients(params: Iterable[Tensor], group, bucket_bytes: int = BUCKET_BYTES) -> None:

@@ -50,8 +50,8 @@ def jpeg_folder(tmp_path_factory, fmnist):
 
 
 def arrays(x, y, **kw):
-    return DaliLoader.from_arrays(x, y, image_size=28, in_channels=1, mean=MEAN, std=STD, seed=kw.pop("seed", 0),
-                                  threads=1, **kw)
+    return DaliLoader.from_arrays(x, y, image_size=kw.pop("image_size", 28), in_channels=1, mean=MEAN, std=STD,
+                                  seed=kw.pop("seed", 0), threads=1, **kw)
 
 
 def folder(root, split, **kw):
@@ -325,3 +325,37 @@ def test_gpu_pipelines_make_the_same_batches_on_the_device(jpeg_folder, fmnist):
     for (gx, gy), (cx, cy) in zip(evaluated, on_cpu):
         assert torch.equal(gy.cpu(), cy)
         assert (gx.cpu() - cx).abs().mean() < 0.05  # nvJPEG and the CPU decoder may round differently
+
+
+def test_pad_crop_shifts_are_uniform_over_minus_pad_to_pad():
+    """The in-memory augmentation shifts by -pad..pad pixels, each equally likely (as the torch loader)."""
+    pad, size = 2, 12
+    images = torch.zeros(64, 1, size, size, dtype=torch.uint8)
+    images[:, :, size // 2, :] = 255  # one bright row: its new position is the vertical shift
+    loader = arrays(images, torch.zeros(64, dtype=torch.int64), train=True, batch_size=64, pad=pad, image_size=size)
+    shifts = []
+    for _ in range(8):
+        for x, _ in loader:
+            rows = x[:, 0].amax(-1).argmax(-1)  # the bright row of each sample (none is lost: |shift| < size / 2)
+            shifts += (rows - size // 2).tolist()
+    counts = np.bincount(np.asarray(shifts) + pad, minlength=2 * pad + 1)
+    assert len(counts) == 2 * pad + 1, f"shifts outside [-{pad}, {pad}]: {sorted(set(shifts))}"
+    assert counts.min() > 0.6 * len(shifts) / (2 * pad + 1)  # each of the 5 shifts ~1/5 of 512 draws
+
+
+def test_an_empty_cutmix_box_is_parked_outside_the_image():
+    """A box too small to hold a pixel pastes nothing, at (s, s): on the GPU a zero-size paste at an
+    anchor inside the image would open a region there that never closes."""
+    from cdfast.data.dali import _BatchNumbers
+
+    numbers = _BatchNumbers(["cutmix"], batch_size=2, image_size=3, seed=0)
+    empty = 0
+    for _ in range(400):
+        _, lam, _, anchors, shapes = numbers()
+        box_anchor, box_shape = anchors[0][1], shapes[0][1]
+        if (box_shape == 0).any():
+            empty += 1
+            assert tuple(box_anchor) == (3, 3) and tuple(box_shape) == (0, 0) and float(lam[0]) == 1.0
+        else:
+            assert float(lam[0]) == pytest.approx(1 - box_shape.prod() / 9)
+    assert empty > 0  # the case happens at this size

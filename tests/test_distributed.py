@@ -78,3 +78,33 @@ def test_without_torch_distributed_the_group_is_one_process():
         driver.make_group(process_group="everyone")
     with pytest.raises(RuntimeError, match="not initialised"):
         cdfast.competitive_ce(torch.zeros(2, 4, 3), torch.zeros(4, dtype=torch.int64), process_group=object())
+
+
+def torchrun(tmp_path: Path, *flags: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           "-m", "cdfast", "train", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CDFAST_DIST_TIMEOUT": "60", "TMPDIR": str(tmp_path)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_cdfast_train_under_torchrun_writes_one_run_folder_and_resumes(tmp_path, fmnist_root):
+    out = tmp_path / "run"
+    flags = ["--train-subset", "128", "--test-subset", "64", "--batch-size", "32", "--eval-batch-size", "48",
+             "--device", "cpu", "--out", str(out), "--no-progress", "--no-tensorboard", "--no-plots",
+             "--bn-recalibration", "1", "--log-interval", "2", "--data-dir", str(fmnist_root)]
+    done = torchrun(tmp_path, *flags, "--epochs", "1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.count("cdfast: competitive training") == 1  # rank 0 speaks for the job
+    assert "x 2 processes (data parallel, global batch 32)" in done.stdout
+    steps = (out / "steps.csv").read_text().splitlines()
+    assert len(steps) == 1 + 128 // 32  # one row per global step, written once
+    assert not list(tmp_path.glob("cdfast-rank*"))  # the other rank's scratch folder is gone
+    again = torchrun(tmp_path, "--resume", str(out), "--resume-with-changes", "--epochs", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from epoch 1" in again.stdout
+    assert len((out / "epochs.jsonl").read_text().splitlines()) == 2
+    alone = subprocess.run([sys.executable, "-m", "cdfast", "train", "--resume", str(out), "--resume-with-changes",
+                            "--epochs", "3"], capture_output=True, text=True, timeout=300)
+    assert alone.returncode != 0
+    assert "was trained by 2 process(es), and this resume runs 1" in alone.stderr
+    assert len((out / "epochs.jsonl").read_text().splitlines()) == 2  # nothing was touched

@@ -88,6 +88,8 @@ def load_data(
     skip_bad_images: bool = False,
     loader: str = "torch",
     perturb_ops: Sequence[str] = (),
+    rank: int = 0,
+    world: int = 1,
 ) -> DataBundle:
     """Load a data set by name with its standard augmentation.
 
@@ -99,6 +101,10 @@ def load_data(
     ``loader="dali"``: NVIDIA DALI pipelines on ``device`` (:mod:`cdfast.data.dali`) decode
     and augment, and with ``perturb_ops`` also make the perturbed view of every training
     batch (it then yields ``(x, y, Perturbed)``).
+
+    ``rank`` / ``world`` (data parallel): ``batch_size`` and ``eval_batch_size`` stay the global
+    batches; this rank gets its share of each (the calibration batches are not sharded: every
+    rank recalibrates BatchNorm on the same images).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
@@ -108,13 +114,13 @@ def load_data(
         return _load_with_dali(name, root, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
                                device=device, train_subset=train_subset, test_subset=test_subset,
                                image_size=image_size, in_channels=in_channels, skip_bad_images=skip_bad_images,
-                               perturb_ops=perturb_ops)
+                               perturb_ops=perturb_ops, rank=rank, world=world)
     if name == "imagefolder":
         train_dir, val_dir, classes = image_folder_splits(root)
         train = FolderLoader(train_dir, True, batch_size, workers, image_size, in_channels, seed, train_subset,
-                             skip_bad_images)
+                             skip_bad_images, rank, world)
         test = FolderLoader(val_dir, False, eval_batch_size, workers, image_size, in_channels, seed, test_subset,
-                            skip_bad_images)
+                            skip_bad_images, rank, world)
 
         def folder_calibration(n: int):  # the test transform on a fixed subset of the training images
             return FolderLoader(train_dir, False, batch_size, workers, image_size, in_channels, seed + 1, n,
@@ -131,8 +137,8 @@ def load_data(
     test_x, test_y = _subset(*splits["test"], test_subset, seed)
     common = dict(mean=mean, std=std, device=device)
     train = TensorLoader(train_x, train_y, batch_size, shuffle=True, drop_last=True,
-                         augment_pad=pad, seed=seed, **common)
-    test = TensorLoader(test_x, test_y, eval_batch_size, **common)
+                         augment_pad=pad, seed=seed, rank=rank, world=world, **common)
+    test = TensorLoader(test_x, test_y, eval_batch_size, rank=rank, world=world, **common)
 
     def calibration(n: int):  # a fixed random subset of the training images, unaugmented
         pick = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed + 1))[:n]
@@ -143,18 +149,23 @@ def load_data(
 
 
 def _load_with_dali(name, root, *, batch_size, eval_batch_size, seed, device, train_subset, test_subset, image_size,
-                    in_channels, skip_bad_images, perturb_ops) -> DataBundle:
+                    in_channels, skip_bad_images, perturb_ops, rank, world) -> DataBundle:
     from cdfast.data.dali import DaliLoader, require_dali
 
     require_dali()
+    if batch_size % world:
+        raise ValueError(f"the global batch size {batch_size} must be a multiple of the {world} ranks")
+    # DALI shards by files: each rank reads every world-th one, in batches of its share of the global batch
+    shard = dict(rank=rank, world=world)
+    batch_size, eval_batch_size = batch_size // world, max(1, -(-eval_batch_size // world))
     if name == "imagefolder":
         train_dir, val_dir, classes = image_folder_splits(root)
         mean, std = folder_mean_std(in_channels)
         common = dict(image_size=image_size, in_channels=in_channels, mean=mean, std=std, seed=seed, device=device)
         train = DaliLoader.from_folder(train_dir, classes, skip_bad_images=skip_bad_images, train=True,
-                                       batch_size=batch_size, ops=perturb_ops, subset=train_subset, **common)
+                                       batch_size=batch_size, ops=perturb_ops, subset=train_subset, **common, **shard)
         test = DaliLoader.from_folder(val_dir, classes, skip_bad_images=skip_bad_images, train=False,
-                                      batch_size=eval_batch_size, subset=test_subset, **common)
+                                      batch_size=eval_batch_size, subset=test_subset, **common, **shard)
 
         def folder_calibration(n: int):  # the evaluation pipeline on a fixed subset of the training images
             return DaliLoader.from_folder(train_dir, classes, skip_bad_images=skip_bad_images, train=False,
@@ -171,8 +182,8 @@ def _load_with_dali(name, root, *, batch_size, eval_batch_size, seed, device, tr
     test_x, test_y = _subset(*splits["test"], test_subset, seed)
     common = dict(image_size=train_x.shape[-1], in_channels=channels, mean=mean, std=std, seed=seed, device=device)
     train = DaliLoader.from_arrays(train_x, train_y, train=True, batch_size=batch_size, ops=perturb_ops, pad=pad,
-                                   **common)
-    test = DaliLoader.from_arrays(test_x, test_y, train=False, batch_size=eval_batch_size, **common)
+                                   **common, **shard)
+    test = DaliLoader.from_arrays(test_x, test_y, train=False, batch_size=eval_batch_size, **common, **shard)
 
     def calibration(n: int):  # a fixed random subset of the training images, unaugmented
         pick = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed + 1))[:n]

@@ -108,7 +108,9 @@ class _BatchNumbers:
         name = self.ops[int(rng.integers(len(self.ops)))]
         op = DALI_OPS.index(name)
         lam, sigma = 1.0, 0.0
-        anchors = np.zeros((2, 2), np.int32)
+        # row 0 pastes the whole image; row 1 the partner's box. An empty box sits at the far corner
+        # (s, s): the GPU paste kernel opens a region at a zero-size box's anchor and never closes it.
+        anchors = np.array([[0, 0], [s, s]], np.int32)
         shapes = np.array([[s, s], [0, 0]], np.int32)
         if name == "mixup":
             lam = float(rng.beta(1.0, 1.0))
@@ -117,8 +119,9 @@ class _BatchNumbers:
             half = int(s * ratio) // 2
             cy, cx = int(rng.integers(s)), int(rng.integers(s))
             y0, y1, x0, x1 = max(cy - half, 0), min(cy + half, s), max(cx - half, 0), min(cx + half, s)
-            anchors[1] = (y0, x0)
-            shapes[1] = (y1 - y0, x1 - x0)
+            if y1 > y0 and x1 > x0:
+                anchors[1] = (y0, x0)
+                shapes[1] = (y1 - y0, x1 - x0)
             lam = 1.0 - (y1 - y0) * (x1 - x0) / (s * s)
         elif name == "noise":
             sigma = float(rng.uniform(0.1, 0.5))
@@ -169,7 +172,10 @@ def _pipeline(source, *, train: bool, numbers, batch_size, image_size, channels,
                                         layout=["HWC", ""])
             img = on_device(img)
             if train:  # the in-memory sets' standard augmentation: pad with black, random crop, flip
-                shift = fn.random.uniform(range=[-pad, pad + 1], shape=[2], dtype=types.INT32)
+                # integer values drawn from the list: an integer dtype with range= rounds a continuous
+                # draw, which would reach pad + 1 and give the end values half weight
+                shift = fn.random.uniform(values=[float(v) for v in range(-pad, pad + 1)], shape=[2],
+                                          dtype=types.INT32)
                 img = fn.slice(img, start=shift, shape=[s, s], axes=[0, 1], out_of_bounds_policy="pad", fill_values=0)
             return (fn.flip(img, horizontal=fn.random.coin_flip()) if train else img), y
         files, labels = source
@@ -270,7 +276,9 @@ class DaliLoader:
             self.device_id = None
         else:
             raise ValueError(f"the DALI loader runs on cpu or cuda devices, not {self.device}")
-        self.threads = threads or min(8, os.cpu_count() or 1)
+        # the CPU cores of a node are shared by its ranks (torchrun sets LOCAL_WORLD_SIZE)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.threads = threads or max(1, min(8, (os.cpu_count() or 1) // local_ranks))
         self.epoch = 0  # training epochs handed out; the next iteration is epoch + 1's
         if train and len(self.samples) // world < batch_size:
             raise ValueError(f"rank {rank} holds {len(self.samples) // world} training images, fewer than one batch "
@@ -335,6 +343,8 @@ class DaliLoader:
                 batches = DALIGenericIterator([pipe], outputs, reader_name="Reader", last_batch_policy=policy,
                                               auto_reset=False)
         except RuntimeError as e:
+            if not _decode_failure(e):
+                raise
             raise BadImageError(self._failure(e, mine, 0)) from None
         if self.train:
             self.epoch = epoch
@@ -345,9 +355,11 @@ class DaliLoader:
             except StopIteration:
                 return
             except RuntimeError as e:  # DALI does not say which file it could not decode: find it
+                if not _decode_failure(e):
+                    raise
                 raise BadImageError(self._failure(e, mine, done)) from None
             done += 1
-            x = batch["x"].to(self.device, non_blocking=True)
+            x = _owned(batch["x"], self.device)
             y = batch["y"].reshape(-1).to(self.device, dtype=torch.int64, non_blocking=True)
             if not self.ops:
                 yield x, y
@@ -356,7 +368,7 @@ class DaliLoader:
             mixed = name in MIXING_OPS
             y_b = batch["y_b"].reshape(-1).to(self.device, dtype=torch.int64, non_blocking=True) if mixed else y
             lam = float(batch["lam"].reshape(-1)[0]) if mixed else 1.0
-            yield x, y, Perturbed(x=batch["pert"].to(self.device, non_blocking=True), y_a=y, y_b=y_b, lam=lam, op=name)
+            yield x, y, Perturbed(x=_owned(batch["pert"], self.device), y_a=y, y_b=y_b, lam=lam, op=name)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch}
@@ -377,6 +389,20 @@ class DaliLoader:
         return (f"cannot read image {bad} (DALI: {reason or 'decode failed'}); remove or replace the file (the DALI "
                 "loader cannot skip unreadable images: --skip-bad-images skips only empty files with it; "
                 "--loader torch skips unreadable ones too)")
+
+
+def _decode_failure(error: Exception) -> bool:
+    """Whether DALI failed decoding an image (not, e.g., out of memory or a decoder that cannot start)."""
+    text = str(error).lower()
+    return "decod" in text and "out of memory" not in text
+
+
+def _owned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` in memory torch owns. DALI hands its GPU outputs over without a copy
+    (DLPack); a copy lets the caching allocator track their use on other streams (the streams
+    engine's ``record_stream``), which DALI's own buffers would not honour. One device copy."""
+    t = t.to(device, non_blocking=True)
+    return t.clone() if t.is_cuda else t
 
 
 def _unreadable(path: str) -> bool:

@@ -61,6 +61,29 @@ def _collate(samples):
     return (default_collate(good) if good else None), bad
 
 
+class RankShare(torch.utils.data.Sampler):
+    """Batches of indices for one rank of a data-parallel job: every rank draws the same order
+    (one seeded generator) and keeps its contiguous share of each global batch; training drops
+    the last partial global batch."""
+
+    def __init__(self, n: int, global_batch: int, train: bool, generator: torch.Generator, rank: int, world: int):
+        if train and global_batch % world:
+            raise ValueError(f"the global batch size {global_batch} must be a multiple of the {world} ranks")
+        self.n, self.batch, self.train, self.generator, self.rank, self.world = n, global_batch, train, generator, rank, world
+
+    def __len__(self) -> int:
+        return self.n // self.batch if self.train else -(-self.n // self.batch)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator) if self.train else torch.arange(self.n)
+        for k in range(len(self)):
+            chunk = order[k * self.batch:(k + 1) * self.batch]
+            share = -(-chunk.shape[0] // self.world)
+            mine = chunk[self.rank * share:(self.rank + 1) * share]
+            if mine.numel():
+                yield mine.tolist()
+
+
 class FolderLoader:
     """A seeded DataLoader over an ImageFolder split; its generator state goes into checkpoints.
 
@@ -70,7 +93,8 @@ class FolderLoader:
     """
 
     def __init__(self, root: Path, train: bool, batch_size: int, workers: int, image_size: int,
-                 in_channels: int, seed: int, subset: int | None = None, skip_bad_images: bool = False):
+                 in_channels: int, seed: int, subset: int | None = None, skip_bad_images: bool = False,
+                 rank: int = 0, world: int = 1):
         self.dataset = _checked_folder(root, _transforms(image_size, train, in_channels))
         self.skip_bad_images, self.skipped = skip_bad_images, set()
         empty = [path for path, _ in self.dataset.samples if os.path.getsize(path) == 0]
@@ -86,9 +110,13 @@ class FolderLoader:
             pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset]
             dataset = torch.utils.data.Subset(dataset, pick.tolist())
         self.generator = torch.Generator().manual_seed(seed)
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
-                                 num_workers=workers, generator=self.generator, pin_memory=torch.cuda.is_available(),
-                                 persistent_workers=False, collate_fn=_collate)
+        common = dict(num_workers=workers, generator=self.generator, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, collate_fn=_collate)
+        if world > 1:  # data parallel: this rank's share of every global batch
+            sampler = RankShare(len(dataset), batch_size, train, self.generator, rank, world)
+            self.loader = DataLoader(dataset, batch_sampler=sampler, **common)
+        else:
+            self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, **common)
 
     def __len__(self) -> int:
         return len(self.loader)

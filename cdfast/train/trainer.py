@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from cdfast.distributed import all_reduce_sum, gather_objects, rank_and_world, resolve_process_group
 from cdfast.models import split_output
 from cdfast.data import BadImageError, load_data
 from cdfast.engines.batchnorm import recalibrated_batchnorm
@@ -100,6 +104,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig | None = None, resume: str | Path | None = None, *,
                  overrides: dict[str, Any] | None = None, allow_changes: bool = False):
         self.lock = None
+        # Data parallel (torch.distributed initialised with several ranks, e.g. under torchrun): every rank
+        # trains on its shard; rank 0 alone owns the run folder, the others write into a scratch folder
+        # that is removed at the end, so every code path is the same on every rank.
+        self.process_group = resolve_process_group("auto")
+        self.rank, self.world = rank_and_world(self.process_group)
+        self.is_main = self.rank == 0
+        self._scratch: Path | None = None
         state = self._open_folder(cfg, resume, overrides or {}, allow_changes)
         try:
             self._build()
@@ -109,7 +120,7 @@ class Trainer:
                 run_folder.reset_records(self.out)  # no checkpoint yet: the run starts again from step 0
             # Only now, with everything built and loaded, is the folder brought up to date.
             run_folder.mark(self.out)
-            for path in self.corrupt:
+            for path in self.corrupt if self.is_main else []:  # rank 0 alone touches the run folder
                 print(f"cdfast: set the unreadable {path.name} aside as {set_aside(path).name}")
             self.cfg.save(self.out / CONFIG_FILE)
             run_folder.write_changes(self.out, self.changes)
@@ -124,16 +135,27 @@ class Trainer:
         if resume is None:
             cfg = dataclasses.replace(cfg or TrainConfig(), **overrides)
             self.cfg = cfg.validate()
-            self.device = resolve_device(cfg.device)
-            self.out = Path(cfg.out) if cfg.out else run_folder.new_run_folder(
-                f"runs/{cfg.data}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-            self.lock, restarted = run_folder.claim_new(self.out)
+            self.device = self._rank_device(resolve_device(cfg.device))
+            self.changes, self.epoch, self.step, self.saved_at = [], 0, 0, None
+            if not self.is_main:
+                self.run_dir = Path(self._from_rank0(None))
+                self.out = self._scratch_folder()
+                return None
+            try:
+                self.out = Path(cfg.out) if cfg.out else run_folder.new_run_folder(
+                    f"runs/{cfg.data}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+                self.lock, restarted = run_folder.claim_new(self.out)
+            except BaseException as e:
+                self._from_rank0(f"error: {e}")  # the other ranks stop with it instead of waiting
+                raise
+            self.run_dir = Path(self._from_rank0(str(self.out)))
             if restarted:
                 print(f"cdfast: {self.out} held a run that stopped before its first checkpoint; starting it again")
             self.changes, self.epoch, self.step, self.saved_at = [], 0, 0, None
             return None
         folder = run_folder.resolve_resume(resume)
-        self.lock = run_folder.lock_folder(folder)
+        self.run_dir = folder
+        self.lock = run_folder.lock_folder(folder) if self.is_main else None  # the others only read it
         try:
             if Path(resume).is_file():  # a checkpoint named explicitly: that one, no fallback
                 state = load_checkpoint(resume)
@@ -144,14 +166,21 @@ class Trainer:
             saved = state["config"] if state else self._saved_config(folder)
             base = cfg if cfg is not None else TrainConfig.from_dict(saved)
             self.cfg = dataclasses.replace(base, **{**overrides, "out": str(folder)}).validate()
-            self.device = resolve_device(self.cfg.device)
+            self.device = self._rank_device(resolve_device(self.cfg.device))
             self.out = folder
             self.changes = list(state.get("changes", [])) if state else []
             self.epoch, self.step = (state["epoch"], state["step"]) if state else (0, 0)
             self.saved_at = (self.epoch, self.step) if state else None  # (epoch, step) of the checkpoint on disk
             self._check_changes(saved, state is not None, allow_changes)
-            if state is not None and not allow_changes:
+            if state is not None and not allow_changes and self.is_main:
                 self._warn_if_config_file_differs(saved)
+            if state is not None and state.get("world_size", 1) != self.world:
+                raise ValueError(f"{folder} was trained by {state.get('world_size', 1)} process(es), and this resume "
+                                 f"runs {self.world}: the batch shards and the perturbations' per-rank draws would "
+                                 f"differ. Resume with {state.get('world_size', 1)} (torchrun --nproc_per_node="
+                                 f"{state.get('world_size', 1)}), or start a new run in another --out folder")
+            if not self.is_main:
+                self.out = self._scratch_folder()
         except BaseException:
             self.close()
             raise
@@ -208,6 +237,31 @@ class Trainer:
         """Release the run folder (also done at the end of :meth:`fit`)."""
         run_folder.unlock_folder(self.lock)
         self.lock = None
+        if getattr(self, "_scratch", None) is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def _from_rank0(self, value: str | None) -> str:
+        """Rank 0's ``value`` on every rank (a run folder's path, or ``"error: ..."`` when it could not open one)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(self.process_group, 0),
+                                                group=self.process_group)
+        if box[0].startswith("error: "):
+            raise RuntimeError(f"rank 0 could not open the run folder: {box[0][len('error: '):]}")
+        return box[0]
+
+    def _scratch_folder(self) -> Path:
+        """Where a rank other than 0 writes what rank 0 writes into the run folder (removed at the end)."""
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"cdfast-rank{self.rank}-"))
+        return self._scratch
+
+    def _rank_device(self, device: torch.device) -> torch.device:
+        """Under torchrun each rank drives its own GPU: cuda means cuda:LOCAL_RANK."""
+        if self.world > 1 and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
+        return device
 
     def __del__(self):
         self.close()
@@ -225,6 +279,7 @@ class Trainer:
             seed=cfg.seed, device=data_device, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
             workers=cfg.workers, image_size=cfg.image_size, skip_bad_images=cfg.skip_bad_images,
             loader=cfg.loader, perturb_ops=cfg.perturb_op_names() if cfg.perturbs else (),
+            rank=self.rank, world=self.world,
         )
         self.names = list(cfg.models)
         self.group = build_group(cfg, num_classes=self.data.num_classes, input_shape=self.data.input_shape,
@@ -260,6 +315,8 @@ class Trainer:
             "optimizers": [portable_optimizer_state(opt) for opt in self.group.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "pool": self.group.pool.state_dict(),
+            "pool_ranks": gather_objects(self.group.pool.state_dict(), self.process_group),
+            "world_size": self.world,
             "train_loader": self.data.train.state_dict(),
             "changes": self.changes,
             "rng": {
@@ -284,7 +341,8 @@ class Trainer:
                 opt.load_state_dict(s)
             for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
                 sched.load_state_dict(s)
-            self.group.pool.load_state_dict(state["pool"])
+            pools = state.get("pool_ranks") or [state["pool"]]
+            self.group.pool.load_state_dict(pools[self.rank])
             self.data.train.load_state_dict(state["train_loader"])
             rng = state["rng"]
             torch.set_rng_state(rng["torch"])
@@ -298,17 +356,19 @@ class Trainer:
         run_folder.truncate_records(self.out, self.step, self.epoch)
 
     def save_checkpoint(self) -> Path:
-        path = save_checkpoint(self.state_dict(), self.out)
+        state = self.state_dict()  # on every rank: it gathers the ranks' perturbation streams
+        path = save_checkpoint(state, self.out) if self.is_main else self.out
         self.saved_at = (self.epoch, self.step)
         return path
 
     def checkpoint_note(self) -> str:
         """Where the run stands on disk, for error messages: true whether or not a checkpoint exists."""
+        folder = getattr(self, "run_dir", self.out)
         if self.saved_at is None:
-            return (f"No checkpoint exists yet in {self.out}; `cdfast train --resume {self.out}` starts the run "
+            return (f"No checkpoint exists yet in {folder}; `cdfast train --resume {folder}` starts the run "
                     "again from step 0")
         epoch, step = self.saved_at
-        return f"The last checkpoint (epoch {epoch}, step {step}) in {self.out} is intact; continue with --resume {self.out}"
+        return f"The last checkpoint (epoch {epoch}, step {step}) in {folder} is intact; continue with --resume {folder}"
 
     # ---- evaluation ---------------------------------------------------------------
     @torch.no_grad()
@@ -354,6 +414,9 @@ class Trainer:
                                                               reduction="none").sum(-1)
                 seen += y.shape[0]
         group.train()
+        # data parallel: each rank evaluated its shard of the test set
+        correct, loss_sum, seen = all_reduce_sum([correct, loss_sum, torch.tensor(float(seen), device=self.device)],
+                                                 self.process_group)
         acc = (correct / seen).tolist()
         return {"test_acc": acc[:n], "ensemble_acc": acc[n], "test_loss": (loss_sum / seen).tolist()}
 
@@ -381,6 +444,12 @@ class Trainer:
             except (NonFiniteLossError, BadImageError, WriteError) as e:
                 message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 raise type(e)(f"{message}. {self.checkpoint_note()}") from e
+            except torch.distributed.DistError as e:  # a rank died, or the network between them broke
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RuntimeError(
+                    f"rank {self.rank} of {self.world}: a collective operation failed ({first[:300]}): another rank "
+                    f"stopped or the network between the ranks broke; see the other ranks' errors. "
+                    f"{self.checkpoint_note()} with the same number of processes") from e
             finally:
                 if self.logger is not None:
                     self.logger.close()
@@ -396,7 +465,7 @@ class Trainer:
         t0 = time.perf_counter()
         done = 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=True, dynamic_ncols=True)
+                   disable=not cfg.progress or not self.is_main, leave=True, dynamic_ncols=True)
 
         def drain():
             rows = buffer.drain(self.names)
@@ -410,7 +479,8 @@ class Trainer:
                 result = group.step(x, y, perturbed=view[0] if view else None)
                 if group.engine_choice is not None and not self._engine_reported:
                     self._engine_reported = True
-                    bar.write(self._engine_choice_line())
+                    if self.is_main:
+                        bar.write(self._engine_choice_line())
                 for sched in self.schedulers:
                     sched.step()
                 self.step += 1
@@ -458,6 +528,8 @@ class Trainer:
                                          f"{bad}; nothing of this epoch was saved")
 
     def _print_epoch(self, r: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         accs = "  ".join(f"net{i} {100 * a:.2f}%" for i, a in enumerate(r["test_acc"]))
         share = "|".join(f"{100 * s:.0f}%" for s in r["teacher_share"])
         tqdm.write(f"epoch {r['epoch']}: test acc {accs}  ensemble {100 * r['ensemble_acc']:.2f}%  "
