@@ -7,6 +7,7 @@ Scenarios (each rank writes OUT_DIR/rank-<r>.pt with what it saw):
     perturbed   the same with perturbation on: the choices and teachers must agree across ranks
     functional  competitive_ce(process_group=...) on shards whose local winners disagree
     dead-rank   rank 1 exits after one step; rank 0 keeps stepping and must get an error, not hang
+    placement   one network per rank (NetworkPerRank) on the whole batch, perturbation on
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ class SmallNet(nn.Module):
         return self.fc(f), f
 
 
-def make_group(process_group="auto", perturb=False, mode="competitive", teachers="best"):
+def make_group(process_group="auto", perturb=False, mode="competitive", teachers="best", n=3):
     torch.manual_seed(0)
-    nets = [SmallNet() for _ in range(3)]
+    nets = [SmallNet() for _ in range(n)]
     return cdfast.CompetitiveDistillation(
         nets, optimizers=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), mode=mode, teachers=teachers,
         perturb=perturb, perturb_ops=["noise", "mixup"], seed=3, process_group=process_group)
@@ -81,6 +82,20 @@ def main() -> None:
         logits[1, :, 0] = 1.5 if rank == 0 else 4.0
         ce, teacher = cdfast.competitive_ce(logits, y, process_group="auto")
         seen.update(ce=ce, teacher=int(teacher), local=int(cdfast.elect_teacher(ce)))
+    elif scenario == "placement":
+        from cdfast.placement import NetworkPerRank
+
+        teachers = os.environ.get("CDFAST_TEACHERS", "best")
+        torch.manual_seed(0)
+        nets = [SmallNet() for _ in range(world)]
+        mine = NetworkPerRank(nets[rank], torch.optim.SGD(nets[rank].parameters(), lr=0.1, momentum=0.9),
+                              teachers=teachers, perturb=True, perturb_ops=["noise", "mixup"], seed=3)
+        seen["steps"] = []
+        for x, y in batches():
+            result = mine.step(x, y)
+            seen["steps"].append((int(result.teacher), result.perturbed, result.perturbation,
+                                  [round(float(v), 5) for v in result.ce]))
+        seen["params"] = {k: v.detach().clone() for k, v in nets[rank].state_dict().items()}
     elif scenario == "dead-rank":
         group = make_group()
         for k, (x, y) in enumerate(batches()):

@@ -63,6 +63,21 @@ def test_functional_election_is_global(tmp_path):
     assert not torch.equal(ranks[0]["ce"], ranks[1]["ce"])  # ce stays each rank's own mean
 
 
+@pytest.mark.parametrize("teachers", ["best", "all-better"])
+def test_one_network_per_rank_steps_like_one_process_holding_the_group(tmp_path, teachers):
+    ranks = launch("placement", tmp_path, env={"CDFAST_TEACHERS": teachers})
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # the same election, choices and CEs on both ranks
+    single = driver.make_group(process_group=None, perturb=True, teachers=teachers, n=2)
+    for (teacher, perturbed, op, ce), (x, y) in zip(ranks[0]["steps"], driver.batches()):
+        out = single.step(x, y)
+        assert (int(out.teacher), out.perturbed, out.perturbation) == (teacher, perturbed, op)
+        assert ce == pytest.approx(out.ce.tolist(), abs=1e-4)
+    assert any(p >= 0 for _, p, _, _ in ranks[0]["steps"])
+    for r in (0, 1):  # rank r's network ends where network r of the one-process group does
+        for name, value in single.networks[r].state_dict().items():
+            torch.testing.assert_close(ranks[r]["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_a_rank_that_dies_stops_the_others_with_an_error(tmp_path):
     t0 = time.perf_counter()
     ranks = launch("dead-rank", tmp_path, timeout=120)
