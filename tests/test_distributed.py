@@ -123,3 +123,18 @@ def test_cdfast_train_under_torchrun_writes_one_run_folder_and_resumes(tmp_path,
     assert alone.returncode != 0
     assert "was trained by 2 process(es), and this resume runs 1" in alone.stderr
     assert len((out / "epochs.jsonl").read_text().splitlines()) == 2  # nothing was touched
+
+
+def test_sync_batchnorm_is_refused_where_it_cannot_run():
+    from cdfast.engines.fused import why_not_fusable
+    from cdfast.models import build_model
+    from cdfast.train import TrainConfig, build_group
+
+    with pytest.raises(ValueError, match="sync_bn needs GPUs"):
+        TrainConfig(sync_bn=True, device="cpu").validate()
+    with pytest.raises(ValueError, match="sync_bn needs GPUs"):
+        TrainConfig(sync_bn=True, engine="fused").validate()
+    with pytest.raises(ValueError, match="this run is on cpu"):  # device auto that resolved to the CPU
+        build_group(TrainConfig(sync_bn=True).validate(), num_classes=10, input_shape=(1, 28, 28), device="cpu")
+    nets = [torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model("resnet8", 10, 1)) for _ in range(2)]
+    assert "SyncBatchNorm" in why_not_fusable(nets)

@@ -85,6 +85,8 @@ class TrainConfig:
                      "CPU: sequential), sequential, streams, fused; graph or fused+graph capture the whole step in "
                      "CUDA graphs (fused SGD; eager on the CPU)",
                      choices=ENGINE_CHOICES)
+    sync_bn: bool = _f(False, "data parallel on GPUs (torchrun): BatchNorm statistics over the global batch "
+                              "(torch.nn.SyncBatchNorm; not with the fused or graph engines)")
     compile: bool = _f(False, "torch.compile the networks' forwards (inductor; the first steps compile)")
     compile_mode: str | None = _f(None, "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, "
                                         "max-autotune-no-cudagraphs; implies --compile")
@@ -149,6 +151,11 @@ class TrainConfig:
         check_teachers(self.mode, self.teachers)
         if self.loader == "dali":
             self._check_dali()
+        if self.sync_bn and (self.device == "cpu" or split_engine_name(self.engine)[0] == "fused"
+                             or split_engine_name(self.engine)[1]):
+            raise ValueError("sync_bn needs GPUs (torch's SyncBatchNorm synchronises CUDA tensors) and an engine that "
+                             "runs each network's own forward (sequential, streams or auto), got device="
+                             f"{self.device}, engine={self.engine}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(map(str, COMPILE_MODES))}, got {self.compile_mode!r}")
         if self.warmup_epochs > self.epochs:

@@ -38,6 +38,10 @@ def build_group(cfg: TrainConfig, *, num_classes: int, input_shape: tuple[int, i
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     networks = [build_model(name, num_classes, input_shape[0], cfg.features).to(device, memory_format=memory_format)
                 for name in cfg.models]
+    if cfg.sync_bn and torch.device(device).type != "cuda":
+        raise ValueError(f"sync_bn needs GPUs (torch's SyncBatchNorm synchronises CUDA tensors); this run is on {device}")
+    if cfg.sync_bn:  # data parallel: normalise over the global batch (a no-op in one process)
+        networks = [torch.nn.SyncBatchNorm.convert_sync_batchnorm(net) for net in networks]
     options = sgd_options(cfg, device)
     return CompetitiveDistillation(
         networks,
