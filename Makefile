@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 .PHONY: help setup data train test test-interpret bench gpu-check clean
 
 help:
-	@echo "make train   set up, then train the default group on real Fashion-MNIST (configs/fashion_mnist.yaml)"
+	@echo "make train   set up, then train the default group on real Fashion-MNIST (cdfast/presets/fashion_mnist.yaml)"
 	@echo "make test    set up, then run the test suite (CPU; CUDA tests skip without a GPU)"
 	@echo "make test-interpret   only the Triton kernel tests, under Triton's CPU interpreter"
 	@echo "make bench   set up, then run the pytest-benchmark suites in bench/"
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "setuptools>=64" wheel
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,dali]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,viz,dali]"
 	@$(PY) -c "from cdfast.ops import competitive_ce as _ops; print('cdfast: compiled ops', 'built (CPU' + (' + CUDA' if _ops.WITH_CUDA else '') + ' kernels)' if _ops.HAS_EXTENSION else 'missing: using the PyTorch reference')"
 	@touch $(STAMP)
 
@@ -47,7 +47,7 @@ data:
 	fi
 
 train: setup data
-	$(PY) -m cdfast train --config configs/fashion_mnist.yaml $(ARGS)
+	$(PY) -m cdfast train --config fashion_mnist $(ARGS)
 
 test: setup data
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -54,7 +54,24 @@ def extension_modules():
     else:
         ext = CppExtension("cdfast._C", sources, extra_compile_args={"cxx": cxx})
         print("cdfast: building cdfast._C with CPU kernels only (no CUDA toolkit found or CDFAST_BUILD_CUDA=0)")
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": recording_torch_version(BuildExtension).with_options(use_ninja=True)}
+
+
+def recording_torch_version(build_ext):
+    """build_ext that writes the torch version the library was built against next to it
+    (``cdfast/_C.torch_version``): cdfast loads ``_C`` only under that torch."""
+
+    class BuildExt(build_ext):
+        def run(self):
+            super().run()
+            import torch
+
+            for ext in self.extensions:
+                path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.torch_version")
+                with open(path, "w") as f:
+                    f.write(torch.__version__ + "\n")
+
+    return BuildExt
 
 
 ext_modules, cmdclass = extension_modules()
@@ -62,6 +79,7 @@ ext_modules, cmdclass = extension_modules()
 setup(
     # cdfast/kernels is a link to the top-level kernels/ folder (found like any subpackage, copied into wheels)
     packages=find_packages(include=["cdfast", "cdfast.*"]),
+    package_data={"cdfast.presets": ["*.yaml", "experiments/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

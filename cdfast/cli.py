@@ -12,6 +12,7 @@ import types
 import typing
 from pathlib import Path
 
+from cdfast import presets
 from cdfast.train.config import TrainConfig
 
 EPILOG = """Settings come from the defaults, then --config FILE (YAML with the same keys, '-' or '_'),
@@ -68,7 +69,7 @@ def flag_overrides(args: argparse.Namespace) -> dict:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The settings of a new run: defaults, then --config, then flags."""
-    base = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    base = TrainConfig.from_yaml(presets.resolve(args.config, "train")) if args.config else TrainConfig()
     return dataclasses.replace(base, **flag_overrides(args))
 
 
@@ -131,7 +132,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from cdfast.experiment import Grid, run_grid
     from cdfast.report import write_report
 
-    grid = Grid.from_yaml(args.config)
+    grid = Grid.from_yaml(presets.resolve(args.config, "experiment"))
     out = Path(args.out or f"runs/experiment-{Path(args.config).stem}")
     overrides = {"progress": args.progress, **({"device": args.device} if args.device else {})}
     print(f"cdfast experiment: {len(grid.runs())} runs ({len(grid.groups)} groups, {len(grid.methods)} methods, "
@@ -157,12 +158,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    for kind, command in (("train", "cdfast train --config NAME"), ("experiment", "cdfast experiment --config NAME")):
+        print(f"{command}:")
+        for name in presets.available(kind):
+            print(f"  {name:<22} {presets.describe(kind, name)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdfast", description="Competitive Distillation, fast.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a group of networks", epilog=EPILOG)
-    train.add_argument("--config", help="YAML config file")
+    train.add_argument("--config", help="YAML config file, or a preset's name (cdfast presets lists them)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--resume-with-changes", action="store_true",
                        help="with --resume: apply flags that change the training (lr, alpha, epochs, ...) from the "
@@ -172,8 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment = sub.add_parser(
         "experiment", help="run a comparison grid (methods x ablations x groups x seeds), then its report",
         description="Run every (group, method, seed) of a grid file; rerunning skips finished runs and resumes "
-                    "interrupted ones. See configs/experiments/ for presets and cdfast/experiment.py for the format.")
-    experiment.add_argument("--config", required=True, help="grid YAML file (base, groups, methods, seeds, report)")
+                    "interrupted ones. `cdfast presets` lists the grids shipped with cdfast; cdfast/experiment.py "
+                    "describes the format.")
+    experiment.add_argument("--config", required=True, help="grid YAML file (base, groups, methods, seeds, report), "
+                                                            "or a preset's name")
     experiment.add_argument("--out", help="grid folder (default: runs/experiment-<config name>)")
     experiment.add_argument("--device", help="override the device of every run (cpu, cuda, auto)")
     experiment.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
@@ -186,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
     models = sub.add_parser("models", help="list the model names build_model accepts")
     models.set_defaults(func=cmd_models)
+    listed = sub.add_parser("presets", help="list the training configs and grids shipped with cdfast (--config NAME)")
+    listed.set_defaults(func=cmd_presets)
     return parser
 
 

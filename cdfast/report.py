@@ -267,8 +267,12 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
                   "Share of the steps with a perturbed network in which that network became the teacher, "
                   "all seeds pooled, overall and per perturbation op.", ""] + perturbations
     lines += ["", "## Learning curves", ""]
-    lines += [f"![{p.stem}]({p.name})" for p in plot_curves(res, out)]
-    timeline = plot_timeline(res, spec, out)
+    try:
+        lines += [f"![{p.stem}]({p.name})" for p in plot_curves(res, out)]
+        timeline = plot_timeline(res, spec, out)
+    except ImportError:
+        lines += ["(No plots: matplotlib is not installed; `pip install 'cdfast[viz]'` and run the report again.)"]
+        timeline = None
     if timeline is not None:
         image, text = timeline
         lines += ["", "## Teacher timeline of a heterogeneous pair (like the paper's Fig. 3a)", "",

@@ -166,7 +166,7 @@ def test_every_shipped_grid_file_is_valid():
 
     from cdfast.experiment import Grid
 
-    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
+    files = sorted((Path(__file__).resolve().parents[1] / "cdfast" / "presets" / "experiments").glob("*.yaml"))
     assert len(files) >= 5
     for path in files:
         grid = Grid.from_yaml(path)  # validates every (group, method) config

@@ -10,6 +10,7 @@ logs one line, and :func:`competitive_ce` uses the PyTorch reference instead.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -23,17 +24,40 @@ log = logging.getLogger("cdfast")
 HAS_EXTENSION = False
 WITH_CUDA = False
 
+REBUILD = ("rebuild them under this torch: `pip install --no-build-isolation -e .` in a checkout, or "
+           "`pip install --no-build-isolation --force-reinstall --no-deps cdfast`")
+
+
+def why_not_load(origin: str | None, torch_version: str) -> str | None:
+    """Why ``cdfast._C`` (found at ``origin``, None: not found) must not be loaded under ``torch_version``, or None."""
+    if origin is None:
+        return ("cdfast's compiled ops are not built (an install with CDFAST_BUILD_EXT=0, or a source tree "
+                f"without a build); using the PyTorch reference. To build them, {REBUILD.split(': ', 1)[1]}")
+    stamp = os.path.join(os.path.dirname(origin), "_C.torch_version")
+    built_for = open(stamp).read().strip() if os.path.isfile(stamp) else None
+    if built_for is not None and built_for != torch_version:
+        return (f"cdfast's compiled ops were built against torch {built_for}, and this is torch {torch_version}: "
+                f"not loading them (a library built for another torch can crash); using the PyTorch reference. "
+                f"To use them, {REBUILD}")
+    return None
+
+
 if os.environ.get("CDFAST_DISABLE_OPS", "").strip().lower() in ("1", "true", "yes", "on"):
     log.info("cdfast: CDFAST_DISABLE_OPS is set; using the PyTorch reference ops")
 else:
-    try:
-        from cdfast import _C  # noqa: F401  (loading the library registers torch.ops.cdfast.*)
+    _spec = importlib.util.find_spec("cdfast._C")
+    _why = why_not_load(_spec.origin if _spec is not None else None, torch.__version__)
+    if _why is not None:
+        log.warning("cdfast: %s", _why)
+    else:
+        try:
+            from cdfast import _C  # noqa: F401  (loading the library registers torch.ops.cdfast.*)
 
-        HAS_EXTENSION = True
-        WITH_CUDA = bool(_C.WITH_CUDA)
-    except ImportError as e:  # missing or built against another torch
-        log.warning("cdfast: compiled ops unavailable (%s); using the PyTorch reference. "
-                    "Rebuild with `pip install --no-build-isolation -e .`", e)
+            HAS_EXTENSION = True
+            WITH_CUDA = bool(_C.WITH_CUDA)
+        except ImportError as e:  # e.g. undefined symbols: built against another torch without a version stamp
+            log.warning("cdfast: the compiled ops failed to load (%s); using the PyTorch reference. The usual cause "
+                        "is a build for another torch: %s", e, REBUILD)
 
 
 def op_available(device: torch.device) -> bool:

@@ -100,7 +100,8 @@ class RunLogger:
 
                 self.tb = SummaryWriter(str(tb_dir), purge_step=first_step + 1 if first_step else None)
             except ImportError:
-                print("cdfast: tensorboard is not installed; skipping TensorBoard logs (pip install tensorboard)")
+                print("cdfast: TensorBoard is not installed; no event files this run (pip install 'cdfast[viz]', "
+                      "or pass --no-tensorboard)")
 
     def write_steps(self, rows: list[dict[str, Any]]) -> None:
         try:

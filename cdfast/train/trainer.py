@@ -557,5 +557,9 @@ class Trainer:
         if self.cfg.plots:
             from cdfast.train.plots import plot_run
 
-            plot_run(self.out, self.names)
+            try:
+                plot_run(self.out, self.names)
+            except ImportError:
+                print(f"cdfast: matplotlib is not installed; no plots (pip install 'cdfast[viz]'; then "
+                      f"cdfast.train.plots.plot_run('{self.out}', names) draws them from the run's records)")
         return s
