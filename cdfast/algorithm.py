@@ -38,6 +38,17 @@ __all__ = ["CompetitiveDistillation", "GroupLosses", "StepResult", "MODES", "TEA
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
 
+def _tap_features(networks: list, layers) -> list:
+    """The networks, logits-only ones wrapped to return their features (see ``feature_layers``)."""
+    from cdfast.models import FeatureTap
+
+    layers = list(layers)
+    if len(layers) != len(networks):
+        raise ValueError(f"feature_layers needs one entry per network ({len(networks)}), got {len(layers)}")
+    return [net if layer is None else FeatureTap(net, None if layer == "forward_features" else layer)
+            for net, layer in zip(networks, layers)]
+
+
 def _check_same_classes(classes: dict[int, int | None]) -> None:
     """Every network must predict the same K (``None``: not known before a forward)."""
     if len({k for k in classes.values() if k is not None}) > 1:
@@ -127,6 +138,10 @@ class CompetitiveDistillation(nn.Module):
             CUDA graphs and replay them (CUDA; optimizers must be capturable, e.g.
             ``SGD(..., fused=True)``, which the default optimizer then is); see
             :mod:`cdfast.engines` and :mod:`cdfast.engines.graph`.
+        feature_layers: for networks that return only logits (torchvision, timm): one entry
+            per network, ``None`` to leave it as it is, the name of the layer whose output is
+            its feature (a forward hook), or ``"forward_features"`` for timm's API; such
+            networks are wrapped in :class:`cdfast.models.FeatureTap`.
         process_group: data parallelism on ``torch.distributed``: every rank holds all N networks
             and a shard of each batch; the CEs are all-reduced before the election (one teacher
             for the global batch on every rank) and each network's gradients are averaged
@@ -163,9 +178,12 @@ class CompetitiveDistillation(nn.Module):
         engine: str = "sequential",
         compile: bool | dict = False,
         process_group="auto",
+        feature_layers: Sequence[str | None] | None = None,
     ):
         super().__init__()
         networks = list(networks)
+        if feature_layers is not None:
+            networks = _tap_features(networks, feature_layers)
         if len(networks) < 2:
             raise ValueError(f"Competitive Distillation needs a group of N >= 2 networks, got {len(networks)}")
         check_teachers(mode, teachers)

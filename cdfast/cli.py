@@ -158,6 +158,34 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cdfast.train.export import export_member
+
+    path = export_member(args.run, args.member, args.out, program=args.program, force=args.force)
+    what = "a torch.export program (torch.export.load(path).module()(images) -> logits)" if args.program else \
+        "its state_dict (plain keys: load it into cdfast.models.build_model(name, classes, channels))"
+    print(f"cdfast: wrote network {args.member} of {args.run} to {path}: {what}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cdfast.train.evaluate import evaluate_run
+
+    overrides = {k: v for k, v in (("device", args.device), ("data_dir", args.data_dir),
+                                   ("test_subset", args.test_subset), ("bn_recalibration", args.bn_recalibration),
+                                   ("eval_batch_size", args.eval_batch_size)) if v is not None}
+    metrics, cfg = evaluate_run(args.run, **overrides)
+    recal = f"BatchNorm recalibrated on {cfg.bn_recalibration} training batches" if cfg.bn_recalibration else \
+        "running BatchNorm statistics"
+    print(f"cdfast: {args.run} at epoch {metrics['epoch']} (step {metrics['step']}), {metrics['test_images']} test "
+          f"images of {cfg.data}, {recal}")
+    print(f"{'network':<10}{'model':<22}{'test acc':>10}{'test loss':>11}")
+    for i, name in enumerate(cfg.models):
+        print(f"{'net ' + str(i):<10}{name:<22}{100 * metrics['test_acc'][i]:>9.2f}%{metrics['test_loss'][i]:>11.4f}")
+    print(f"{'ensemble':<10}{'mean of softmax':<22}{100 * metrics['ensemble_acc']:>9.2f}%")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for kind, command in (("train", "cdfast train --config NAME"), ("experiment", "cdfast experiment --config NAME")):
         print(f"{command}:")
@@ -197,6 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
     models = sub.add_parser("models", help="list the model names build_model accepts")
     models.set_defaults(func=cmd_models)
+    export = sub.add_parser("export", help="write one network of a run: its plain state_dict or a torch.export program")
+    export.add_argument("run", help="the run folder (its latest checkpoint is used)")
+    export.add_argument("--member", type=int, required=True, help="which network (0-based, as in the run's models)")
+    export.add_argument("--out", help="the file to write (default: RUN/member-<i>.pt, or .pt2 with --program)")
+    export.add_argument("--program", action="store_true", help="a torch.export program (images -> logits) instead of "
+                                                              "a state_dict")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    export.set_defaults(func=cmd_export)
+    evaluate = sub.add_parser("evaluate", help="test accuracy of every network of a run and of their ensemble "
+                                               "(writes nothing)")
+    evaluate.add_argument("run", help="the run folder (its latest checkpoint is used)")
+    evaluate.add_argument("--device", help="where to evaluate (default: the run's)")
+    evaluate.add_argument("--data-dir", help="where the data set is (default: the run's)")
+    evaluate.add_argument("--test-subset", type=int, help="evaluate on a random subset of this many test images")
+    evaluate.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default: the run's)")
+    evaluate.add_argument("--bn-recalibration", type=int, help="BatchNorm recalibration batches (default: the run's; "
+                                                               "0: running statistics)")
+    evaluate.set_defaults(func=cmd_evaluate)
     listed = sub.add_parser("presets", help="list the training configs and grids shipped with cdfast (--config NAME)")
     listed.set_defaults(func=cmd_presets)
     return parser

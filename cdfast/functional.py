@@ -231,8 +231,8 @@ def group_student_loss(
     e.g. the teacher's outputs on each student's own input (matched inputs); by default
     every student's target is the teacher's own rows.
     ``logits [N, B, K]`` (or a list of N ``[B, K]``), ``feats [N, B, ...]`` (or a list)
-    or None. ``teacher`` is the int64 device tensor from :func:`competitive_ce`: nothing
-    here reads it on the host, so the step stays free of syncs. One group per call
+    or None. ``teacher`` is the int64 device tensor from :func:`competitive_ce` (nothing
+    here reads it on the host, so the step stays free of syncs) or a plain int. One group per call
     (for ``[G, N, B, K]`` logits, call it per group with its teacher).
     """
     logits = _stack(logits)
@@ -244,9 +244,13 @@ def group_student_loss(
     if feats is not None:
         feats = _stack(feats, "feats")
         _check_tensor(feats, "feats", logits.device)
+    if isinstance(teacher, int) and not isinstance(teacher, bool):  # a plain index (copied to the device)
+        if not 0 <= teacher < logits.shape[0]:
+            raise ValueError(f"teacher {teacher} is not a network of this group of {logits.shape[0]}")
+        teacher = torch.tensor(teacher, device=logits.device)
     if not isinstance(teacher, Tensor):
-        raise TypeError(f"teacher must be a 0-d int64 tensor on the logits' device (from competitive_ce), got "
-                        f"{type(teacher).__name__} {teacher!r}; use torch.tensor({teacher!r}, device=logits.device)")
+        raise TypeError(f"teacher must be a network's index: an int, or a 0-d int64 tensor on the logits' device "
+                        f"(from competitive_ce), got {type(teacher).__name__} {teacher!r}")
     _check_tensor(teacher, "teacher", logits.device)
     if feats is not None and tuple(feats.shape[:2]) != tuple(logits.shape[:2]):
         raise ValueError(

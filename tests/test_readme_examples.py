@@ -35,3 +35,16 @@ def test_functional_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert all(z.grad is not None for z in logits)
     assert scope["distill"][int(scope["teacher"])] == 0
+
+
+def test_torchvision_and_timm_example_runs():
+    import pytest
+
+    pytest.importorskip("timm")
+    code = next(b for b in BLOCKS if "CompetitiveLoss(" in b)
+    g = torch.Generator().manual_seed(2)
+    loader = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+    scope = {"loader": loader}
+    exec(compile(code, "README.md", "exec"), scope)
+    out = scope["out"]
+    assert out.per_network.shape == (2,) and torch.isfinite(out.loss) and int(out.teacher) in (0, 1)

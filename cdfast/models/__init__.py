@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from cdfast.models.adapters import FeatureAdapters, probe_feature_shapes
 from cdfast.models.base import FEATURE_MODES, FeatureClassifier, split_output
+from cdfast.models.feature_tap import FeatureTap
 from cdfast.models.cifar_resnet import CifarResNet, cifar_resnet
 from cdfast.models.mobilenetv2 import MobileNetV2
 from cdfast.models.torchvision_models import TorchvisionClassifier, torchvision_names
@@ -16,7 +17,7 @@ from cdfast.models.wrn import WideResNet
 __all__ = [
     "build_model", "check_model_name", "available_models", "FeatureAdapters", "FeatureClassifier",
     "CifarResNet", "WideResNet", "MobileNetV2", "TorchvisionClassifier", "FEATURE_MODES", "split_output",
-    "probe_feature_shapes",
+    "probe_feature_shapes", "FeatureTap",
 ]
 
 _CIFAR_RESNET = re.compile(r"^resnet(\d+)(x4)?$")

@@ -15,14 +15,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cdfast.distributed import all_reduce_sum, gather_objects, rank_and_world, resolve_process_group
-from cdfast.models import split_output
+from cdfast.distributed import gather_objects, rank_and_world, resolve_process_group
 from cdfast.data import BadImageError, load_data
-from cdfast.engines.batchnorm import recalibrated_batchnorm
 from cdfast.safe_write import WriteError, atomic_write
 from cdfast.train import run_folder
 from cdfast.train.checkpoint import load_checkpoint, load_latest, save_checkpoint, set_aside
 from cdfast.train.config import RESUME_FIXED, RESUME_FREE, TrainConfig, upgrade_legacy_keys
+from cdfast.train.evaluate import evaluate_group
 from cdfast.train.group import build_group, sgd_options
 from cdfast.train.metrics import EpochMeter, NonFiniteLossError, RunLogger, StepBuffer, summarize_epochs
 from cdfast.train.run_folder import CONFIG_FILE, SUMMARY_FILE, RunFolderError, read_epochs
@@ -317,6 +316,7 @@ class Trainer:
             "pool": self.group.pool.state_dict(),
             "pool_ranks": gather_objects(self.group.pool.state_dict(), self.process_group),
             "world_size": self.world,
+            "model_io": {"num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape)},
             "train_loader": self.data.train.state_dict(),
             "changes": self.changes,
             "rng": {
@@ -379,46 +379,17 @@ class Trainer:
         that many clean training batches (the same ones every time); the numbers with the running
         statistics come along as ``*_running_stats``. Training is not affected either way.
         """
-        if not self.cfg.bn_recalibration or self.data.calibration is None:
-            return self._evaluate_once()
-        running = self._evaluate_once()
-        if self._calibration is None:
-            self._calibration = self.data.calibration(self.cfg.bn_recalibration * self.cfg.batch_size)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
-        with recalibrated_batchnorm(self.group.networks, self._calibration, self._to_device, autocast):
-            metrics = self._evaluate_once()
-        metrics.update({f"{k}_running_stats": v for k, v in running.items()})
-        return metrics
+        calibration = None
+        if self.cfg.bn_recalibration and self.data.calibration is not None:
+            if self._calibration is None:
+                self._calibration = self.data.calibration(self.cfg.bn_recalibration * self.cfg.batch_size)
+            calibration = self._calibration
+        return evaluate_group(self.group, self.data.test, self._to_device, self.device, amp=self.cfg.amp,
+                              calibration=calibration, process_group=self.process_group)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
-
-    def _evaluate_once(self) -> dict[str, Any]:
-        group, n = self.group, self.group.n
-        group.eval()
-        correct = torch.zeros(n + 1, device=self.device)
-        loss_sum = torch.zeros(n, device=self.device)
-        seen = 0
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
-        with torch.no_grad():
-            for x, y in self.data.test:
-                x, y = self._to_device(x), y.to(self.device, non_blocking=True)
-                with autocast:  # through the training engine (fused, streams, compiled), in eval mode
-                    outs = group.engine.forward(group.networks, [x] * n)
-                    logits = torch.stack([split_output(i, o)[0] for i, o in enumerate(outs)]).float()
-                probs = logits.softmax(-1)
-                preds = torch.cat([logits.argmax(-1), probs.mean(0).argmax(-1).unsqueeze(0)])  # [n + 1, B]
-                correct += (preds == y).sum(-1)
-                loss_sum += torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.expand(n, -1),
-                                                              reduction="none").sum(-1)
-                seen += y.shape[0]
-        group.train()
-        # data parallel: each rank evaluated its shard of the test set
-        correct, loss_sum, seen = all_reduce_sum([correct, loss_sum, torch.tensor(float(seen), device=self.device)],
-                                                 self.process_group)
-        acc = (correct / seen).tolist()
-        return {"test_acc": acc[:n], "ensemble_acc": acc[n], "test_loss": (loss_sum / seen).tolist()}
 
     # ---- training -----------------------------------------------------------------
     def fit(self, until_epoch: int | None = None) -> dict[str, Any]:
