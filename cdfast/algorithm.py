@@ -138,6 +138,9 @@ class CompetitiveDistillation(nn.Module):
             CUDA graphs and replay them (CUDA; optimizers must be capturable, e.g.
             ``SGD(..., fused=True)``, which the default optimizer then is); see
             :mod:`cdfast.engines` and :mod:`cdfast.engines.graph`.
+        label_smoothing, ignore_index: of every network's cross-entropy, as in
+            ``torch.nn.functional.cross_entropy`` (nothing ignored by default). The labels may also
+            be class probabilities ``[B, K]`` (soft targets, e.g. torchvision's v2 MixUp/CutMix).
         feature_layers: for networks that return only logits (torchvision, timm): one entry
             per network, ``None`` to leave it as it is, the name of the layer whose output is
             its feature (a forward hook), or ``"forward_features"`` for timm's API; such
@@ -179,6 +182,8 @@ class CompetitiveDistillation(nn.Module):
         compile: bool | dict = False,
         process_group="auto",
         feature_layers: Sequence[str | None] | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
     ):
         super().__init__()
         networks = list(networks)
@@ -196,6 +201,8 @@ class CompetitiveDistillation(nn.Module):
         if perturb is not None and not isinstance(perturb, bool):
             raise TypeError(f"perturb must be True, False or None (on for competitive mode), got {perturb!r}")
         check_number("seed", seed, integer=True, ge=0)
+        self.label_smoothing = float(check_number("label_smoothing", label_smoothing, ge=0.0, le=1.0))
+        self.ignore_index = None if ignore_index is None else int(check_number("ignore_index", ignore_index, integer=True))
         check_choice("election", election)
         check_choice("perturbed_bn", perturbed_bn)
         bad = [i for i, net in enumerate(networks) if not isinstance(net, nn.Module)]
@@ -310,13 +317,16 @@ class CompetitiveDistillation(nn.Module):
             raise ValueError(f"expected a batch of images [B, C, H, W], got shape {list(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("the batch is empty (B = 0); skip empty batches before calling the group")
-        if y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"labels must be [B] = [{x.shape[0]}] class indices, got shape {list(y.shape)}")
+        soft = y.is_floating_point() and y.dim() == 2
+        if (y.dim() != 1 and not soft) or y.shape[0] != x.shape[0]:
+            raise ValueError(f"labels must be [B] = [{x.shape[0]}] class indices or [B, K] class probabilities, "
+                             f"got shape {list(y.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"images must be a floating-point tensor, got {x.dtype}; convert and normalize them "
                             "first (e.g. x.float() / 255, then subtract the mean and divide by the std)")
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(f"labels must hold integer class indices, got {y.dtype}; use labels.long()")
+        if (y.is_floating_point() and not soft) or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"labels must hold integer class indices [B] (or float class probabilities [B, K]), "
+                            f"got {y.dtype} {list(y.shape)}; use labels.long()")
         device = network_device(self.networks)
         for what, t in (("images", x), ("labels", y)):
             if t.device != device:
@@ -333,7 +343,7 @@ class CompetitiveDistillation(nn.Module):
                     f"network {i} ({type(net).__name__}) expects {want}-channel images but the batch has shape "
                     f"{list(x.shape)}; build the model with in_channels={x.shape[1]} or fix the data"
                 )
-        return y if y.dtype == torch.int64 else y.long()
+        return y if y.dtype == torch.int64 or y.is_floating_point() else y.long()
 
     def _draw_perturbation(self, ready: Perturbed | None = None) -> tuple[int, int]:
         """Host choices of this step: the network to perturb (-1: none) and the op's index in the pool
@@ -391,7 +401,8 @@ class CompetitiveDistillation(nn.Module):
         logits_list, feats_list = zip(*(split_output(i, o) for i, o in enumerate(outs)))
         _check_same_classes({i: z.shape[-1] for i, z in enumerate(logits_list)})
         logits = torch.stack(logits_list)
-        ce, teacher = CF.competitive_ce(logits, targets, targets_b, lam)
+        ce, teacher = CF.competitive_ce(logits, targets, targets_b, lam, label_smoothing=self.label_smoothing,
+                                        ignore_index=self.ignore_index)
         score = ce
         if self.election == "clean-equivalent" and lam is not None:
             # a mixed-label CE cannot fall below the entropy of the mix: compare what is left
@@ -414,8 +425,14 @@ class CompetitiveDistillation(nn.Module):
                 else:  # only the clean forward that refreshes the perturbed network's statistics
                     self.networks[r](x)
         distill = self._distillation(logits, list(feats_list), score, teacher, other, r)
-        own_targets = targets if targets.dim() == 2 else targets.expand(self.n, -1)
-        correct = (logits.detach().argmax(-1) == own_targets).float().mean(-1)
+        own_targets = targets.argmax(-1) if targets.is_floating_point() else targets  # probabilities: the top class
+        own_targets = own_targets if own_targets.dim() == 2 else own_targets.expand(self.n, -1)
+        hits = (logits.detach().argmax(-1) == own_targets).float()
+        if self.ignore_index is not None:  # ignored labels are neither right nor wrong
+            counted = (own_targets != self.ignore_index).float()
+            correct = (hits * counted).sum(-1) / counted.sum(-1).clamp(min=1.0)
+        else:
+            correct = hits.mean(-1)
         return GroupLosses(ce + distill, ce, distill, teacher, correct, r, op_name)
 
     def _distillation(self, logits: Tensor, feats: list, score: Tensor, teacher: Tensor, other=None,

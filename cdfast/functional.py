@@ -28,7 +28,7 @@ from cdfast import reference
 from cdfast.ops import competitive_ce as ce_op
 from cdfast.ops import student_loss as student_loss_op
 from cdfast.distributed import global_mean, resolve_process_group
-from cdfast.options import check_option, check_teachers
+from cdfast.options import check_number, check_option, check_teachers
 
 __all__ = [
     "competitive_ce",
@@ -85,9 +85,15 @@ def _check_group_logits(logits: Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} {list(logits.shape)} hold an empty batch or no classes; skip empty batches")
 
 
-def _check_labels(labels: Tensor, num_classes: int, name: str, values: bool = True) -> None:
+def _check_labels(labels: Tensor, num_classes: int, name: str, values: bool = True,
+                  ignore_index: int | None = None) -> None:
+    if labels.is_floating_point():  # class probabilities: the shape was checked with the logits
+        return
     if labels.dtype != torch.int64:
-        raise TypeError(f"{name} must hold int64 class indices, got {labels.dtype}; use {name}.long()")
+        raise TypeError(f"{name} must hold int64 class indices (or float class probabilities [.., B, K]), got "
+                        f"{labels.dtype}; use {name}.long()")
+    if ignore_index is not None:
+        labels = labels[labels != ignore_index] if labels.device.type == "cpu" else labels
     if not values:
         return
     # A range check needs the values; on an accelerator that would be a host
@@ -104,7 +110,15 @@ def _check_labels(labels: Tensor, num_classes: int, name: str, values: bool = Tr
 
 
 def _group_targets(targets: Tensor, shape: torch.Size, name: str) -> Tensor:
-    """Accept one label vector shared by the group ([B]) or one per network ([N, B])."""
+    """Accept one label vector shared by the group ([B]) or one per network ([N, B]); class probabilities
+    likewise with the class dim ([B, K] or [N, B, K])."""
+    if targets.is_floating_point():
+        if tuple(targets.shape) == tuple(shape):
+            return targets
+        if tuple(targets.shape) == tuple(shape[-2:]):
+            return targets.expand(shape)
+        raise ValueError(f"{name} holds class probabilities of shape {list(targets.shape)} but the logits "
+                         f"{list(shape)} need {list(shape)} or {list(shape[-2:])} (shared by the group)")
     want = shape[:-1]
     if tuple(targets.shape) == tuple(want):
         return targets
@@ -122,6 +136,8 @@ def competitive_ce(
     targets_b: Tensor | None = None,
     lam: Tensor | None = None,
     *,
+    label_smoothing: float = 0.0,
+    ignore_index: int | None = None,
     process_group=None,
 ) -> tuple[Tensor, Tensor]:
     """Per-network mean cross-entropy and the elected teacher, on the device.
@@ -129,7 +145,13 @@ def competitive_ce(
     Args:
         logits: ``[N, B, K]`` stacked logits (or a list of N ``[B, K]`` tensors);
             leading group dims ``[G, N, B, K]`` score several groups at once.
-        targets: int64 labels ``[N, B]``, or ``[B]`` shared by every network.
+        targets: int64 labels ``[N, B]``, or ``[B]`` shared by every network; or class
+            probabilities ``[N, B, K]`` / ``[B, K]`` (soft targets: torchvision's v2 MixUp and
+            CutMix, timm's mixup).
+        label_smoothing, ignore_index: as in ``torch.nn.functional.cross_entropy``, except that
+            nothing is ignored by default (``ignore_index=None``; F.cross_entropy's default is
+            -100). These forms and soft targets run the PyTorch reference (also on CUDA); plain
+            class indices run the compiled op.
         targets_b, lam: for mixed labels (mixup/cutmix): second label set like
             ``targets`` and a per-network weight ``lam [N]`` of ``targets``.
         process_group: under data parallelism (each rank scores its shard of the batch),
@@ -147,19 +169,29 @@ def competitive_ce(
     _check_group_logits(logits)
     _check_tensor(targets, "targets", logits.device, "; convert labels with torch.as_tensor(labels)")
     k = logits.shape[-1]
-    checked_by_op = ce_op.checks_label_values(logits.device)
+    label_smoothing = float(check_number("label_smoothing", label_smoothing, ge=0.0, le=1.0))
+    if ignore_index is not None:
+        check_number("ignore_index", ignore_index, integer=True)
+    plain = label_smoothing == 0.0 and ignore_index is None and not targets.is_floating_point()
+    checked_by_op = plain and ce_op.checks_label_values(logits.device)
     targets = _group_targets(targets, logits.shape, "targets")
-    _check_labels(targets, k, "targets", values=not checked_by_op)
+    _check_labels(targets, k, "targets", values=not checked_by_op, ignore_index=ignore_index)
     if (targets_b is None) != (lam is None):
         raise ValueError("mixed labels need both targets_b and lam (or neither)")
     if targets_b is not None:
         _check_tensor(targets_b, "targets_b", logits.device)
         _check_tensor(lam, "lam", logits.device)
         targets_b = _group_targets(targets_b, logits.shape, "targets_b")
-        _check_labels(targets_b, k, "targets_b", values=not checked_by_op)
+        if targets_b.is_floating_point() != targets.is_floating_point():
+            raise TypeError("targets and targets_b must both be class indices or both class probabilities")
+        _check_labels(targets_b, k, "targets_b", values=not checked_by_op, ignore_index=ignore_index)
         if tuple(lam.shape) != tuple(logits.shape[:-2]):
             raise ValueError(f"lam must have one weight per network, shape {list(logits.shape[:-2])}, got {list(lam.shape)}")
-    ce, teacher = ce_op.competitive_ce(logits, targets, targets_b, lam)
+    if plain:
+        ce, teacher = ce_op.competitive_ce(logits, targets, targets_b, lam)
+    else:
+        ce, teacher = reference.competitive_ce(logits, targets, targets_b, lam, label_smoothing=label_smoothing,
+                                               ignore_index=ignore_index)
     group = resolve_process_group(process_group)
     if group is not None:
         teacher = reference.elect_teacher(global_mean(ce, logits.shape[-2], group))

@@ -28,14 +28,17 @@ class CompetitiveLoss(nn.Module):
 
     ``forward(logits, targets, feats=None, *, targets_b=None, lam=None)``: ``logits`` stacked
     ``[N, B, K]`` or a list of the N networks' ``[B, K]``; ``feats`` likewise (``[N, B, ...]``)
-    or None; ``targets [B]`` (or ``[N, B]``); ``targets_b`` / ``lam [N]`` for mixed labels.
+    or None; ``targets [B]`` (or ``[N, B]``) class indices or ``[B, K]`` class probabilities;
+    ``targets_b`` / ``lam [N]`` for mixed labels; ``label_smoothing`` / ``ignore_index`` as in
+    ``F.cross_entropy``.
     ``mode`` / ``teachers`` / weights as :class:`cdfast.CompetitiveDistillation` takes them;
     ``process_group``: elect from the global batch under data parallelism (see
     :func:`cdfast.competitive_ce`). No parameters; nothing is read on the host.
     """
 
     def __init__(self, *, mode: str = "competitive", teachers: str = "best", temperature: float = 1.0,
-                 alpha: float = 1.0, beta: float = 1.0, feature_loss: bool = True, process_group=None):
+                 alpha: float = 1.0, beta: float = 1.0, feature_loss: bool = True, label_smoothing: float = 0.0,
+                 ignore_index: int | None = None, process_group=None):
         super().__init__()
         check_teachers(mode, teachers)
         self.mode, self.teachers = mode, teachers
@@ -43,11 +46,13 @@ class CompetitiveLoss(nn.Module):
         self.beta = check_option("beta", beta)
         self.feature_loss = check_flag("feature_loss", feature_loss) and self.beta != 0.0 and mode != "independent"
         self.process_group = process_group
+        self.label_smoothing, self.ignore_index = label_smoothing, ignore_index  # checked by competitive_ce
 
     def forward(self, logits: Tensor | Sequence[Tensor], targets: Tensor, feats: Tensor | Sequence[Tensor] | None = None,
                 *, targets_b: Tensor | None = None, lam: Tensor | None = None) -> CompetitiveLossOutput:
         logits = CF._stack(logits)
-        ce, teacher = CF.competitive_ce(logits, targets, targets_b, lam, process_group=self.process_group)
+        ce, teacher = CF.competitive_ce(logits, targets, targets_b, lam, label_smoothing=self.label_smoothing,
+                                        ignore_index=self.ignore_index, process_group=self.process_group)
         if self.feature_loss and feats is None:
             raise ValueError("feature_loss is on but no feats were given; pass every network's features "
                              "(cdfast.models.FeatureTap takes them from logits-only models) or feature_loss=False")

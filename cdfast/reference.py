@@ -51,22 +51,47 @@ def competitive_ce(
     targets: Tensor,
     targets_b: Tensor | None = None,
     lam: Tensor | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy of every network and the elected teacher.
 
-    logits ``[*G, N, B, K]``, targets ``[*G, N, B]`` (int64 class indices).
+    logits ``[*G, N, B, K]``; targets ``[*G, N, B]`` int64 class indices, or ``[*G, N, B, K]``
+    class probabilities (soft targets, e.g. from torchvision's MixUp/CutMix).
     With mixed labels (mixup/cutmix perturbations), network ``i`` is scored by
     ``lam[i] * CE(z_i, targets[i]) + (1 - lam[i]) * CE(z_i, targets_b[i])``
-    with ``lam`` of shape ``[*G, N]``. Returns ``ce [*G, N]`` (float32; float64 for float64 logits) and
-    ``teacher [*G]`` (int64).
+    with ``lam`` of shape ``[*G, N]``. ``label_smoothing`` and ``ignore_index`` (class
+    indices only) mean what they mean in ``torch.nn.functional.cross_entropy`` (a batch
+    with every label ignored gives NaN, as there). Returns ``ce [*G, N]`` (float32; float64
+    for float64 logits) and ``teacher [*G]`` (int64).
     """
     logp = torch.log_softmax(_acc(logits), dim=-1)
-    ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(-1)
+    ce = _cross_entropy(logp, targets, label_smoothing, ignore_index)
     if targets_b is not None:
-        ce_b = -logp.gather(-1, targets_b.unsqueeze(-1)).squeeze(-1).mean(-1)
+        ce_b = _cross_entropy(logp, targets_b, label_smoothing, ignore_index)
         lam = lam.to(ce.dtype)
         ce = lam * ce + (1.0 - lam) * ce_b
     return ce, elect_teacher(ce)
+
+
+def _cross_entropy(logp: Tensor, targets: Tensor, label_smoothing: float, ignore_index: int | None) -> Tensor:
+    """Batch-mean CE of log-probabilities ``[..., B, K]`` against class indices or probabilities."""
+    k = logp.shape[-1]
+    if targets.is_floating_point():  # probabilities
+        p = targets.to(logp.dtype)
+        if label_smoothing:
+            p = (1.0 - label_smoothing) * p + label_smoothing / k
+        return -(p * logp).sum(-1).mean(-1)
+    keep = targets != ignore_index if ignore_index is not None else None
+    index = torch.where(keep, targets, 0) if keep is not None else targets
+    nll = -logp.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    if keep is None:
+        return nll.mean(-1)
+    weight = keep.to(nll.dtype)
+    return (nll * weight).sum(-1) / weight.sum(-1)  # every label ignored: 0 / 0 = NaN, as F.cross_entropy
 
 
 def _kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -529,7 +529,7 @@ API_CASES = [
     ("float64 images", lambda: group().step(X.double(), Y), TypeError, "images are torch.float64 but the networks"),
     ("numpy labels", lambda: group().step(X, Y.numpy()), TypeError, "labels must be a torch.Tensor"),
     ("numpy images", lambda: group().step(X.numpy(), Y), TypeError, "images must be a torch.Tensor"),
-    ("float labels", lambda: group().step(X, Y.float()), TypeError, "integer class indices, got torch.float32"),
+    ("float labels", lambda: group().step(X, Y.float()), TypeError, r"integer class indices \[B\] \(or float class probabilities \[B, K\]\), got torch.float32"),
     ("labels elsewhere", lambda: group().step(X, Y.to("meta")), ValueError, "labels are on meta but the networks are on cpu"),
     ("images elsewhere", lambda: group().step(X.to("meta"), Y), ValueError, "images are on meta"),
     ("labels out of range", lambda: group().step(X, Y + 10), ValueError, r"labels must lie in \[0, 10\)"),

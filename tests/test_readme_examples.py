@@ -48,3 +48,12 @@ def test_torchvision_and_timm_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     out = scope["out"]
     assert out.per_network.shape == (2,) and torch.isfinite(out.loss) and int(out.teacher) in (0, 1)
+
+
+def test_torchvision_mixup_example_runs():
+    code = next(b for b in BLOCKS if "v2.MixUp(" in b)
+    g = torch.Generator().manual_seed(3)
+    loader = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+    scope = {"loader": loader}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert torch.isfinite(scope["result"].loss).all()

@@ -67,6 +67,8 @@ class TrainConfig:
     alpha: float = _f(1.0, "weight of the KL term", **RANGES["alpha"])
     beta: float = _f(1.0, "weight of the feature L2 term", **RANGES["beta"])
     temperature: float = _f(1.0, "softmax temperature of the KL term", **RANGES["temperature"])
+    label_smoothing: float = _f(0.0, "label smoothing of every network's cross-entropy (as F.cross_entropy)",
+                                ge=0.0, le=1.0)
     feature_loss: bool = _f(True, "add the feature L2 term to the students' losses")
     perturb: bool | None = _f(None, "perturb one random network's batch per step (default: on for competitive, off otherwise)")
     perturb_prob: float = _f(1.0, "probability of a perturbation in an eligible step", **RANGES["perturb_prob"])

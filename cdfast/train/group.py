@@ -52,6 +52,7 @@ def build_group(cfg: TrainConfig, *, num_classes: int, input_shape: tuple[int, i
         # (an empty pool is valid only with perturbation off, where the pool's ops are never used)
         perturb_ops=PerturbationPool(cfg.perturb_ops or None, seed=cfg.seed, fill=black, white=white),
         perturbed_bn=cfg.perturbed_bn, matched_inputs=cfg.matched_inputs, election=cfg.election,
+        label_smoothing=cfg.label_smoothing,
         input_shape=input_shape, autocast_dtype=torch.bfloat16 if cfg.amp else None,
         channels_last=cfg.channels_last, engine=cfg.engine,
         compile=({"mode": cfg.compile_mode} if cfg.compile_mode else cfg.compile),
