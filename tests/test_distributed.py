@@ -138,3 +138,24 @@ def test_sync_batchnorm_is_refused_where_it_cannot_run():
         build_group(TrainConfig(sync_bn=True).validate(), num_classes=10, input_shape=(1, 28, 28), device="cpu")
     nets = [torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model("resnet8", 10, 1)) for _ in range(2)]
     assert "SyncBatchNorm" in why_not_fusable(nets)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_rank_shares_of_every_global_batch_are_disjoint_and_complete(train):
+    """The loaders' data-parallel sharding: the same global order on every rank, a contiguous share each."""
+    from cdfast.data.folder import RankShare
+    from cdfast.data.loader import TensorLoader
+
+    n, batch, world = 22, 8, 2
+    shares = [list(RankShare(n, batch, train, torch.Generator().manual_seed(5), r, world)) for r in range(world)]
+    one = list(RankShare(n, batch, train, torch.Generator().manual_seed(5), 0, 1))
+    assert len(shares[0]) == len(shares[1]) == len(one) == (n // batch if train else -(-n // batch))
+    for k, whole in enumerate(one):  # rank r holds its half of global batch k, in order
+        assert shares[0][k] + shares[1][k] == whole
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    ids = torch.arange(n)
+    loaders = [TensorLoader(images, ids, batch, mean=(0.0,), std=(1 / 255,), shuffle=train, drop_last=train, seed=5,
+                            rank=r, world=world) for r in range(world)]
+    alone = TensorLoader(images, ids, batch, mean=(0.0,), std=(1 / 255,), shuffle=train, drop_last=train, seed=5)
+    for (x0, y0), (x1, y1), (x, y) in zip(*loaders, alone):
+        assert torch.equal(torch.cat([y0, y1]), y) and torch.equal(torch.cat([x0, x1]), x)
