@@ -21,7 +21,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from cdfast import functional as CF
-from cdfast.distributed import average_gradients, global_mean, rank_and_world, resolve_process_group
+from cdfast.distributed import (average_gradients, broadcast_state, global_mean, rank_and_world,
+                                resolve_process_group)
 from cdfast.engines import get_engine, network_device, split_engine_name
 from cdfast.engines.graph import GraphStep
 from cdfast.options import (ELECTIONS, MODES, PERTURBED_BN, RANGES, TEACHER_RULES, check_choice, check_flag,
@@ -233,6 +234,8 @@ class CompetitiveDistillation(nn.Module):
         shapes = probe_feature_shapes(self.networks, self.input_shape) if self.input_shape is not None else None
         self.adapters = FeatureAdapters(shapes if (shapes and self.feature_loss) else [])
         self.optimizers = self._build_optimizers(optimizers)
+        # data parallel: every rank starts from rank 0's weights (as DDP does at construction)
+        broadcast_state([*self.networks, self.adapters], self.process_group)
 
     def _set_engine(self, spec: str) -> None:
         """Switch engines (also mid-run: parameters, optimizers and checkpoints do not depend on it)."""
@@ -248,7 +251,13 @@ class CompetitiveDistillation(nn.Module):
     def _choose_engine(self, x: Tensor, y: Tensor, views: bool = False) -> None:
         from cdfast.engines import auto
 
-        fastest, seconds, left_out = auto.measure(self, x, y, views=views)
+        # timed on this rank alone (no collectives: a candidate failing on one rank must not leave the
+        # others waiting in its all-reduces); then every rank takes rank 0's choice
+        group, self.process_group = self.process_group, None
+        try:
+            fastest, seconds, left_out = auto.measure(self, x, y, views=views, data_parallel=group is not None)
+        finally:
+            self.process_group = group
         timings = ", ".join(f"{name} {1e3 * t:.2f} ms" for name, t in sorted(seconds.items(), key=lambda kv: kv[1]))
         log.info("cdfast: engine auto -> %s (measured per step on this batch: %s%s)", fastest, timings,
                  f"; not timed: {'; '.join(left_out)}" if left_out else "")
@@ -283,6 +292,12 @@ class CompetitiveDistillation(nn.Module):
         return self.mode == "competitive" and self.teachers == "best"
 
     # ---- construction helpers -------------------------------------------------
+    def average_gradients(self) -> None:
+        """Data parallel: average every network's gradients across the ranks (after the backward, before the
+        optimizer steps). :meth:`step` does it; call it yourself when you drive :meth:`losses`. No-op alone."""
+        if self.process_group is not None:
+            average_gradients(self._params_to_average(), self.process_group)
+
     def _params_to_average(self) -> list[Tensor]:
         """Every trainable parameter the data-parallel all-reduce averages (DDP-wrapped networks average their own)."""
         ddp = torch.nn.parallel.DistributedDataParallel
@@ -356,6 +371,8 @@ class CompetitiveDistillation(nn.Module):
 
         Use this to drive the group from your own loop: ``out.loss.sum().backward()``
         gives each network exactly the gradient of its own loss. ``perturbed``: see :meth:`step`.
+        Under data parallelism (a process group) the election is already global; call
+        :meth:`average_gradients` after the backward, before your optimizer steps.
         """
         y = self._check_batch(x, y)
         perturbed = self._check_view(x, y, perturbed)
@@ -533,8 +550,7 @@ class CompetitiveDistillation(nn.Module):
             opt.zero_grad(set_to_none=True)
         out = self._losses(x, y, r, op, ready=ready)
         out.loss.sum().backward()  # losses are decoupled: each network gets only its own gradient
-        if self.process_group is not None:  # data parallel: every rank applies the global batch's gradient
-            average_gradients(self._params_to_average(), self.process_group)
+        self.average_gradients()
         for opt in self.optimizers:
             opt.step()
         return out.detached()

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["resolve_process_group", "rank_and_world", "global_mean", "average_gradients", "all_reduce_sum",
-           "gather_objects", "init_from_environment", "BUCKET_BYTES"]
+           "gather_objects", "init_from_environment", "broadcast_state", "any_rank", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 64 * 2**20  # gradients are all-reduced in flat buckets of at most this size (DDP uses 25 MiB)
 
@@ -47,8 +47,9 @@ def init_from_environment() -> bool:
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     timeout = datetime.timedelta(seconds=float(os.environ.get("CDFAST_DIST_TIMEOUT", "600")))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)
         dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
@@ -91,7 +92,9 @@ def global_mean(values: Tensor, count: int | Tensor, group) -> Tensor:
     if group is None:
         return values.detach().float()
     flat = values.detach().float().reshape(-1)
-    count = torch.as_tensor(count, dtype=torch.float32, device=flat.device).reshape(1)
+    # a host number becomes a device tensor by a fill (a kernel), not a copy: no sync
+    count = (count.float().reshape(1).to(flat.device) if isinstance(count, Tensor)
+             else flat.new_full((1,), float(count)))
     buf = torch.cat([flat * count, count])
     dist.all_reduce(buf, group=group)
     return (buf[:-1] / buf[-1]).view(values.shape)
@@ -108,6 +111,27 @@ def all_reduce_sum(tensors: list[Tensor], group) -> list[Tensor]:
         out.append(flat[offset:offset + t.numel()].view(t.shape))
         offset += t.numel()
     return out
+
+
+def broadcast_state(modules: Iterable[torch.nn.Module], group, buffers_only: bool = False) -> None:
+    """Copy rank 0's parameters (unless ``buffers_only``) and buffers to every rank, in place (as DDP does)."""
+    if group is None:
+        return
+    src = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for module in modules:
+            tensors = list(module.buffers()) if buffers_only else [*module.parameters(), *module.buffers()]
+            for t in tensors:
+                dist.broadcast(t.data, src=src, group=group)
+
+
+def any_rank(flag: bool, group, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` holds on any rank (one small all-reduce; ``flag`` itself without a group)."""
+    if group is None:
+        return flag
+    t = torch.full((1,), 1.0 if flag else 0.0, device=device)
+    dist.all_reduce(t, group=group)
+    return bool(t.item() > 0)
 
 
 def gather_objects(obj, group) -> list:

@@ -123,7 +123,8 @@ class NetworkPerRank:
             raise ValueError(f"network {me} returns only logits; return (logits, features) or set feature_loss=False")
         lam_t = None
         if lam is not None:
-            lam_t = torch.as_tensor(lam, dtype=torch.float32, device=x.device).reshape(1)
+            lam_t = (lam.float().reshape(1) if isinstance(lam, Tensor)
+                     else torch.full((1,), float(lam), device=x.device))  # a fill: no host-to-device copy
         # this network's CE alone (competitive_ce scores groups; the election waits for the all-gather)
         ce, _ = reference.competitive_ce(logits.unsqueeze(0), y_a.unsqueeze(0),
                                          None if y_b is None else y_b.unsqueeze(0), lam_t)

@@ -99,13 +99,15 @@ class _BatchNumbers:
     """The per-batch numbers of the perturbed view, drawn on the host (seeded): which op, and its
     scalars. Fed to the pipeline through an external source, one copy per sample."""
 
-    def __init__(self, ops: Sequence[str], batch_size: int, image_size: int, seed: int):
+    def __init__(self, ops: Sequence[str], batch_size: int, image_size: int, seed: int, op_seed: int | None = None):
         self.ops, self.b, self.s = list(ops), batch_size, image_size
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)  # the op's own numbers: per rank
+        # which op: the same on every rank (data parallel: the perturbed network gets one op everywhere)
+        self.op_rng = np.random.default_rng(seed if op_seed is None else op_seed)
 
     def __call__(self):
         s, rng = self.s, self.rng
-        name = self.ops[int(rng.integers(len(self.ops)))]
+        name = self.ops[int(self.op_rng.integers(len(self.ops)))]
         op = DALI_OPS.index(name)
         lam, sigma = 1.0, 0.0
         # row 0 pastes the whole image; row 1 the partner's box. An empty box sits at the far corner
@@ -319,8 +321,8 @@ class DaliLoader:
             source = _ArrayFeed(self.source, labels, mine, self.batch_size)
         else:
             source = ([self.source[i] for i in mine], [self.labels[i] for i in mine])
-        numbers = (_BatchNumbers(self.ops, self.batch_size, self.image_size,
-                                 _derived_seed(self.seed, epoch, self.rank, 1)) if self.ops else None)
+        numbers = (_BatchNumbers(self.ops, self.batch_size, self.image_size, _derived_seed(self.seed, epoch, self.rank, 1),
+                                 op_seed=_derived_seed(self.seed, epoch, 2)) if self.ops else None)
         return _pipeline(source, train=self.train, numbers=numbers, batch_size=self.batch_size,
                          image_size=self.image_size, channels=self.channels, mean=self.mean, std=self.std,
                          pad=self.pad, device_id=self.device_id, threads=self.threads,

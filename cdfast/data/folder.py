@@ -61,6 +61,21 @@ def _collate(samples):
     return (default_collate(good) if good else None), bad
 
 
+class _RankSeed:
+    """A DataLoader worker's seeds offset by the rank: the workers of every rank get the same base seed
+    from the shared generator (which also orders the batches), and would augment alike without it."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        import random
+
+        seed = (torch.initial_seed() + 1_000_003 * self.rank) % 2**63
+        torch.manual_seed(seed)
+        random.seed(seed)
+
+
 class RankShare(torch.utils.data.Sampler):
     """Batches of indices for one rank of a data-parallel job: every rank draws the same order
     (one seeded generator) and keeps its contiguous share of each global batch; training drops
@@ -112,9 +127,9 @@ class FolderLoader:
         self.generator = torch.Generator().manual_seed(seed)
         common = dict(num_workers=workers, generator=self.generator, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, collate_fn=_collate)
-        if world > 1:  # data parallel: this rank's share of every global batch
+        if world > 1:  # data parallel: this rank's share of every global batch, augmented with its own draws
             sampler = RankShare(len(dataset), batch_size, train, self.generator, rank, world)
-            self.loader = DataLoader(dataset, batch_sampler=sampler, **common)
+            self.loader = DataLoader(dataset, batch_sampler=sampler, worker_init_fn=_RankSeed(rank), **common)
         else:
             self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, **common)
 

@@ -53,7 +53,7 @@ class TensorLoader:
         # augmentation (one generator stream, as in one process) and keeps its contiguous share.
         if not 0 <= rank < world:
             raise ValueError(f"rank must lie in [0, world={world}), got {rank}")
-        if world > 1 and batch_size % world:
+        if world > 1 and drop_last and batch_size % world:  # training: equal shares (evaluation may be uneven)
             raise ValueError(f"the global batch size {batch_size} must be a multiple of the {world} ranks")
         self.rank, self.world = rank, world
 
@@ -74,6 +74,8 @@ class TensorLoader:
             if self.world > 1:
                 share = -(-idx.shape[0] // self.world)
                 x, y = x[self.rank * share:(self.rank + 1) * share], y[self.rank * share:(self.rank + 1) * share]
+                if x.shape[0] == 0:  # a last evaluation batch smaller than the ranks: nothing for this one
+                    continue
             yield (x - self.mean) / self.std, y
 
     def state_dict(self) -> dict:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cdfast")
 
 
-def candidates(group: CompetitiveDistillation, views: bool = False) -> tuple[list[str], list[str]]:
+def candidates(group: CompetitiveDistillation, views: bool = False, data_parallel: bool = False
+               ) -> tuple[list[str], list[str]]:
     """The engines worth timing for this group, and why the others are left out.
 
     ``views``: the loader makes the perturbed views, which a graph engine cannot take."""
@@ -44,7 +45,7 @@ def candidates(group: CompetitiveDistillation, views: bool = False) -> tuple[lis
     mode = (group.compile_options or {}).get("mode")
     if views:
         left_out.append("graph engines (the loader makes the perturbed views; a graph perturbs inside)")
-    elif group.process_group is not None:
+    elif data_parallel or group.process_group is not None:
         left_out.append("graph engines (data parallel: the all-reduces are not captured yet)")
     elif not_capturable is not None:
         left_out.append(f"graph engines ({not_capturable})")
@@ -98,12 +99,12 @@ def _time_engine(group: CompetitiveDistillation, x: Tensor, y: Tensor, perturbat
 
 
 def measure(group: CompetitiveDistillation, x: Tensor, y: Tensor, steps: int = 5, warmup: int = 3,
-            views: bool = False) -> tuple[str, dict[str, float], list[str]]:
+            views: bool = False, data_parallel: bool = False) -> tuple[str, dict[str, float], list[str]]:
     """Time each candidate engine on ``(x, y)``; returns ``(fastest, seconds per step, left out)``.
 
     The group ends with its state as before the call, and with the engine it had.
     """
-    names, left_out = candidates(group, views)
+    names, left_out = candidates(group, views, data_parallel)
     perturbation = (0, 0) if group.perturb else (-1, -1)
     if group.compile_options is not None:
         warmup = max(warmup, 10)  # compilation and recompilation happen in the first steps

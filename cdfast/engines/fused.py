@@ -28,6 +28,8 @@ from cdfast.engines.batchnorm import frozen_set
 def why_not_fusable(networks: Sequence[nn.Module]) -> str | None:
     """None when the networks are identical in structure; otherwise the reason, for the user."""
     first = networks[0]
+    if any(isinstance(net, nn.parallel.DistributedDataParallel) for net in networks):
+        return "DistributedDataParallel networks synchronise in their own forward, which one vmapped forward bypasses"
     if any(isinstance(m, nn.SyncBatchNorm) for net in networks for m in net.modules()):
         return "SyncBatchNorm synchronises inside each network's forward, which one vmapped forward cannot do"
     shapes = [(n, tuple(p.shape)) for n, p in first.named_parameters()]

@@ -9,13 +9,14 @@ import random
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from cdfast.distributed import gather_objects, rank_and_world, resolve_process_group
+from cdfast.distributed import any_rank, broadcast_state, gather_objects, rank_and_world, resolve_process_group
 from cdfast.data import BadImageError, load_data
 from cdfast.safe_write import WriteError, atomic_write
 from cdfast.train import run_folder
@@ -110,7 +111,7 @@ class Trainer:
         self.rank, self.world = rank_and_world(self.process_group)
         self.is_main = self.rank == 0
         self._scratch: Path | None = None
-        state = self._open_folder(cfg, resume, overrides or {}, allow_changes)
+        state = self._agree_on_opening(lambda: self._open_folder(cfg, resume, overrides or {}, allow_changes))
         try:
             self._build()
             if state is not None:
@@ -236,9 +237,31 @@ class Trainer:
         """Release the run folder (also done at the end of :meth:`fit`)."""
         run_folder.unlock_folder(self.lock)
         self.lock = None
-        if getattr(self, "_scratch", None) is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
+
+    def _agree_on_opening(self, open_folder):
+        """Open the run folder on every rank; data parallel: all ranks stop if any could not, and they must
+        have loaded the same checkpoint (the run folder must be the same folder on every node)."""
+        try:
+            state = open_folder()
+            status = ("ok", state["step"] if state else 0)
+        except BaseException as e:
+            if self.world == 1:
+                raise
+            status, error = ("error", f"{type(e).__name__}: {e}"), e
+            gather_objects(status, self.process_group)
+            raise error
+        if self.world == 1:
+            return state
+        statuses = gather_objects(status, self.process_group)
+        failed = [(k, why) for k, (kind, why) in enumerate(statuses) if kind == "error"]
+        if failed:
+            self.close()
+            raise RuntimeError(f"rank {failed[0][0]} could not open the run: {failed[0][1]}")
+        if len({step for _, step in statuses}) > 1:
+            self.close()
+            raise RuntimeError(f"the ranks loaded checkpoints of different steps {[step for _, step in statuses]}: "
+                               "every node must see the same run folder (a shared filesystem)")
+        return state
 
     def _from_rank0(self, value: str | None) -> str:
         """Rank 0's ``value`` on every rank (a run folder's path, or ``"error: ..."`` when it could not open one)."""
@@ -254,11 +277,12 @@ class Trainer:
     def _scratch_folder(self) -> Path:
         """Where a rank other than 0 writes what rank 0 writes into the run folder (removed at the end)."""
         self._scratch = Path(tempfile.mkdtemp(prefix=f"cdfast-rank{self.rank}-"))
+        weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)  # also at interpreter exit
         return self._scratch
 
     def _rank_device(self, device: torch.device) -> torch.device:
         """Under torchrun each rank drives its own GPU: cuda means cuda:LOCAL_RANK."""
-        if self.world > 1 and device.type == "cuda" and device.index is None:
+        if self.world > 1 and device.type == "cuda":
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
         return device
 
@@ -269,6 +293,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if self.world > 1 and cfg.skip_bad_images:
+            raise ValueError("--skip-bad-images is not available with several processes yet (a rank whose share "
+                             "of a batch is unreadable would fall a step behind the others); fix or remove the "
+                             "images, or train in one process")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         # the torch loader reads image folders on the host (DataLoader workers); everything else on the run's device
@@ -283,6 +311,9 @@ class Trainer:
         self.names = list(cfg.models)
         self.group = build_group(cfg, num_classes=self.data.num_classes, input_shape=self.data.input_shape,
                                  device=self.device, black=self.data.black, white=self.data.white)
+        if self.rank > 0:  # the same networks on every rank (built above), each rank's own random stream from here
+            torch.manual_seed(cfg.seed + 1_000_003 * self.rank)
+            random.seed(cfg.seed + 1_000_003 * self.rank)
         self.steps_per_epoch = len(self.data.train)
         self.schedulers = [
             torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s, self.steps_per_epoch))
@@ -319,11 +350,16 @@ class Trainer:
             "model_io": {"num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape)},
             "train_loader": self.data.train.state_dict(),
             "changes": self.changes,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": random.getstate(),
-            },
+            "rng": self._rng_state(),  # rank 0's (and the one of a single process)
+            "rng_ranks": gather_objects(self._rng_state(), self.process_group),
+        }
+
+    @staticmethod
+    def _rng_state() -> dict[str, Any]:
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -344,7 +380,7 @@ class Trainer:
             pools = state.get("pool_ranks") or [state["pool"]]
             self.group.pool.load_state_dict(pools[self.rank])
             self.data.train.load_state_dict(state["train_loader"])
-            rng = state["rng"]
+            rng = (state.get("rng_ranks") or [state["rng"]])[self.rank]
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
@@ -379,6 +415,9 @@ class Trainer:
         that many clean training batches (the same ones every time); the numbers with the running
         statistics come along as ``*_running_stats``. Training is not affected either way.
         """
+        # data parallel: BatchNorm running statistics drift apart on the ranks' shards; evaluate (and
+        # checkpoint) rank 0's on every rank, as DDP would
+        broadcast_state(self.group.networks, self.process_group, buffers_only=True)
         calibration = None
         if self.cfg.bn_recalibration and self.data.calibration is not None:
             if self._calibration is None:
@@ -439,7 +478,7 @@ class Trainer:
                    disable=not cfg.progress or not self.is_main, leave=True, dynamic_ncols=True)
 
         def drain():
-            rows = buffer.drain(self.names)
+            rows = self._on_every_rank(lambda: buffer.drain(self.names))
             self.logger.write_steps(rows)
             meter.add(rows)
             bar.set_postfix_str(meter.postfix())
@@ -482,8 +521,25 @@ class Trainer:
         choice = self.group.engine_choice
         return f"cdfast: engine auto -> {choice['engine']} (per step: {choice['timings']})"
 
+    def _on_every_rank(self, check):
+        """``check()``; data parallel: if it raised NonFiniteLossError on any rank, it raises on every rank
+        (a rank that stopped alone would leave the others waiting in the next collective)."""
+        try:
+            result, error = check(), None
+        except NonFiniteLossError as e:
+            result, error = None, e
+        if any_rank(error is not None, self.process_group, self.device) and error is None:
+            error = NonFiniteLossError("another rank found a non-finite loss or weights (see its error); "
+                                       "nothing of this step on was saved")
+        if error is not None:
+            raise error
+        return result
+
     def _check_finite(self, epoch: int, metrics: dict[str, Any]) -> None:
         """Never record NaN, never checkpoint a diverged network as the last good one."""
+        self._on_every_rank(lambda: self._check_finite_here(epoch, metrics))
+
+    def _check_finite_here(self, epoch: int, metrics: dict[str, Any]) -> None:
         for i, net in enumerate(self.group.networks):
             bad = [name for name, t in net.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
             if bad:
