@@ -43,10 +43,10 @@ def arm(point: str, n: int) -> None:
     if point == "step":
         original = CompetitiveDistillation.step
 
-        def step(self, x, y):
+        def step(self, x, y, *args, **kwargs):
             if hit():
                 die()
-            return original(self, x, y)
+            return original(self, x, y, *args, **kwargs)
         CompetitiveDistillation.step = step
     elif point == "steps-row":
         original = RunLogger.write_steps
