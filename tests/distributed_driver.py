@@ -8,6 +8,7 @@ Scenarios (each rank writes OUT_DIR/rank-<r>.pt with what it saw):
     functional  competitive_ce(process_group=...) on shards whose local winners disagree
     dead-rank   rank 1 exits after one step; rank 0 keeps stepping and must get an error, not hang
     placement   one network per rank (NetworkPerRank) on the whole batch, perturbation on
+    trainer-nan the trainer on real Fashion-MNIST; rank 1's batch turns NaN at its 3rd step: every rank must stop
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 def main() -> None:
     scenario, out, rank, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    timeout = datetime.timedelta(seconds=10 if scenario == "dead-rank" else 120)
+    timeout = datetime.timedelta(seconds=10 if scenario in ("dead-rank", "trainer-nan") else 120)
     dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world,
                             timeout=timeout)
     seen: dict = {}
@@ -96,6 +97,27 @@ def main() -> None:
             seen["steps"].append((int(result.teacher), result.perturbed, result.perturbation,
                                   [round(float(v), 5) for v in result.ce]))
         seen["params"] = {k: v.detach().clone() for k, v in nets[rank].state_dict().items()}
+    elif scenario == "trainer-nan":
+        from cdfast.data import FASHION_MNIST_ROOT
+        from cdfast.train import NonFiniteLossError, Trainer, TrainConfig
+
+        original = cdfast.CompetitiveDistillation.step
+        calls = [0]
+
+        def step(self, x, y, *args, **kwargs):
+            calls[0] += 1
+            if rank == 1 and calls[0] == 3:
+                x = torch.full_like(x, float("nan"))
+            return original(self, x, y, *args, **kwargs)
+
+        cdfast.CompetitiveDistillation.step = step
+        cfg = TrainConfig(data_dir=str(FASHION_MNIST_ROOT), train_subset=256, test_subset=64, batch_size=32,
+                          eval_batch_size=64, epochs=1, out=str(out / "run"), progress=False, tensorboard=False,
+                          plots=False, device="cpu", log_interval=1, bn_recalibration=0, perturb=False)
+        try:
+            Trainer(cfg).fit()
+        except NonFiniteLossError as e:
+            seen["error"] = str(e).splitlines()[0]
     elif scenario == "dead-rank":
         group = make_group()
         for k, (x, y) in enumerate(batches()):
@@ -107,7 +129,7 @@ def main() -> None:
                 seen["error"] = str(e).splitlines()[0]
                 break
     torch.save(seen, out / f"rank-{rank}.pt")
-    if scenario != "dead-rank":
+    if scenario not in ("dead-rank", "trainer-nan"):
         dist.barrier()
         dist.destroy_process_group()
 
