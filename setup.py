@@ -63,6 +63,12 @@ def recording_torch_version(build_ext):
 
     class BuildExt(build_ext):
         def run(self):
+            import torch
+
+            for ext in self.extensions:  # a library left in build/ by another torch is rebuilt, not restamped
+                stamp = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.torch_version")
+                if os.path.isfile(stamp) and open(stamp).read().strip() != torch.__version__:
+                    self.force = True
             super().run()
             import torch
 

@@ -227,6 +227,9 @@ class CompetitiveDistillation(nn.Module):
         self.engine_choice: dict | None = None  # engine auto's measurement, once made
         self.process_group = resolve_process_group(process_group)
         self.rank, self.world_size = rank_and_world(self.process_group)
+        if self.ignore_index is not None and self.process_group is not None:
+            raise ValueError("ignore_index with a process group is not available yet (the shards' CEs average "
+                             "different numbers of labels); drop ignored samples in the loader instead")
         self.pool.rng.rank = self.rank  # the same choices on every rank, the op's own draws per rank
         self._set_engine(engine)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
@@ -399,7 +402,8 @@ class CompetitiveDistillation(nn.Module):
                                  f"{y.device})")
         if not isinstance(view.op, str):
             raise ValueError("the perturbed view must name its op (Perturbed.op), for the step's records")
-        return dataclasses.replace(view, y_a=view.y_a.long(), y_b=view.y_b.long())
+        as_labels = (lambda t: t) if y.is_floating_point() else (lambda t: t.long())  # probabilities stay as they are
+        return dataclasses.replace(view, y_a=as_labels(view.y_a), y_b=as_labels(view.y_b))
 
     def _losses(self, x: Tensor, y: Tensor, r: int, op: int, ready: Perturbed | None = None) -> GroupLosses:
         """The step's forward part for host choices ``(r, op)``: nothing here reads the device."""

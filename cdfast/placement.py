@@ -100,6 +100,8 @@ class NetworkPerRank:
     def step(self, x: Tensor, y: Tensor) -> GroupLosses:
         """One training step of the whole group: every rank calls it with the same batch."""
         n, me = self.n, self.rank
+        if y.is_floating_point():
+            raise TypeError("NetworkPerRank takes class indices [B] (soft targets are not available here yet)")
         y = y.long()
         r = self.pool.choose_network(n, self.perturb_prob, self.perturb_every) if self.perturb else -1
         op = self.pool.choose_op() if r >= 0 else -1

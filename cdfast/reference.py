@@ -90,8 +90,9 @@ def _cross_entropy(logp: Tensor, targets: Tensor, label_smoothing: float, ignore
         nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
     if keep is None:
         return nll.mean(-1)
-    weight = keep.to(nll.dtype)
-    return (nll * weight).sum(-1) / weight.sum(-1)  # every label ignored: 0 / 0 = NaN, as F.cross_entropy
+    # an ignored row counts for nothing, even with -inf or NaN logits (0 * inf would be NaN)
+    nll = torch.where(keep, nll, 0.0)
+    return nll.sum(-1) / keep.to(nll.dtype).sum(-1)  # every label ignored: 0 / 0 = NaN, as F.cross_entropy
 
 
 def _kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -126,3 +126,33 @@ def test_cdfast_evaluate_reports_what_training_recorded_and_writes_nothing(finis
         assert f"{100 * acc:.2f}%" in text.splitlines()[2 + i]  # the same numbers as at the end of training
     assert f"{100 * record['ensemble_acc']:.2f}%" in text
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
+def test_a_feature_tap_keeps_nothing_outside_its_own_forward():
+    import copy
+
+    from cdfast.engines.fused import why_not_fusable
+
+    tap = FeatureTap(tv_resnet(), "avgpool")
+    x = torch.randn(2, 3, 32, 32)
+    tap.model(x)  # the bare model: the hook is disarmed
+    copy.deepcopy(tap.model)(x)
+    assert tap._kept is None
+    logits, feats = copy.deepcopy(tap)(x)  # a deep copy (the fused engine's meta copy) taps its own layer
+    assert feats.shape == (2, 512) and tap._kept is None
+    assert "different layers" in why_not_fusable([FeatureTap(tv_resnet(), "avgpool"), FeatureTap(tv_resnet(), "layer4")])
+    model = tap.remove()
+    model(x)
+    assert tap._kept is None and not model.avgpool._forward_hooks
+
+
+def test_a_loader_view_keeps_soft_labels():
+    from cdfast.perturb import Perturbed
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)) for _ in range(2)]
+    group = cdfast.CompetitiveDistillation(nets, feature_loss=False, perturb=True)
+    x, soft = torch.randn(4, 3, 2, 2), torch.softmax(torch.randn(4, 3), -1)
+    view = Perturbed(x.flip(0), soft, soft.flip(0), 0.5, "mixup")
+    out = group.losses(x, soft, perturbed=view)
+    assert out.perturbation == "mixup" and torch.isfinite(out.ce).all()

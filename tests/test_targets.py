@@ -108,3 +108,15 @@ def test_the_group_step_takes_soft_targets_and_smoothing():
         logits = torch.stack([net(x) for net in nets])
     torch.testing.assert_close(out.ce.detach(), torch.stack([F.cross_entropy(z, y, ignore_index=-1) for z in logits]))
     assert out.correct.shape == (2,) and bool(((0 <= out.correct) & (out.correct <= 1)).all())
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_ignored_rows_count_for_nothing_even_with_inf_or_nan_logits(smoothing):
+    logits = torch.randn(2, 4, 3)
+    logits[:, 1, 0] = float("-inf")  # an ignored row: a masked class, and a NaN
+    logits[:, 2] = float("nan")
+    y = torch.tensor([1, -1, -1, 2])
+    ce, _ = cdfast.competitive_ce(logits, y, ignore_index=-1, label_smoothing=smoothing)
+    want = torch.stack([F.cross_entropy(z[[0, 3]], y[[0, 3]], label_smoothing=smoothing) for z in logits])
+    torch.testing.assert_close(ce, want)
+

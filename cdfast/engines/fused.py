@@ -28,6 +28,9 @@ from cdfast.engines.batchnorm import frozen_set
 def why_not_fusable(networks: Sequence[nn.Module]) -> str | None:
     """None when the networks are identical in structure; otherwise the reason, for the user."""
     first = networks[0]
+    taps = {(getattr(net, "layer", None), getattr(net, "flatten", None)) for net in networks}
+    if type(first).__name__ == "FeatureTap" and len(taps) > 1:
+        return f"the networks' features come from different layers {sorted(map(str, taps))}"
     if any(isinstance(net, nn.parallel.DistributedDataParallel) for net in networks):
         return "DistributedDataParallel networks synchronise in their own forward, which one vmapped forward bypasses"
     if any(isinstance(m, nn.SyncBatchNorm) for net in networks for m in net.modules()):

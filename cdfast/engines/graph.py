@@ -78,7 +78,8 @@ def _group_signature(group: CompetitiveDistillation) -> tuple:
     """The group's settings a captured step bakes in (floats reach the kernels as arguments)."""
     return (group.mode, group.teachers, group.alpha, group.beta, group.temperature, group.feature_loss,
             group.perturbed_bn, group.matched_inputs, group.election, group.autocast_dtype, group.channels_last,
-            group.engine_name, group.training, tuple(net.training for net in group.networks))
+            group.engine_name, group.training, tuple(net.training for net in group.networks),
+            group.label_smoothing, group.ignore_index)
 
 
 def why_not_graphable(group: CompetitiveDistillation) -> str | None:

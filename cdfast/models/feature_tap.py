@@ -35,23 +35,34 @@ class FeatureTap(nn.Module):
         modules = dict(model.named_modules())
         if layer not in modules or layer == "":
             raise ValueError(f"{type(model).__name__} has no layer {layer!r}; its last layers: {_last_layers(model)}")
-        self._kept: list[Tensor] = []
-        modules[layer].register_forward_hook(self._keep)
+        # The hook records only during this wrapper's own forward (armed), into one slot cleared
+        # afterwards: a forward of the bare model, or of a copy of it, keeps nothing alive.
+        self._armed, self._kept = False, None
+        self._handle = modules[layer].register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output) -> None:
-        self._kept.append(output)
+        if self._armed:
+            self._kept = output
+
+    def remove(self) -> nn.Module:
+        """Take the hook off the model and return the model as it was."""
+        if self.layer is not None:
+            self._handle.remove()
+        return self.model
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.layer is None:
             pre = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
             return self.model.get_classifier()(pre), pre
-        self._kept.clear()
-        logits = self.model(x)
-        if not self._kept:
+        self._armed, self._kept = True, None
+        try:
+            logits = self.model(x)
+            feats = self._kept
+        finally:
+            self._armed, self._kept = False, None
+        if feats is None:
             raise RuntimeError(f"layer {self.layer!r} of {type(self.model).__name__} did not run in its forward; "
                                "tap a layer the forward goes through")
-        feats = self._kept[-1]
-        self._kept.clear()
         if not isinstance(feats, Tensor):
             raise TypeError(f"layer {self.layer!r} returned {type(feats).__name__}, not a tensor; tap another layer")
         return logits, feats.flatten(1) if self.flatten and feats.dim() > 2 else feats

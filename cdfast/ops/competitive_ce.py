@@ -25,7 +25,7 @@ HAS_EXTENSION = False
 WITH_CUDA = False
 
 REBUILD = ("rebuild them under this torch: `pip install --no-build-isolation -e .` in a checkout, or "
-           "`pip install --no-build-isolation --force-reinstall --no-deps cdfast`")
+           "`pip install --no-build-isolation --force-reinstall --no-deps --no-cache-dir --no-binary cdfast cdfast`")
 
 
 def why_not_load(origin: str | None, torch_version: str) -> str | None:

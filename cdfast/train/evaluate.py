@@ -85,7 +85,9 @@ def evaluate_run(run_dir: str | Path, **overrides) -> tuple[dict[str, Any], Any]
     if loaded is None:
         raise FileNotFoundError(f"{folder} holds no readable checkpoint to evaluate")
     state = loaded.state
-    cfg = dataclasses.replace(TrainConfig.from_dict(state["config"]), **overrides, out=None).validate()
+    # evaluation needs no synchronised BatchNorm (and may run where SyncBatchNorm cannot)
+    cfg = dataclasses.replace(TrainConfig.from_dict(state["config"]), **{"sync_bn": False, **overrides},
+                              out=None).validate()
     device = resolve_device(cfg.device)
     data = load_data(cfg.data, cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                      seed=cfg.seed, device="cpu" if cfg.data == "imagefolder" and cfg.loader == "torch" else device,
