@@ -23,6 +23,18 @@ def tracked_files() -> list[str]:
     return out.stdout.split()
 
 
+def copy_checkout(dest: Path) -> Path:
+    """The tracked files of this checkout (links kept as links) under ``dest``: a clean source tree."""
+    for name in tracked_files():
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_symlink():
+            target.symlink_to(os.readlink(ROOT / name))
+        elif (ROOT / name).is_file():
+            target.write_bytes((ROOT / name).read_bytes())
+    return dest
+
+
 @pytest.fixture(scope="module")
 def clean_python(tmp_path_factory) -> str:
     """A Python that sees this environment's packages (torch, ...) but not its editable cdfast: a venv whose
@@ -42,14 +54,7 @@ def clean_python(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """A wheel built without the compiled ops (CDFAST_BUILD_EXT=0: no compiler minutes) from a clean copy."""
-    src = tmp_path_factory.mktemp("src")
-    for name in tracked_files():
-        target = src / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if (ROOT / name).is_symlink():
-            target.symlink_to(os.readlink(ROOT / name))
-        elif (ROOT / name).is_file():
-            target.write_bytes((ROOT / name).read_bytes())
+    src = copy_checkout(tmp_path_factory.mktemp("src"))
     dist = tmp_path_factory.mktemp("dist")
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
                            str(dist), str(src)], capture_output=True, text=True, env={**os.environ, "CDFAST_BUILD_EXT": "0"})
@@ -90,13 +95,7 @@ def test_an_installed_wheel_finds_presets_by_name_from_any_directory(wheel, tmp_
 
 
 def test_an_unbuilt_source_tree_imports_and_uses_the_reference(tmp_path, clean_python):
-    for name in tracked_files():
-        target = tmp_path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if (ROOT / name).is_symlink():
-            target.symlink_to(os.readlink(ROOT / name))
-        elif (ROOT / name).is_file():
-            target.write_bytes((ROOT / name).read_bytes())
+    copy_checkout(tmp_path)
     code = ("import torch, cdfast; from cdfast.ops import competitive_ce as o; import cdfast.kernels; "
             "ce, t = cdfast.competitive_ce(torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.int64)); "
             "print(o.HAS_EXTENSION, int(t) in (0, 1))")

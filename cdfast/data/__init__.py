@@ -72,6 +72,15 @@ def _subset(images: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int
     return images[pick], labels[pick]
 
 
+def _in_memory_splits(name: str, root, train_subset, test_subset, seed: int):
+    """``(train_x, train_y, test_x, test_y)`` of an in-memory set: read, labels checked, subsets drawn."""
+    num_classes = IN_MEMORY[name].classes
+    splits = load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, num_classes)
+    for split, (_, labels) in splits.items():
+        _check_labels(name, split, labels, num_classes)
+    return (*_subset(*splits["train"], train_subset, seed), *_subset(*splits["test"], test_subset, seed))
+
+
 def load_data(
     name: str,
     root: str | None = None,
@@ -130,11 +139,7 @@ def load_data(
                           len(train.loader.dataset), len(test.loader.dataset),
                           *_black_and_white(*folder_mean_std(in_channels)), calibration=folder_calibration)
     num_classes, _, mean, std, pad = IN_MEMORY[name]
-    splits = load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, num_classes)
-    for split, (_, labels) in splits.items():
-        _check_labels(name, split, labels, num_classes)
-    train_x, train_y = _subset(*splits["train"], train_subset, seed)
-    test_x, test_y = _subset(*splits["test"], test_subset, seed)
+    train_x, train_y, test_x, test_y = _in_memory_splits(name, root, train_subset, test_subset, seed)
     common = dict(mean=mean, std=std, device=device)
     train = TensorLoader(train_x, train_y, batch_size, shuffle=True, drop_last=True,
                          augment_pad=pad, seed=seed, rank=rank, world=world, **common)
@@ -175,11 +180,7 @@ def _load_with_dali(name, root, *, batch_size, eval_batch_size, seed, device, tr
                           len(train.samples), len(test.samples), *_black_and_white(mean, std),
                           calibration=folder_calibration)
     num_classes, channels, mean, std, pad = IN_MEMORY[name]
-    splits = load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, num_classes)
-    for split, (_, labels) in splits.items():
-        _check_labels(name, split, labels, num_classes)
-    train_x, train_y = _subset(*splits["train"], train_subset, seed)
-    test_x, test_y = _subset(*splits["test"], test_subset, seed)
+    train_x, train_y, test_x, test_y = _in_memory_splits(name, root, train_subset, test_subset, seed)
     common = dict(image_size=train_x.shape[-1], in_channels=channels, mean=mean, std=std, seed=seed, device=device)
     train = DaliLoader.from_arrays(train_x, train_y, train=True, batch_size=batch_size, ops=perturb_ops, pad=pad,
                                    **common, **shard)
