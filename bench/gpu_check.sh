@@ -107,6 +107,9 @@ step "build" 240 "${PIP_E[@]}" \
 $PY -c "from cdfast.ops import competitive_ce as _ops; print('cdfast._C:', 'built' if _ops.HAS_EXTENSION else 'MISSING', 'CUDA' if _ops.WITH_CUDA else '')" \
   2>&1 | tee -a "$LOG"
 
+# 1b. errors raised in cdfast._C must reach Python (the first H200 run segfaulted on every one)
+step "error path" 60 $PY bench/error_path_probe.py
+
 # 2. the CUDA tests first (the evidence this check exists for), those that compile with inductor
 # last (minutes of compilation); every other non-slow test at the end
 step "cuda tests" 150 $PY -m pytest -q -m "cuda and not slow" -k "not compile and not inductor" -p no:cacheprovider \

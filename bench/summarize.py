@@ -101,7 +101,7 @@ def engines_table(out: Path) -> list[str]:
         engine = info.get("engine", "?") + ("+compile" if info.get("compiled") else "")
         table.setdefault((info.get("group"), info.get("precision"), engine), {})[info.get("mode")] = b["stats"]["mean"]
     for (group, precision, engine), modes in sorted(table.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        ind, cd = modes.get("independent"), modes.get("competitive")
+        ind, cd = modes.get("independent", modes.get("alone")), modes.get("competitive")  # alone: one network
         cell = lambda t: f"{1e3 * t:.2f} ms" if t else "—"  # noqa: E731
         ratio = f"{cd / ind:.2f}x" if ind and cd else "—"
         lines.append(f"| {group} | {precision} | {engine} | {cell(ind)} | {cell(cd)} | {ratio} |")

@@ -113,10 +113,10 @@ def _forward_kernel(logits_ptr, feats_ptr, tgt_logits_ptr, tgt_feats_ptr, teache
     if HAS_FEATS:
         sq = tl.zeros([ROWS], tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            offs = d0 + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (offs[None, :] < D)
-            fs = tl.load(feats_ptr + r[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            ft = tl.load(tgt_feats_ptr + tr[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = row_mask[:, None] & (offs_d[None, :] < D)
+            fs = tl.load(feats_ptr + r[:, None] * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
+            ft = tl.load(tgt_feats_ptr + tr[:, None] * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
             diff = fs - ft
             sq += tl.sum(diff * diff, axis=1)
         loss += sq * fl_scale
@@ -155,13 +155,13 @@ def _backward_kernel(grad_ptr, logits_ptr, feats_ptr, tgt_logits_ptr, tgt_feats_
         tl.store(grad_logits_ptr + r[:, None] * K + offs[None, :], value.to(grad_logits_ptr.dtype.element_ty), mask=mask)
     if HAS_FEATS:
         for d0 in range(0, D, BLOCK_D):
-            offs = d0 + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (offs[None, :] < D)
-            fs = tl.load(feats_ptr + r[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            ft = tl.load(tgt_feats_ptr + tr[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            value = tl.where(student[:, None], (g * fl_grad_scale)[:, None] * (fs - ft), 0.0)
-            tl.store(grad_feats_ptr + r[:, None] * D + offs[None, :], value.to(grad_feats_ptr.dtype.element_ty),
-                     mask=mask)
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = row_mask[:, None] & (offs_d[None, :] < D)
+            fs = tl.load(feats_ptr + r[:, None] * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
+            ft = tl.load(tgt_feats_ptr + tr[:, None] * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
+            value_d = tl.where(student[:, None], (g * fl_grad_scale)[:, None] * (fs - ft), 0.0)
+            tl.store(grad_feats_ptr + r[:, None] * D + offs_d[None, :], value_d.to(grad_feats_ptr.dtype.element_ty),
+                     mask=mask_d)
 
 
 def launch_config(k: int, d: int) -> dict:

@@ -71,9 +71,12 @@ class FusedEngine:
         self._base.train(networks[0].training)
         named = [dict(net.named_parameters()) for net in networks]
         named_buffers = [dict(net.named_buffers()) for net in networks]
-        params = {k: torch.stack([p[k] for p in named]) for k in named[0]}
+        # Everything contiguous: PyTorch's CUDA batch norm asks a channels-last input whether it is
+        # channels-last, which vmap cannot answer (NYI), and a convolution with channels-last weights
+        # makes channels-last outputs. So a channels-last group runs in the default layout here.
+        params = {k: torch.stack([p[k] for p in named]).contiguous() for k in named[0]}
         buffers = {k: torch.stack([b[k] for b in named_buffers]) for k in named_buffers[0]}
-        out = self._group_forward(params, buffers, torch.stack(list(inputs)))
+        out = self._group_forward(params, buffers, torch.stack(list(inputs)).contiguous())
         frozen = frozen_set(frozen_bn)
         with torch.no_grad():  # buffers back to each network; frozen ones keep their running statistics
             for k, stacked in buffers.items():

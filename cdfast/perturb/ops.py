@@ -13,6 +13,7 @@ mixes images also mixes labels: the loss is
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -112,7 +113,14 @@ def _randint(high: int, x: Tensor, rng: PerturbRNG) -> Tensor:
 
 def _per_channel(values, x: Tensor) -> Tensor | None:
     """Per-channel values (the pool's black or white level) as a ``[1, C, 1, 1]`` tensor like x; None stays None."""
-    return None if values is None else torch.as_tensor(values, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return None if values is None else _channel_tensor(tuple(float(v) for v in values), x.dtype, x.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Made once per (values, dtype, device), never written: a host-to-device copy on every batch
+    # would sync the step and cannot be captured in a CUDA graph (the warm-up step makes it first).
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 def _sample(x: Tensor, grid: Tensor, fill) -> Tensor:

@@ -1,0 +1,52 @@
+"""Does an error raised inside cdfast._C reach Python as an exception? (gpu_check.sh step "error path")
+
+On the first H200 run (torch 2.11.0+cu130, the machine's own compiler), every C++ exception thrown
+by the compiled op (a bad label, a bad shape) killed Python with SIGSEGV instead of raising, while
+the same build steps gave clean ValueErrors here with torch 2.14.1. Each case runs in a child process;
+a crash is re-run under a debugger (gdb, else cuda-gdb, which also debugs host-only programs) for
+a native backtrace. Exits 1 if any case crashed or did not raise the expected error.
+"""
+import shutil
+import subprocess
+import sys
+
+CASES = {
+    "bad label, CPU": "z = torch.randn(2, 4, 10); y = torch.full((2, 4), 10)",
+    "bad label, CPU, requires grad": "z = torch.randn(2, 4, 10, requires_grad=True); y = torch.full((2, 4), 10)",
+    "bad shape, CPU": "z = torch.randn(2, 4, 10); y = torch.zeros(3, dtype=torch.long)",
+    "bad shape, CUDA": "z = torch.randn(2, 4, 10, device='cuda'); y = torch.zeros(3, dtype=torch.long, device='cuda')",
+}
+TEMPLATE = """
+import torch, cdfast
+{setup}
+try:
+    torch.ops.cdfast.competitive_ce(z, y, None, None)
+except ValueError as e:
+    print("raised ValueError:", str(e).splitlines()[0])
+else:
+    raise SystemExit("no error raised")
+"""
+
+
+def main() -> int:
+    debugger = shutil.which("gdb") or shutil.which("cuda-gdb")
+    bad = 0
+    for name, setup in CASES.items():
+        if "cuda" in setup:
+            import torch
+            if not torch.cuda.is_available():
+                continue
+        cmd = [sys.executable, "-X", "faulthandler", "-c", TEMPLATE.format(setup=setup)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        print(f"{name}: exit {done.returncode}: {done.stdout.strip() or done.stderr.strip()[-600:]}", flush=True)
+        if done.returncode != 0:
+            bad += 1
+            if done.returncode < 0 and debugger:
+                trace = subprocess.run([debugger, "-batch", "-ex", "run", "-ex", "bt 40", "--args"] + cmd,
+                                       capture_output=True, text=True, timeout=180)
+                print(f"--- {debugger} backtrace of {name!r}:\n{trace.stdout[-8000:]}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
