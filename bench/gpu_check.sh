@@ -120,7 +120,7 @@ BENCH=(-q -p no:cacheprovider --benchmark-only --benchmark-max-time=0.3 --benchm
 step "bench election" 60 $PY -m pytest "${BENCH[@]}" bench/test_competitive_ce.py \
   --benchmark-json="$OUT/bench-election.json"
 step "bench student loss" 90 $PY -m pytest "${BENCH[@]}" bench/test_student_loss.py \
-  -k "forward_backward and (N2-B128-K100-D256 or N4-B128-K100-D256 or N4-B256-K1000-D2048)" \
+  -k "host_overhead or (forward_backward and (N2-B128-K100-D256 or N4-B128-K100-D256 or N4-B256-K1000-D2048))" \
   --benchmark-json="$OUT/bench-student-loss.json"
 step "bench engines" 130 $PY -m pytest "${BENCH[@]}" bench/test_engines.py \
   -k "(2xresnet32 and fp32 and not compile) or (2xresnet50 and bf16 and competitive and not graph and not compile) or (alone and resnet50 and bf16 and eager)" \

@@ -61,14 +61,15 @@ def targets_table(out: Path) -> list[str]:
 
 
 def host_overhead(out: Path) -> list[str]:
-    rows = [b for b in load_benchmarks(out, "bench-election.json") if "host overhead" in (b.get("group") or "")]
-    if not rows:
-        return []
-    lines = ["", "Host cost per election fwd+bwd call (many calls, one sync):", ""]
-    for b in rows:
-        info = b["extra_info"]
-        lines.append(f"- N={info['n']} B={info['b']} K={info['k']} {info['impl']}: "
-                     f"{1e6 * info['seconds_per_call']:.1f} µs")
+    lines = []
+    for file, what in (("bench-election.json", "election"), ("bench-student-loss.json", "student loss")):
+        rows = [b for b in load_benchmarks(out, file) if "host overhead" in (b.get("group") or "")]
+        if rows:
+            lines += ["", f"Host cost per {what} fwd+bwd call (many calls, one sync):", ""]
+        for b in rows:
+            info = b["extra_info"]
+            shape = f"N={info['n']} B={info['b']} K={info['k']}" + (f" D={info['d']}" if "d" in info else "")
+            lines.append(f"- {shape} {info['impl']}: {1e6 * info['seconds_per_call']:.1f} µs")
     return lines
 
 
