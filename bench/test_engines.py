@@ -51,6 +51,7 @@ def test_group_step(benchmark, group_name, engine, precision, mode):
     if gpu_only and not ON_GPU:
         pytest.skip("GPU-sized group")
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = ON_GPU  # as the trainer does on CUDA
     memory_format = torch.channels_last if ON_GPU else torch.preserve_format
     nets = [build_model(m, classes, shape[0]).to(DEVICE, memory_format=memory_format) for m in models]
     compiled = engine.endswith("+compile")
@@ -100,6 +101,7 @@ def test_one_network_alone(benchmark, name, precision, compiled):
         pytest.skip("the yardstick of the GPU groups")
     model, shape, batch, classes = ALONE[name]
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # like the groups
     net = build_model(model, classes, shape[0]).to(DEVICE, memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
     forward = torch.compile(net) if compiled else net
