@@ -152,8 +152,8 @@ def competitive_ce(
             CutMix, timm's mixup).
         label_smoothing, ignore_index: as in ``torch.nn.functional.cross_entropy``, except that
             nothing is ignored by default (``ignore_index=None``; F.cross_entropy's default is
-            -100). These forms and soft targets run the PyTorch reference (also on CUDA); plain
-            class indices run the compiled op.
+            -100). Class indices run the compiled op (with or without these); soft targets
+            run the PyTorch reference (also on CUDA).
         targets_b, lam: for mixed labels (mixup/cutmix): second label set like
             ``targets`` and a per-network weight ``lam [N]`` of ``targets``.
         process_group: under data parallelism (each rank scores its shard of the batch),
@@ -174,8 +174,8 @@ def competitive_ce(
     label_smoothing = float(check_number("label_smoothing", label_smoothing, ge=0.0, le=1.0))
     if ignore_index is not None:
         check_number("ignore_index", ignore_index, integer=True)
-    plain = label_smoothing == 0.0 and ignore_index is None and not targets.is_floating_point()
-    checked_by_op = plain and ce_op.checks_label_values(logits.device)
+    hard = not targets.is_floating_point()  # class indices: the compiled op (soft targets: the reference)
+    checked_by_op = hard and ce_op.checks_label_values(logits.device)
     targets = _group_targets(targets, logits.shape, "targets")
     _check_labels(targets, k, "targets", values=not checked_by_op, ignore_index=ignore_index)
     if (targets_b is None) != (lam is None):
@@ -189,8 +189,9 @@ def competitive_ce(
         _check_labels(targets_b, k, "targets_b", values=not checked_by_op, ignore_index=ignore_index)
         if tuple(lam.shape) != tuple(logits.shape[:-2]):
             raise ValueError(f"lam must have one weight per network, shape {list(logits.shape[:-2])}, got {list(lam.shape)}")
-    if plain:
-        ce, teacher = ce_op.competitive_ce(logits, targets, targets_b, lam)
+    if hard:
+        ce, teacher = ce_op.competitive_ce(logits, targets, targets_b, lam, label_smoothing,
+                                           None if ignore_index is None else int(ignore_index))
     else:
         ce, teacher = reference.competitive_ce(logits, targets, targets_b, lam, label_smoothing=label_smoothing,
                                                ignore_index=ignore_index)

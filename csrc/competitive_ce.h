@@ -54,6 +54,12 @@ inline CeShape check_competitive_ce_args(const at::Tensor& logits, const at::Ten
   return {groups, n, batch, classes};
 }
 
+// label_smoothing must lie in [0, 1], as F.cross_entropy asks.
+inline void check_label_smoothing(double label_smoothing) {
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "cdfast::competitive_ce: label_smoothing must lie in [0, 1], got ", label_smoothing);
+}
+
 // Output shapes: ce [*G, N], teacher [*G], lse [*G, N, B].
 inline std::vector<int64_t> lead_shape(const at::Tensor& logits, int64_t drop) {
   auto s = logits.sizes();

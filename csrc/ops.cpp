@@ -23,10 +23,14 @@ TORCH_LIBRARY(cdfast, m) {
   // Per-network mean cross-entropy of a group, the elected teacher (argmin, ties to the lowest
   // index) and the per-row log-sum-exp. logits [*G, N, B, K]; targets [*G, N, B] int64;
   // mixed labels: targets_b like targets and lam [*G, N] (weight of targets).
-  // Returns ce [*G, N] float32, teacher [*G] int64, lse [*G, N, B] float32.
-  m.def("competitive_ce(Tensor logits, Tensor targets, Tensor? targets_b, Tensor? lam) -> (Tensor, Tensor, Tensor)");
+  // label_smoothing and ignore_index as in F.cross_entropy (None: nothing ignored); each label
+  // set's CE is the mean over its kept rows (none kept: NaN, as F.cross_entropy).
+  // Returns ce [*G, N] float32, teacher [*G] int64, lse [*G, N, B] float32 (of every row).
+  m.def(
+      "competitive_ce(Tensor logits, Tensor targets, Tensor? targets_b, Tensor? lam, float label_smoothing=0.0, "
+      "int? ignore_index=None) -> (Tensor, Tensor, Tensor)");
   // Gradient w.r.t. the logits given the gradients of ce (and optionally of lse).
   m.def(
       "competitive_ce_backward(Tensor grad_ce, Tensor? grad_lse, Tensor logits, Tensor targets, Tensor? targets_b, "
-      "Tensor? lam, Tensor lse) -> Tensor");
+      "Tensor? lam, Tensor lse, float label_smoothing=0.0, int? ignore_index=None) -> Tensor");
 }

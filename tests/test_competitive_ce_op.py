@@ -201,3 +201,101 @@ def test_a_nan_logit_anywhere_in_a_row_makes_that_ce_nan(device):
     ce, teacher, lse = op(logits, targets)
     assert torch.isnan(ce[1]) and torch.isnan(lse[1, 4]) and teacher.item() != 1
     torch.testing.assert_close(ce, R.competitive_ce(logits, targets)[0], equal_nan=True)
+
+
+# ---- label smoothing and ignored labels in the compiled kernels --------------------------------
+
+def check_forms_against_reference(logits, targets, targets_b, lam, eps, ignore):
+    atol, rtol = TOL[logits.dtype]
+    x = logits.detach().clone().requires_grad_()
+    ce, teacher, lse = torch.ops.cdfast.competitive_ce(x, targets, targets_b, lam, eps, ignore)
+    xr = logits.detach().clone().requires_grad_()
+    ce_ref, _ = R.competitive_ce(xr, targets, targets_b, lam, label_smoothing=eps, ignore_index=ignore)
+    torch.testing.assert_close(ce, ce_ref, atol=atol, rtol=rtol, equal_nan=True)
+    torch.testing.assert_close(lse, torch.logsumexp(xr.detach().to(ce.dtype), -1), atol=atol, rtol=rtol)
+    finite = torch.isfinite(ce)
+    if finite.any():
+        torch.testing.assert_close(teacher, torch.argmin(torch.where(finite, ce, torch.inf), -1))
+    weights = torch.randn(ce.shape, generator=torch.Generator().manual_seed(1)).to(ce)
+    (torch.nan_to_num(ce * weights)).sum().backward()
+    (torch.nan_to_num(ce_ref * weights)).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=atol, rtol=rtol)
+
+
+def with_ignored(targets, ignore, every):
+    out = targets.clone()
+    out.view(-1)[::every] = ignore
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("ignore", [None, -100, 3])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_label_smoothing_and_ignore_index_match_the_reference(device, dtype, eps, ignore, mixed):
+    logits, targets, targets_b, lam = make((3, 7), 11, device, dtype, seed=2, mixed=mixed)
+    if ignore is not None:  # -100 lies outside [0, K), 3 inside: both are skipped, never read
+        targets = with_ignored(targets, ignore, 3)
+        if mixed:
+            targets_b = with_ignored(targets_b, ignore, 4)
+    check_forms_against_reference(logits, targets, targets_b, lam, eps, ignore)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b,k", [(1, 1), (33, 1001), (1000, 7)])
+def test_label_smoothing_and_ignore_index_at_odd_shapes(device, b, k):
+    logits, targets, targets_b, lam = make((2, b), k, device, torch.float32, seed=5, mixed=True)
+    check_forms_against_reference(logits, with_ignored(targets, -1, 2), with_ignored(targets_b, -1, 5), lam,
+                                  0.2, -1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_network_with_every_label_ignored_has_a_nan_ce_and_is_not_elected(device):
+    logits, targets, _, _ = make((3, 4), 6, device, torch.float32)
+    targets[1] = -100  # network 1 keeps no row: 0 / 0, as F.cross_entropy gives
+    x = logits.clone().requires_grad_()
+    ce, teacher, _ = torch.ops.cdfast.competitive_ce(x, targets, None, None, 0.1, -100)
+    assert torch.isnan(ce[1]) and teacher.item() != 1
+    ce[[0, 2]].sum().backward()
+    assert torch.count_nonzero(x.grad[1]) == 0 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_smoothing_with_masked_classes_gives_an_infinite_ce_as_torch(device):
+    # -inf logits: the smoothing term averages log p over every class, as F.cross_entropy does
+    logits, targets, _, _ = make((2, 5), 6, device, torch.float32)
+    logits[..., 0] = float("-inf")
+    targets = targets.clamp(min=1)
+    check_forms_against_reference(logits, targets, None, None, 0.0, None)
+    ce, _, _ = torch.ops.cdfast.competitive_ce(logits, targets, None, None, 0.1, None)
+    want = torch.stack([torch.nn.functional.cross_entropy(z, t, label_smoothing=0.1) for z, t in zip(logits, targets)])
+    torch.testing.assert_close(ce, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_label_smoothing_and_labels_beside_the_ignored_ones_are_refused(device):
+    logits, targets, _, _ = make((2, 4), 6, device, torch.float32)
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\], got 1.5"):
+        torch.ops.cdfast.competitive_ce(logits, targets, None, None, 1.5, None)
+    if device == "cpu":  # CUDA asserts on the device instead (tested in a child process elsewhere)
+        bad = with_ignored(targets, -100, 2)
+        bad[0, 1] = 6
+        with pytest.raises(ValueError, match=r"targets hold class indices in \[\d, 6\]"):
+            torch.ops.cdfast.competitive_ce(logits, bad, None, None, 0.0, -100)
+
+
+def test_opcheck_and_gradcheck_with_smoothing_and_ignored_labels():
+    logits, targets, targets_b, lam = make((3, 5), 6, "cpu", torch.float64, mixed=True)
+    targets, targets_b = with_ignored(targets, -100, 4), with_ignored(targets_b, -100, 3)
+    logits.requires_grad_()
+    torch.library.opcheck(torch.ops.cdfast.competitive_ce.default, (logits, targets, targets_b, lam, 0.15, -100))
+    assert torch.autograd.gradcheck(
+        lambda z: torch.ops.cdfast.competitive_ce(z, targets, targets_b, lam, 0.15, -100)[0::2], (logits,))
+
+
+def test_functional_runs_the_op_for_smoothing_and_ignored_labels():
+    logits, targets, _, _ = make((2, 8), 10, "cpu", torch.float32)
+    ce, _ = cdfast.competitive_ce(logits.requires_grad_(), with_ignored(targets[0], -100, 3), label_smoothing=0.1,
+                                  ignore_index=-100)
+    assert type(ce.grad_fn).__name__ == "CppFunction" and "CompetitiveCe" in ce.grad_fn.name()

@@ -73,14 +73,16 @@ def checks_label_values(device: torch.device) -> bool:
     return op_available(device)
 
 
-def competitive_ce(logits: Tensor, targets: Tensor, targets_b: Tensor | None, lam: Tensor | None
-                   ) -> tuple[Tensor, Tensor]:
-    """``(ce, teacher)`` of checked inputs (targets ``[*G, N, B]`` or ``[B]``): the compiled op where it
-    has a kernel for the device (one fused launch, no host sync), the reference elsewhere."""
+def competitive_ce(logits: Tensor, targets: Tensor, targets_b: Tensor | None, lam: Tensor | None,
+                   label_smoothing: float = 0.0, ignore_index: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(ce, teacher)`` of checked inputs (class indices ``[*G, N, B]`` or ``[B]``): the compiled op where
+    it has a kernel for the device (one fused launch, no host sync), the reference elsewhere."""
     if op_available(logits.device):
-        ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets.expand(logits.shape[:-1]), targets_b, lam)
+        ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets.expand(logits.shape[:-1]), targets_b, lam,
+                                                         label_smoothing, ignore_index)
         return ce, teacher
-    return reference.competitive_ce(logits, targets, targets_b, lam)
+    return reference.competitive_ce(logits, targets, targets_b, lam, label_smoothing=label_smoothing,
+                                    ignore_index=ignore_index)
 
 
 def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -90,7 +92,7 @@ def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
 if HAS_EXTENSION:
 
     @torch.library.register_fake("cdfast::competitive_ce")
-    def _competitive_ce_fake(logits, targets, targets_b, lam):
+    def _competitive_ce_fake(logits, targets, targets_b, lam, label_smoothing=0.0, ignore_index=None):
         torch._check(logits.dim() >= 3, lambda: f"logits must be [*G, N, B, K], got {logits.dim()} dims")
         torch._check(tuple(targets.shape) == tuple(logits.shape[:-1]),
                      lambda: f"targets {list(targets.shape)} must be logits.shape[:-1] {list(logits.shape[:-1])}")
@@ -100,5 +102,6 @@ if HAS_EXTENSION:
                 logits.new_empty(logits.shape[:-1], dtype=acc))
 
     @torch.library.register_fake("cdfast::competitive_ce_backward")
-    def _competitive_ce_backward_fake(grad_ce, grad_lse, logits, targets, targets_b, lam, lse):
+    def _competitive_ce_backward_fake(grad_ce, grad_lse, logits, targets, targets_b, lam, lse, label_smoothing=0.0,
+                                      ignore_index=None):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)

@@ -17,23 +17,36 @@ at::ScalarType acc_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_label_range(const at::Tensor& labels, int64_t classes, const char* name) {
-  const auto lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+// Labels equal to ignore_index are neither in nor out of range.
+void check_label_range(const at::Tensor& labels, int64_t classes, const char* name, std::optional<int64_t> ignore) {
+  const auto kept = ignore.has_value() ? labels.masked_select(labels.ne(*ignore)) : labels;
+  if (kept.numel() == 0) return;
+  const auto lo = kept.min().item<int64_t>(), hi = kept.max().item<int64_t>();
   TORCH_CHECK_VALUE(lo >= 0 && hi < classes, "cdfast::competitive_ce: ", name, " hold class indices in [", lo, ", ", hi,
               "] but the logits have ", classes, " classes; labels must lie in [0, ", classes, ")");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cpu(const at::Tensor& logits, const at::Tensor& targets,
                                                                   const std::optional<at::Tensor>& targets_b,
-                                                                  const std::optional<at::Tensor>& lam) {
+                                                                  const std::optional<at::Tensor>& lam,
+                                                                  double label_smoothing,
+                                                                  std::optional<int64_t> ignore_index) {
   const CeShape s = check_competitive_ce_args(logits, targets, targets_b, lam);
-  check_label_range(targets, s.classes, "targets");
+  check_label_smoothing(label_smoothing);
+  check_label_range(targets, s.classes, "targets", ignore_index);
   const bool mixed = targets_b.has_value();
-  if (mixed) check_label_range(*targets_b, s.classes, "targets_b");
+  if (mixed) check_label_range(*targets_b, s.classes, "targets_b", ignore_index);
+  const bool ignoring = ignore_index.has_value(), smooth = label_smoothing > 0.0;
+  const int64_t ignore = ignore_index.value_or(0);
+  const double eps = label_smoothing;
 
   const auto z = logits.to(acc_dtype(logits)).contiguous();
-  // One fused, vectorized, max-subtracted pass; per row, lse = z[t] - log_softmax(z)[t].
+  // One fused, vectorized, max-subtracted pass; per row, lse = z[t] - log_softmax(z)[t] at its own label.
   const auto logp = at::_log_softmax(z, -1, false);
+  // An ignored row has no label to read lse at: then every row's lse comes from logsumexp.
+  const auto lse_all = ignoring ? at::logsumexp(z, -1).contiguous() : at::Tensor();
+  // The smoothing term of a row: -mean_k log p_k (F.cross_entropy's eps/K over every class).
+  const auto mean_logp = smooth ? logp.mean(-1).contiguous() : at::Tensor();
   auto lse = at::empty(lead_shape(logits, 1), z.options());
   const auto ta = targets.contiguous();
   const auto tb = mixed ? targets_b->contiguous() : ta;
@@ -44,25 +57,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cpu(const at::Tens
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "competitive_ce_cpu", [&] {
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const scalar_t* pp = logp.const_data_ptr<scalar_t>();
+    const scalar_t* allp = ignoring ? lse_all.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mp = smooth ? mean_logp.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* lp = lse.mutable_data_ptr<scalar_t>();
     const int64_t* ap = ta.const_data_ptr<int64_t>();
     const int64_t* bp = tb.const_data_ptr<int64_t>();
     const double* wp = weight.const_data_ptr<double>();
     scalar_t* cep = ce.mutable_data_ptr<scalar_t>();
     int64_t* tp = teacher.mutable_data_ptr<int64_t>();
+    // CE of a kept row against label t: (1 - eps) * (-log p_t) + eps * (-mean_k log p_k)
+    auto row_ce = [&](int64_t r, int64_t t) {
+      const double nll = -static_cast<double>(pp[r * s.classes + t]);
+      return smooth ? (1.0 - eps) * nll - eps * static_cast<double>(mp[r]) : nll;
+    };
     for (int64_t g = 0; g < s.groups; ++g) {
       int64_t best = 0;
       for (int64_t i = 0; i < s.n; ++i) {
         const int64_t gi = g * s.n + i;
         double total_a = 0, total_b = 0;  // fixed summation order: deterministic
+        int64_t kept_a = 0, kept_b = 0;
         for (int64_t b = 0; b < s.batch; ++b) {
-          const int64_t r = gi * s.batch + b, a = r * s.classes + ap[r];
-          lp[r] = zp[a] - pp[a];
-          total_a -= static_cast<double>(pp[a]);
-          if (mixed) total_b -= static_cast<double>(pp[r * s.classes + bp[r]]);
+          const int64_t r = gi * s.batch + b;
+          lp[r] = ignoring ? allp[r] : zp[r * s.classes + ap[r]] - pp[r * s.classes + ap[r]];
+          if (!ignoring || ap[r] != ignore) total_a += row_ce(r, ap[r]), ++kept_a;
+          if (mixed && (!ignoring || bp[r] != ignore)) total_b += row_ce(r, bp[r]), ++kept_b;
         }
+        // every label ignored: 0 / 0 = NaN, as F.cross_entropy
+        const double ce_a = total_a / static_cast<double>(kept_a);
         const double w = wp[gi];
-        cep[gi] = static_cast<scalar_t>((mixed ? w * total_a + (1.0 - w) * total_b : total_a) / s.batch);
+        cep[gi] = static_cast<scalar_t>(mixed ? w * ce_a + (1.0 - w) * (total_b / static_cast<double>(kept_b)) : ce_a);
         // First minimum among the finite CEs (ties: lowest index); a NaN/inf CE is never elected.
         // All non-finite: network 0 (the caller's metrics read reports the non-finite CE).
         const scalar_t cur = cep[gi], top = cep[g * s.n + best];
@@ -77,33 +100,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cpu(const at::Tens
 at::Tensor competitive_ce_backward_cpu(const at::Tensor& grad_ce, const std::optional<at::Tensor>& grad_lse,
                                        const at::Tensor& logits, const at::Tensor& targets,
                                        const std::optional<at::Tensor>& targets_b, const std::optional<at::Tensor>& lam,
-                                       const at::Tensor& lse) {
+                                       const at::Tensor& lse, double label_smoothing,
+                                       std::optional<int64_t> ignore_index) {
   const CeShape s = check_competitive_ce_args(logits, targets, targets_b, lam);
-  const bool mixed = targets_b.has_value();
+  check_label_smoothing(label_smoothing);
+  const bool mixed = targets_b.has_value(), ignoring = ignore_index.has_value();
+  const int64_t ignore = ignore_index.value_or(0);
+  const double eps = label_smoothing;
   const auto acc = acc_dtype(logits);
-  const auto z = logits.to(acc);
-  const auto scale = grad_ce.to(acc) / static_cast<double>(s.batch);  // [*G, N]
-  auto soft_scale = scale.unsqueeze(-1);                               // [*G, N, 1]
-  if (grad_lse.has_value() && grad_lse->defined()) soft_scale = soft_scale + grad_lse->to(acc);
-  // d/dz of scale * (lse - lam z_a - (1 - lam) z_b) + grad_lse * lse: softmax minus the mixed one-hot.
-  auto grad = (at::exp(z - lse.to(acc).unsqueeze(-1)) * soft_scale.unsqueeze(-1)).contiguous();
-
+  // softmax, turned into the gradient in place, row by row
+  auto grad = at::exp(logits.to(acc) - lse.to(acc).unsqueeze(-1)).contiguous();
+  const bool has_glse = grad_lse.has_value() && grad_lse->defined();
+  const auto glse = has_glse ? grad_lse->to(at::kDouble).contiguous() : at::Tensor();
+  const auto gce = grad_ce.to(at::kDouble).contiguous();
   const auto ta = targets.contiguous();
   const auto tb = mixed ? targets_b->contiguous() : ta;
   const auto weight = mixed ? lam->to(at::kDouble).contiguous() : at::ones({s.groups * s.n}, at::kDouble);
-  const auto scale_c = scale.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "competitive_ce_backward_cpu", [&] {
     scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
     const int64_t* ap = ta.const_data_ptr<int64_t>();
     const int64_t* bp = tb.const_data_ptr<int64_t>();
     const double* wp = weight.const_data_ptr<double>();
-    const double* sp = scale_c.const_data_ptr<double>();
-    const int64_t rows = s.groups * s.n * s.batch;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t gi = r / s.batch;
+    const double* cp = gce.const_data_ptr<double>();
+    const double* lp = has_glse ? glse.const_data_ptr<double>() : nullptr;
+    for (int64_t gi = 0; gi < s.groups * s.n; ++gi) {
+      const int64_t* a = ap + gi * s.batch;
+      const int64_t* bl = bp + gi * s.batch;
+      int64_t kept_a = s.batch, kept_b = s.batch;
+      if (ignoring) {
+        kept_a = kept_b = 0;
+        for (int64_t b = 0; b < s.batch; ++b) kept_a += a[b] != ignore, kept_b += bl[b] != ignore;
+      }
       const double w = mixed ? wp[gi] : 1.0;
-      gp[r * s.classes + ap[r]] -= static_cast<scalar_t>(sp[gi] * w);
-      if (mixed) gp[r * s.classes + bp[r]] -= static_cast<scalar_t>(sp[gi] * (1.0 - w));
+      // d ce / d row-CE of each label set: the set's weight over its kept rows (used on kept rows only)
+      const double scale_a = cp[gi] * w / static_cast<double>(kept_a);
+      const double scale_b = mixed ? cp[gi] * (1.0 - w) / static_cast<double>(kept_b) : 0.0;
+      for (int64_t b = 0; b < s.batch; ++b) {
+        const int64_t r = gi * s.batch + b;
+        const bool use_a = !ignoring || a[b] != ignore, use_b = mixed && (!ignoring || bl[b] != ignore);
+        const double sa = use_a ? scale_a : 0.0, sb = use_b ? scale_b : 0.0;
+        // d/dz of sa * CE_a + sb * CE_b + grad_lse * lse = coef * softmax - eps/K * (sa + sb) - (1 - eps) * one-hots
+        const double coef = sa + sb + (lp != nullptr ? lp[r] : 0.0);
+        const double uniform = eps / static_cast<double>(s.classes) * (sa + sb);
+        scalar_t* row = gp + r * s.classes;
+        for (int64_t c = 0; c < s.classes; ++c) row[c] = static_cast<scalar_t>(row[c] * coef - uniform);
+        if (use_a) row[a[b]] -= static_cast<scalar_t>((1.0 - eps) * sa);
+        if (use_b) row[bl[b]] -= static_cast<scalar_t>((1.0 - eps) * sb);
+      }
     }
   });
   return grad.to(logits.scalar_type());

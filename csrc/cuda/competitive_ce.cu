@@ -6,8 +6,10 @@
 // pass over K; each block writes a partial CE sum; the last block of a group to finish (an acq_rel
 // atomic counter) sums the partials in a fixed order (deterministic), writes ce and elects the teacher
 // (the lowest finite CE; ties to the lowest index). Nothing is read on the host. A label outside
-// [0, K) stops the kernel with a device-side assert, as nll_loss does.
-// Backward: one elementwise launch, softmax minus the (mixed) one-hot target.
+// [0, K) stops the kernel with a device-side assert, as nll_loss does (an ignored label is not read).
+// label_smoothing eps: a row's CE is (1 - eps) * (lse - z_t) + eps * (lse - mean_k z_k); with
+// ignore_index, each label set's CE is the mean over its kept rows (none kept: 0 / 0 = NaN).
+// Backward: one elementwise launch, softmax minus the (mixed, smoothed) one-hot target.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -76,55 +78,76 @@ __global__ void competitive_ce_forward_kernel(const scalar_t* __restrict__ logit
                                               acc* __restrict__ ce, int64_t* __restrict__ teacher,
                                               acc* __restrict__ lse, acc* __restrict__ partial,
                                               int* __restrict__ counter, int n, int64_t batch, int64_t k,
-                                              int64_t rows_per_block) {
+                                              int64_t rows_per_block, acc eps, bool ignoring, int64_t ignore) {
   const int chunk = blockIdx.x, chunks = gridDim.x;
   const int64_t gi = blockIdx.y;  // group * n + network
   const int64_t group = gi / n, net = gi - group * n;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row_begin = chunk * rows_per_block;
   const int64_t row_end = min(batch, row_begin + rows_per_block);
-  const acc w = lam != nullptr ? lam[gi] : acc(1);
+  const bool smooth = eps != acc(0);
 
-  acc warp_sum = 0;  // only lane 0's value is used
+  // Per label set (a, b): the sum of the kept rows' CEs and their count. Only lane 0's are used.
+  acc sum_a = 0, sum_b = 0, kept_a = 0, kept_b = 0;
   for (int64_t b = row_begin + warp; b < row_end; b += kWarps) {
     const int64_t r = gi * batch + b;
     const scalar_t* row = logits + r * k;
-    acc m = -INFINITY, s = 0;
+    acc m = -INFINITY, s = 0, zsum = 0;
     for (int64_t c = lane; c < k; c += 32) {  // online softmax: running max and rescaled sum
-      lse_merge(m, s, static_cast<acc>(row[c]), acc(1));
+      const acc zc = static_cast<acc>(row[c]);
+      lse_merge(m, s, zc, acc(1));
+      if (smooth) zsum += zc;
     }
     for (int offset = 16; offset > 0; offset >>= 1) {
       const acc m_o = __shfl_down_sync(0xffffffff, m, offset);
       const acc s_o = __shfl_down_sync(0xffffffff, s, offset);
       lse_merge(m, s, m_o, s_o);
+      if (smooth) zsum += __shfl_down_sync(0xffffffff, zsum, offset);
     }
     if (lane == 0) {
       const acc l = m + log(s);  // all -inf: -inf, and the CE below is NaN, as torch gives
       lse[r] = l;
+      // eps = 0: exactly l - z_t (no eps * inf = NaN from masked classes)
+      const acc uniform = smooth ? eps * (l - zsum / static_cast<acc>(k)) : acc(0);
+      const acc one_hot = acc(1) - eps;
       const int64_t a = ta[sa.at(group, net, b)];
-      CUDA_KERNEL_ASSERT_MSG(a >= 0 && a < k, "cdfast::competitive_ce: a label in targets lies outside [0, K)");
-      acc v = l - static_cast<acc>(row[a]);
+      if (!ignoring || a != ignore) {
+        CUDA_KERNEL_ASSERT_MSG(a >= 0 && a < k, "cdfast::competitive_ce: a label in targets lies outside [0, K)");
+        sum_a += one_hot * (l - static_cast<acc>(row[a])) + uniform;
+        kept_a += acc(1);
+      }
       if (tb != nullptr) {
         const int64_t bb = tb[sb.at(group, net, b)];
-        CUDA_KERNEL_ASSERT_MSG(bb >= 0 && bb < k, "cdfast::competitive_ce: a label in targets_b lies outside [0, K)");
-        v = w * v + (acc(1) - w) * (l - static_cast<acc>(row[bb]));
+        if (!ignoring || bb != ignore) {
+          CUDA_KERNEL_ASSERT_MSG(bb >= 0 && bb < k, "cdfast::competitive_ce: a label in targets_b lies outside [0, K)");
+          sum_b += one_hot * (l - static_cast<acc>(row[bb])) + uniform;
+          kept_b += acc(1);
+        }
       }
-      warp_sum += v;
     }
   }
 
-  __shared__ acc warp_sums[kWarps];
-  if (lane == 0) warp_sums[warp] = warp_sum;
+  __shared__ acc warp_sums[kWarps][4];
+  if (lane == 0) {
+    warp_sums[warp][0] = sum_a;
+    warp_sums[warp][1] = sum_b;
+    warp_sums[warp][2] = kept_a;
+    warp_sums[warp][3] = kept_b;
+  }
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x < 4) {  // one thread per quantity, warps summed in a fixed order: deterministic
     acc total = 0;
-    for (int i = 0; i < kWarps; ++i) total += warp_sums[i];  // fixed order: deterministic
-    partial[gi * chunks + chunk] = total;
+    for (int i = 0; i < kWarps; ++i) total += warp_sums[i][threadIdx.x];
+    partial[(gi * chunks + chunk) * 4 + threadIdx.x] = total;
+    // each writer publishes its own partial at device scope (the threadfence-reduction pattern)
+    cuda::atomic_thread_fence(cuda::memory_order_release, cuda::thread_scope_device);
   }
 
-  // The last block of this group to finish reduces the partials and elects the teacher. Thread 0
-  // wrote this block's partial; its acq_rel increment releases it and, in the last block, acquires
-  // every other block's. The barrier and an acquire fence carry that to the block's other threads.
+  // The last block of this group to finish reduces the partials and elects the teacher. Threads
+  // 0-3 wrote and fenced this block's partials; the barrier orders that before thread 0's acq_rel
+  // increment, which in the last block acquires every other block's. The barrier and an acquire
+  // fence carry that to the block's other threads.
+  __syncthreads();
   __shared__ bool is_last;
   if (threadIdx.x == 0) {
     cuda::atomic_ref<int, cuda::thread_scope_device> done_ref(counter[group]);
@@ -136,10 +159,18 @@ __global__ void competitive_ce_forward_kernel(const scalar_t* __restrict__ logit
   cuda::atomic_thread_fence(cuda::memory_order_acquire, cuda::thread_scope_device);
   if (threadIdx.x < n) {
     const int64_t j = group * n + threadIdx.x;
-    const acc* p = partial + j * chunks;
-    acc total = 0;
-    for (int c = 0; c < chunks; ++c) total += p[c];
-    ce[j] = total / static_cast<acc>(batch);
+    const acc* p = partial + j * chunks * 4;
+    acc t[4] = {0, 0, 0, 0};
+    for (int c = 0; c < chunks; ++c) {
+      for (int q = 0; q < 4; ++q) t[q] += p[c * 4 + q];
+    }
+    const acc ce_a = t[0] / t[2];  // every label ignored: 0 / 0 = NaN, as F.cross_entropy
+    if (lam != nullptr) {
+      const acc w = lam[j];
+      ce[j] = w * ce_a + (acc(1) - w) * (t[1] / t[3]);
+    } else {
+      ce[j] = ce_a;
+    }
   }
   __syncthreads();  // ce of the group, written by this block's threads, is visible to thread 0
   if (threadIdx.x == 0) {
@@ -161,17 +192,32 @@ __global__ void competitive_ce_backward_kernel(const scalar_t* __restrict__ logi
                                                int64_t grad_ce_sg, int64_t grad_ce_sn,
                                                const acc* __restrict__ grad_lse, const acc* __restrict__ lse,
                                                scalar_t* __restrict__ grad, int64_t total, int n, int64_t batch,
-                                               int64_t k) {
+                                               int64_t k, acc eps, bool ignoring, int64_t ignore,
+                                               const acc* __restrict__ kept_a, const acc* __restrict__ kept_b) {
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = idx / k, c = idx - r * k, gi = r / batch, row = r - gi * batch;
     const int64_t group = gi / n, net = gi - group * n;
-    const acc scale = grad_ce[group * grad_ce_sg + net * grad_ce_sn] / static_cast<acc>(batch);
-    const acc soft = scale + (grad_lse != nullptr ? grad_lse[r] : acc(0));
-    acc v = soft * exp(static_cast<acc>(logits[idx]) - lse[r]);
+    const acc g = grad_ce[group * grad_ce_sg + net * grad_ce_sn];
     const acc w = lam != nullptr ? lam[gi] : acc(1);
-    if (c == ta[sa.at(group, net, row)]) v -= scale * w;
-    if (tb != nullptr && c == tb[sb.at(group, net, row)]) v -= scale * (acc(1) - w);
+    // d ce / d row-CE of each label set: its weight over its kept rows; 0 on an ignored row (the
+    // count is then never divided by, so no 0 / 0 either)
+    const int64_t a = ta[sa.at(group, net, row)];
+    const bool use_a = !ignoring || a != ignore;
+    const acc scale_a = use_a ? g * w / (kept_a != nullptr ? kept_a[gi] : static_cast<acc>(batch)) : acc(0);
+    int64_t bb = -1;
+    bool use_b = false;
+    acc scale_b = 0;
+    if (tb != nullptr) {
+      bb = tb[sb.at(group, net, row)];
+      use_b = !ignoring || bb != ignore;
+      if (use_b) scale_b = g * (acc(1) - w) / (kept_b != nullptr ? kept_b[gi] : static_cast<acc>(batch));
+    }
+    const acc soft = scale_a + scale_b + (grad_lse != nullptr ? grad_lse[r] : acc(0));
+    acc v = soft * exp(static_cast<acc>(logits[idx]) - lse[r]);
+    if (eps != acc(0)) v -= eps / static_cast<acc>(k) * (scale_a + scale_b);
+    if (use_a && c == a) v -= (acc(1) - eps) * scale_a;
+    if (use_b && c == bb) v -= (acc(1) - eps) * scale_b;
     grad[idx] = static_cast<scalar_t>(v);
   }
 }
@@ -182,8 +228,11 @@ at::ScalarType acc_dtype(const at::Tensor& logits) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cuda(const at::Tensor& logits, const at::Tensor& targets,
                                                                    const std::optional<at::Tensor>& targets_b,
-                                                                   const std::optional<at::Tensor>& lam) {
+                                                                   const std::optional<at::Tensor>& lam,
+                                                                   double label_smoothing,
+                                                                   std::optional<int64_t> ignore_index) {
   const CeShape s = check_competitive_ce_args(logits, targets, targets_b, lam);
+  check_label_smoothing(label_smoothing);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto z = logits.contiguous();
@@ -206,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cuda(const at::Ten
   const int64_t rows_per_block = (s.batch + chunks - 1) / chunks;
   TORCH_CHECK(pairs <= 65535, "cdfast::competitive_ce: at most 65535 groups x networks per call, got ", pairs);
   TORCH_CHECK(s.n <= kThreads, "cdfast::competitive_ce: at most ", kThreads, " networks per group on CUDA, got ", s.n);
-  auto partial = at::empty({pairs * chunks}, acc_opts);
+  auto partial = at::empty({pairs * chunks * 4}, acc_opts);  // kept rows' CE sums and counts, sets a and b
   // Zeroed with a memset (no kernel); the kernel's last block leaves it at zero again.
   auto counter = at::empty({s.groups}, logits.options().dtype(at::kInt));
   C10_CUDA_CHECK(cudaMemsetAsync(counter.data_ptr(), 0, s.groups * sizeof(int), stream));
@@ -218,7 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cuda(const at::Ten
         mixed ? tb.const_data_ptr<int64_t>() : nullptr, sb,
         mixed ? w.const_data_ptr<acc>() : nullptr, ce.mutable_data_ptr<acc>(), teacher.mutable_data_ptr<int64_t>(),
         lse.mutable_data_ptr<acc>(), partial.mutable_data_ptr<acc>(), counter.mutable_data_ptr<int>(),
-        static_cast<int>(s.n), s.batch, s.classes, rows_per_block);
+        static_cast<int>(s.n), s.batch, s.classes, rows_per_block, static_cast<acc>(label_smoothing),
+        ignore_index.has_value(), ignore_index.value_or(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ce, teacher, lse};
@@ -227,8 +277,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cuda(const at::Ten
 at::Tensor competitive_ce_backward_cuda(const at::Tensor& grad_ce, const std::optional<at::Tensor>& grad_lse,
                                         const at::Tensor& logits, const at::Tensor& targets,
                                         const std::optional<at::Tensor>& targets_b,
-                                        const std::optional<at::Tensor>& lam, const at::Tensor& lse) {
+                                        const std::optional<at::Tensor>& lam, const at::Tensor& lse,
+                                        double label_smoothing, std::optional<int64_t> ignore_index) {
   const CeShape s = check_competitive_ce_args(logits, targets, targets_b, lam);
+  check_label_smoothing(label_smoothing);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_opts = logits.options().dtype(acc_dtype(logits));
@@ -246,6 +298,10 @@ at::Tensor competitive_ce_backward_cuda(const at::Tensor& grad_ce, const std::op
   const bool has_glse = grad_lse.has_value() && grad_lse->defined();
   const auto glse = has_glse ? grad_lse->to(acc_opts).contiguous() : at::Tensor();
   const auto lse_c = lse.to(acc_opts).contiguous();
+  // kept rows per (group, network) and label set: only with ignore_index (else the batch size)
+  const bool ignoring = ignore_index.has_value();
+  const auto kept_a = ignoring ? ta.ne(*ignore_index).sum(-1).to(acc_opts).contiguous() : at::Tensor();
+  const auto kept_b = ignoring && mixed ? tb.ne(*ignore_index).sum(-1).to(acc_opts).contiguous() : at::Tensor();
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 32 * sm_count(logits.get_device()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "competitive_ce_backward_cuda", [&] {
     using acc = typename Acc<scalar_t>::type;
@@ -254,7 +310,9 @@ at::Tensor competitive_ce_backward_cuda(const at::Tensor& grad_ce, const std::op
         mixed ? tb.const_data_ptr<int64_t>() : nullptr, sb, mixed ? w.const_data_ptr<acc>() : nullptr,
         gce.const_data_ptr<acc>(), gce.stride(0), gce.stride(1),
         has_glse ? glse.const_data_ptr<acc>() : nullptr, lse_c.const_data_ptr<acc>(), grad.mutable_data_ptr<scalar_t>(),
-        total, static_cast<int>(s.n), s.batch, s.classes);
+        total, static_cast<int>(s.n), s.batch, s.classes, static_cast<acc>(label_smoothing), ignoring,
+        ignore_index.value_or(0), ignoring ? kept_a.const_data_ptr<acc>() : nullptr,
+        ignoring && mixed ? kept_b.const_data_ptr<acc>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;
