@@ -63,9 +63,9 @@ class CompetitiveCe : public torch::autograd::Function<CompetitiveCe> {
     // Only lse was used (rare): the ce part of the gradient is zero. Symbolic sizes keep this
     // traceable with dynamic shapes.
     const at::Tensor gce = grad_ce.defined() ? grad_ce : at::zeros_symint(lse.sym_sizes().slice(0, lse.dim() - 1), lse.options());
-    const c10::IValue& ignore = ctx->saved_data["ignore_index"];
+    const c10::IValue ignore = ctx->saved_data.at("ignore_index");
     at::Tensor grad = call_backward(gce, defined_or_none(grad_lse), logits, saved[1], defined_or_none(saved[2]),
-                                    defined_or_none(saved[3]), lse, ctx->saved_data["label_smoothing"].toDouble(),
+                                    defined_or_none(saved[3]), lse, ctx->saved_data.at("label_smoothing").toDouble(),
                                     ignore.isNone() ? OptInt() : OptInt(ignore.toInt()));
     variable_list out(6);  // only the logits get a gradient
     out[0] = grad;

@@ -299,3 +299,13 @@ def test_functional_runs_the_op_for_smoothing_and_ignored_labels():
     ce, _ = cdfast.competitive_ce(logits.requires_grad_(), with_ignored(targets[0], -100, 3), label_smoothing=0.1,
                                   ignore_index=-100)
     assert type(ce.grad_fn).__name__ == "CppFunction" and "CompetitiveCe" in ce.grad_fn.name()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_masked_label_keeps_a_finite_lse_and_gradient(device):
+    # the label's own logit is -inf: CE is inf, but lse (and so the gradient) stays what torch gives
+    logits, targets, _, _ = make((2, 4), 6, device, torch.float32)
+    logits[0, 1, targets[0, 1]] = float("-inf")
+    _, _, lse = op(logits, targets)
+    assert torch.isfinite(lse).all()
+    check_against_reference(logits, targets, None, None)

@@ -6,7 +6,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "../competitive_ce.h"
 
@@ -70,6 +72,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cpu(const at::Tens
       const double nll = -static_cast<double>(pp[r * s.classes + t]);
       return smooth ? (1.0 - eps) * nll - eps * static_cast<double>(mp[r]) : nll;
     };
+    // lse = z_t - log p_t at the row's label; a masked label (z_t = -inf) would give -inf - -inf = NaN,
+    // so such a row sums its exponentials itself (rare)
+    auto row_lse = [&](int64_t r, int64_t t) -> scalar_t {
+      const scalar_t at_label = zp[r * s.classes + t] - pp[r * s.classes + t];
+      if (!std::isnan(at_label)) return at_label;
+      const scalar_t* row = zp + r * s.classes;
+      scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+      for (int64_t c = 0; c < s.classes; ++c) m = std::isnan(row[c]) ? row[c] : std::max(m, row[c]);
+      if (!std::isfinite(m)) return m;  // NaN, or every class -inf (-inf) or some +inf (+inf)
+      double sum = 0;
+      for (int64_t c = 0; c < s.classes; ++c) sum += std::exp(static_cast<double>(row[c] - m));
+      return static_cast<scalar_t>(m + std::log(sum));
+    };
     for (int64_t g = 0; g < s.groups; ++g) {
       int64_t best = 0;
       for (int64_t i = 0; i < s.n; ++i) {
@@ -78,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cpu(const at::Tens
         int64_t kept_a = 0, kept_b = 0;
         for (int64_t b = 0; b < s.batch; ++b) {
           const int64_t r = gi * s.batch + b;
-          lp[r] = ignoring ? allp[r] : zp[r * s.classes + ap[r]] - pp[r * s.classes + ap[r]];
+          lp[r] = ignoring ? allp[r] : row_lse(r, ap[r]);
           if (!ignoring || ap[r] != ignore) total_a += row_ce(r, ap[r]), ++kept_a;
           if (mixed && (!ignoring || bp[r] != ignore)) total_b += row_ce(r, bp[r]), ++kept_b;
         }
