@@ -152,8 +152,7 @@ def competitive_ce(
             CutMix, timm's mixup).
         label_smoothing, ignore_index: as in ``torch.nn.functional.cross_entropy``, except that
             nothing is ignored by default (``ignore_index=None``; F.cross_entropy's default is
-            -100). Class indices run the compiled op (with or without these); soft targets
-            run the PyTorch reference (also on CUDA).
+            -100). Every form runs the compiled op where it has a kernel for the device.
         targets_b, lam: for mixed labels (mixup/cutmix): second label set like
             ``targets`` and a per-network weight ``lam [N]`` of ``targets``.
         process_group: under data parallelism (each rank scores its shard of the batch),
@@ -174,7 +173,7 @@ def competitive_ce(
     label_smoothing = float(check_number("label_smoothing", label_smoothing, ge=0.0, le=1.0))
     if ignore_index is not None:
         check_number("ignore_index", ignore_index, integer=True)
-    hard = not targets.is_floating_point()  # class indices: the compiled op (soft targets: the reference)
+    hard = not targets.is_floating_point()  # class indices (else class probabilities)
     checked_by_op = hard and ce_op.checks_label_values(logits.device)
     targets = _group_targets(targets, logits.shape, "targets")
     _check_labels(targets, k, "targets", values=not checked_by_op, ignore_index=ignore_index)
@@ -189,12 +188,9 @@ def competitive_ce(
         _check_labels(targets_b, k, "targets_b", values=not checked_by_op, ignore_index=ignore_index)
         if tuple(lam.shape) != tuple(logits.shape[:-2]):
             raise ValueError(f"lam must have one weight per network, shape {list(logits.shape[:-2])}, got {list(lam.shape)}")
-    if hard:
-        ce, teacher = ce_op.competitive_ce(logits, targets, targets_b, lam, label_smoothing,
-                                           None if ignore_index is None else int(ignore_index))
-    else:
-        ce, teacher = reference.competitive_ce(logits, targets, targets_b, lam, label_smoothing=label_smoothing,
-                                               ignore_index=ignore_index)
+    # ignore_index applies to class indices only (as in F.cross_entropy)
+    ignore = int(ignore_index) if hard and ignore_index is not None else None
+    ce, teacher = ce_op.competitive_ce(logits, targets, targets_b, lam, label_smoothing, ignore)
     group = resolve_process_group(process_group)
     if group is not None:
         if ignore_index is not None:

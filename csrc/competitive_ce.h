@@ -9,6 +9,7 @@ namespace cdfast {
 // Shapes of a call: logits [*G, N, B, K] flattened to groups x N x B x K.
 struct CeShape {
   int64_t groups, n, batch, classes;
+  bool soft;  // targets are class probabilities [*G, N, B, K] (else int64 class indices [*G, N, B])
 };
 
 // Checks everything that does not need the tensors' values; returns the flattened shape.
@@ -28,18 +29,28 @@ inline CeShape check_competitive_ce_args(const at::Tensor& logits, const at::Ten
   TORCH_CHECK_VALUE(batch >= 1 && classes >= 1, "cdfast::competitive_ce: empty batch or class dim in logits ",
               logits.sizes());
   auto label_shape = logits.sizes().slice(0, d - 1);
-  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, "cdfast::competitive_ce: targets must be int64 class indices, got ",
+  const bool soft = at::isFloatingType(targets.scalar_type());
+  TORCH_CHECK_TYPE(soft || targets.scalar_type() == at::kLong,
+              "cdfast::competitive_ce: targets must be int64 class indices or floating-point class probabilities, got ",
               targets.scalar_type());
-  TORCH_CHECK_VALUE(targets.sizes() == label_shape, "cdfast::competitive_ce: targets must have shape ", label_shape,
-              " (one label per network and sample), got ", targets.sizes());
+  if (soft) {
+    TORCH_CHECK_VALUE(targets.sizes() == logits.sizes(), "cdfast::competitive_ce: class-probability targets must have "
+                "the logits' shape ", logits.sizes(), ", got ", targets.sizes());
+  } else {
+    TORCH_CHECK_VALUE(targets.sizes() == label_shape, "cdfast::competitive_ce: targets must have shape ", label_shape,
+                " (one label per network and sample), got ", targets.sizes());
+  }
   TORCH_CHECK_VALUE(targets.device() == logits.device(), "cdfast::competitive_ce: targets are on ", targets.device(),
               " but logits on ", logits.device());
   TORCH_CHECK_VALUE(targets_b.has_value() == lam.has_value(),
               "cdfast::competitive_ce: mixed labels need both targets_b and lam (or neither)");
   if (targets_b.has_value()) {
-    TORCH_CHECK_VALUE(targets_b->scalar_type() == at::kLong && targets_b->sizes() == label_shape,
-                "cdfast::competitive_ce: targets_b must be int64 of shape ", label_shape, ", got ",
-                targets_b->scalar_type(), " ", targets_b->sizes());
+    const bool soft_b = at::isFloatingType(targets_b->scalar_type());
+    TORCH_CHECK_VALUE(soft_b == soft && (soft || targets_b->scalar_type() == at::kLong) &&
+                          targets_b->sizes() == (soft ? logits.sizes() : label_shape),
+                "cdfast::competitive_ce: targets_b must be like targets: ",
+                soft ? "class probabilities of shape " : "int64 class indices of shape ",
+                soft ? logits.sizes() : label_shape, ", got ", targets_b->scalar_type(), " ", targets_b->sizes());
     TORCH_CHECK_VALUE(targets_b->device() == logits.device(), "cdfast::competitive_ce: targets_b is on ",
                 targets_b->device(), " but logits on ", logits.device());
     TORCH_CHECK_VALUE(lam->sizes() == logits.sizes().slice(0, d - 2),
@@ -51,13 +62,15 @@ inline CeShape check_competitive_ce_args(const at::Tensor& logits, const at::Ten
                 " but logits on ", logits.device());
   }
   const int64_t groups = logits.numel() / (n * batch * classes);
-  return {groups, n, batch, classes};
+  return {groups, n, batch, classes, soft};
 }
 
-// label_smoothing must lie in [0, 1], as F.cross_entropy asks.
-inline void check_label_smoothing(double label_smoothing) {
+// label_smoothing must lie in [0, 1], as F.cross_entropy asks; ignore_index applies to class indices.
+inline void check_options(const CeShape& s, double label_smoothing, std::optional<int64_t> ignore_index) {
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "cdfast::competitive_ce: label_smoothing must lie in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(!(s.soft && ignore_index.has_value()),
+                    "cdfast::competitive_ce: ignore_index applies to class indices, not to class probabilities");
 }
 
 // Output shapes: ce [*G, N], teacher [*G], lse [*G, N, B].

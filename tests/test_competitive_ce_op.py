@@ -309,3 +309,74 @@ def test_a_masked_label_keeps_a_finite_lse_and_gradient(device):
     _, _, lse = op(logits, targets)
     assert torch.isfinite(lse).all()
     check_against_reference(logits, targets, None, None)
+
+
+# ---- class probabilities (soft targets) in the compiled kernels ---------------------------------
+
+def soft(shape, k, device, seed, normalized=True, expand_over=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(*shape, k, generator=g)
+    q = q / q.sum(-1, keepdim=True) if normalized else 1.3 * q  # unnormalized: mass != 1 per row
+    q = q.to(device)
+    return q.expand(expand_over, *q.shape) if expand_over else q
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_class_probabilities_match_the_reference(device, dtype, eps, mixed):
+    logits, _, _, lam = make((3, 7), 11, device, dtype, seed=4, mixed=True)
+    qa = soft((3, 7), 11, device, 1)
+    qb = soft((3, 7), 11, device, 2) if mixed else None
+    check_forms_against_reference(logits, qa, qb, lam if mixed else None, eps, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b,k", [(1, 1), (33, 1001), (1000, 7)])
+def test_class_probabilities_shared_by_the_group_and_unnormalized(device, b, k):
+    # [B, K] expanded over the networks (stride 0, read in place) and rows whose mass is not 1
+    logits, _, _, lam = make((2, b), k, device, torch.float32, seed=6, mixed=True)
+    qa = soft((b,), k, device, 3, normalized=False, expand_over=2)
+    qb = soft((b,), k, device, 4, expand_over=2)
+    check_forms_against_reference(logits, qa, qb, lam, 0.05, None)
+    check_forms_against_reference(logits, qa, None, None, 0.0, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_hot_probabilities_give_the_class_index_ce(device):
+    logits, targets, targets_b, lam = make((3, 9), 10, device, torch.float32, seed=8, mixed=True)
+    one_hot = torch.nn.functional.one_hot(targets, 10).float()
+    one_hot_b = torch.nn.functional.one_hot(targets_b, 10).float()
+    for eps in (0.0, 0.2):
+        hard = torch.ops.cdfast.competitive_ce(logits, targets, targets_b, lam, eps, None)
+        probs = torch.ops.cdfast.competitive_ce(logits, one_hot, one_hot_b, lam, eps, None)
+        for a, b_ in zip(hard, probs):
+            torch.testing.assert_close(a, b_)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_probabilities_refuse_ignore_index_and_mixed_kinds(device):
+    logits, targets, _, lam = make((2, 4), 6, device, torch.float32, mixed=True)
+    q = soft((2, 4), 6, device, 0)
+    with pytest.raises(ValueError, match="ignore_index applies to class indices"):
+        torch.ops.cdfast.competitive_ce(logits, q, None, None, 0.0, -100)
+    with pytest.raises(ValueError, match="targets_b must be like targets: class probabilities"):
+        torch.ops.cdfast.competitive_ce(logits, q, targets, lam, 0.0, None)
+    with pytest.raises(ValueError, match="class-probability targets must have the logits' shape"):
+        torch.ops.cdfast.competitive_ce(logits, q[..., :5], None, None, 0.0, None)
+
+
+def test_opcheck_and_gradcheck_with_class_probabilities():
+    logits, _, _, lam = make((3, 5), 6, "cpu", torch.float64, mixed=True)
+    qa, qb = soft((3, 5), 6, "cpu", 1).double(), soft((5,), 6, "cpu", 2, expand_over=3).double()
+    logits.requires_grad_()
+    torch.library.opcheck(torch.ops.cdfast.competitive_ce.default, (logits, qa, qb, lam, 0.1, None))
+    assert torch.autograd.gradcheck(
+        lambda z: torch.ops.cdfast.competitive_ce(z, qa, qb, lam, 0.1, None)[0::2], (logits,))
+
+
+def test_functional_runs_the_op_for_class_probabilities():
+    logits, _, _, _ = make((2, 8), 10, "cpu", torch.float32)
+    ce, _ = cdfast.competitive_ce(logits.requires_grad_(), soft((8,), 10, "cpu", 0), label_smoothing=0.1)
+    assert type(ce.grad_fn).__name__ == "CppFunction" and "CompetitiveCe" in ce.grad_fn.name()

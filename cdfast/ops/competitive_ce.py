@@ -75,10 +75,12 @@ def checks_label_values(device: torch.device) -> bool:
 
 def competitive_ce(logits: Tensor, targets: Tensor, targets_b: Tensor | None, lam: Tensor | None,
                    label_smoothing: float = 0.0, ignore_index: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(ce, teacher)`` of checked inputs (class indices ``[*G, N, B]`` or ``[B]``): the compiled op where
-    it has a kernel for the device (one fused launch, no host sync), the reference elsewhere."""
+    """``(ce, teacher)`` of checked inputs (class indices ``[*G, N, B]`` or ``[B]``, class probabilities
+    ``[*G, N, B, K]`` or ``[B, K]``): the compiled op where it has a kernel for the device (one fused
+    launch, no host sync), the reference elsewhere."""
     if op_available(logits.device):
-        ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets.expand(logits.shape[:-1]), targets_b, lam,
+        shape = logits.shape if targets.is_floating_point() else logits.shape[:-1]
+        ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets.expand(shape), targets_b, lam,
                                                          label_smoothing, ignore_index)
         return ce, teacher
     return reference.competitive_ce(logits, targets, targets_b, lam, label_smoothing=label_smoothing,
@@ -94,8 +96,9 @@ if HAS_EXTENSION:
     @torch.library.register_fake("cdfast::competitive_ce")
     def _competitive_ce_fake(logits, targets, targets_b, lam, label_smoothing=0.0, ignore_index=None):
         torch._check(logits.dim() >= 3, lambda: f"logits must be [*G, N, B, K], got {logits.dim()} dims")
-        torch._check(tuple(targets.shape) == tuple(logits.shape[:-1]),
-                     lambda: f"targets {list(targets.shape)} must be logits.shape[:-1] {list(logits.shape[:-1])}")
+        want = logits.shape if targets.is_floating_point() else logits.shape[:-1]  # probabilities / indices
+        torch._check(tuple(targets.shape) == tuple(want),
+                     lambda: f"targets {list(targets.shape)} must have shape {list(want)}")
         acc = _acc_dtype(logits)
         return (logits.new_empty(logits.shape[:-2], dtype=acc),
                 logits.new_empty(logits.shape[:-3], dtype=torch.int64),

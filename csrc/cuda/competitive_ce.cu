@@ -9,7 +9,9 @@
 // [0, K) stops the kernel with a device-side assert, as nll_loss does (an ignored label is not read).
 // label_smoothing eps: a row's CE is (1 - eps) * (lse - z_t) + eps * (lse - mean_k z_k); with
 // ignore_index, each label set's CE is the mean over its kept rows (none kept: 0 / 0 = NaN).
-// Backward: one elementwise launch, softmax minus the (mixed, smoothed) one-hot target.
+// Class probabilities (targets [*G, N, B, K], e.g. torchvision's MixUp) take a second pass over each
+// row for sum_k q_k (lse - z_k); smoothing and mixing as above; ignore_index does not apply.
+// Backward: one elementwise launch, softmax minus the (mixed, smoothed) one-hot or probability target.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -48,6 +50,20 @@ Strides3 label_view(const at::Tensor& labels, int64_t groups, int64_t n, int64_t
   return {view.stride(0), view.stride(1), view.stride(2)};
 }
 
+// Element strides of a [groups, n, batch, k] class-probability view (shared probabilities are
+// expanded over the networks: stride 0, read in place when already in the accumulation dtype).
+struct Strides4 {
+  int64_t g, n, b, k;
+  __host__ __device__ int64_t at(int64_t group, int64_t net, int64_t row, int64_t c) const {
+    return group * g + net * n + row * b + c * k;
+  }
+};
+
+Strides4 prob_view(const at::Tensor& probs, const CeShape& s, at::ScalarType acc, at::Tensor& view) {
+  view = probs.to(acc).reshape({s.groups, s.n, s.batch, s.classes});
+  return {view.stride(0), view.stride(1), view.stride(2), view.stride(3)};
+}
+
 int sm_count(int device) {
   static int cache[64] = {0};
   if (device < 64 && cache[device] > 0) return cache[device];
@@ -71,9 +87,12 @@ __device__ __forceinline__ void lse_merge(acc& m, acc& s, acc m_o, acc s_o) {
   m = m_new;
 }
 
-template <typename scalar_t, typename acc>
+// SOFT: targets are class probabilities qa/qb (ta/tb unused); else class indices ta/tb (qa/qb unused).
+template <typename scalar_t, typename acc, bool SOFT>
 __global__ void competitive_ce_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ ta,
                                               Strides3 sa, const int64_t* __restrict__ tb, Strides3 sb,
+                                              const acc* __restrict__ qa, Strides4 sqa,
+                                              const acc* __restrict__ qb, Strides4 sqb,
                                               const acc* __restrict__ lam,
                                               acc* __restrict__ ce, int64_t* __restrict__ teacher,
                                               acc* __restrict__ lse, acc* __restrict__ partial,
@@ -104,24 +123,48 @@ __global__ void competitive_ce_forward_kernel(const scalar_t* __restrict__ logit
       lse_merge(m, s, m_o, s_o);
       if (smooth) zsum += __shfl_down_sync(0xffffffff, zsum, offset);
     }
+    // Class probabilities: a second pass over the row (now in cache) for sum_k q_k (lse - z_k), which
+    // has no cancellation, unlike lse * sum q - sum q z. Lane 0 holds the row's lse: every lane gets it.
+    acc soft_a = 0, soft_b = 0;
+    if constexpr (SOFT) {
+      const acc l_row = __shfl_sync(0xffffffff, m + log(s), 0);
+      for (int64_t c = lane; c < k; c += 32) {
+        const acc gap = l_row - static_cast<acc>(row[c]);  // -log p_c; q_c = 0 at a masked class: NaN, as torch
+        soft_a += qa[sqa.at(group, net, b, c)] * gap;
+        if (qb != nullptr) soft_b += qb[sqb.at(group, net, b, c)] * gap;
+      }
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        soft_a += __shfl_down_sync(0xffffffff, soft_a, offset);
+        soft_b += __shfl_down_sync(0xffffffff, soft_b, offset);
+      }
+    }
     if (lane == 0) {
       const acc l = m + log(s);  // all -inf: -inf, and the CE below is NaN, as torch gives
       lse[r] = l;
       // eps = 0: exactly l - z_t (no eps * inf = NaN from masked classes)
       const acc uniform = smooth ? eps * (l - zsum / static_cast<acc>(k)) : acc(0);
       const acc one_hot = acc(1) - eps;
-      const int64_t a = ta[sa.at(group, net, b)];
-      if (!ignoring || a != ignore) {
-        CUDA_KERNEL_ASSERT_MSG(a >= 0 && a < k, "cdfast::competitive_ce: a label in targets lies outside [0, K)");
-        sum_a += one_hot * (l - static_cast<acc>(row[a])) + uniform;
+      if constexpr (SOFT) {
+        sum_a += one_hot * soft_a + uniform;
         kept_a += acc(1);
-      }
-      if (tb != nullptr) {
-        const int64_t bb = tb[sb.at(group, net, b)];
-        if (!ignoring || bb != ignore) {
-          CUDA_KERNEL_ASSERT_MSG(bb >= 0 && bb < k, "cdfast::competitive_ce: a label in targets_b lies outside [0, K)");
-          sum_b += one_hot * (l - static_cast<acc>(row[bb])) + uniform;
+        if (qb != nullptr) {
+          sum_b += one_hot * soft_b + uniform;
           kept_b += acc(1);
+        }
+      } else {
+        const int64_t a = ta[sa.at(group, net, b)];
+        if (!ignoring || a != ignore) {
+          CUDA_KERNEL_ASSERT_MSG(a >= 0 && a < k, "cdfast::competitive_ce: a label in targets lies outside [0, K)");
+          sum_a += one_hot * (l - static_cast<acc>(row[a])) + uniform;
+          kept_a += acc(1);
+        }
+        if (tb != nullptr) {
+          const int64_t bb = tb[sb.at(group, net, b)];
+          if (!ignoring || bb != ignore) {
+            CUDA_KERNEL_ASSERT_MSG(bb >= 0 && bb < k, "cdfast::competitive_ce: a label in targets_b lies outside [0, K)");
+            sum_b += one_hot * (l - static_cast<acc>(row[bb])) + uniform;
+            kept_b += acc(1);
+          }
         }
       }
     }
@@ -185,9 +228,12 @@ __global__ void competitive_ce_forward_kernel(const scalar_t* __restrict__ logit
   }
 }
 
-template <typename scalar_t, typename acc>
+template <typename scalar_t, typename acc, bool SOFT>
 __global__ void competitive_ce_backward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ ta,
                                                Strides3 sa, const int64_t* __restrict__ tb, Strides3 sb,
+                                               const acc* __restrict__ qa, Strides4 sqa,
+                                               const acc* __restrict__ qb, Strides4 sqb,
+                                               const acc* __restrict__ qsum_a, const acc* __restrict__ qsum_b,
                                                const acc* __restrict__ lam, const acc* __restrict__ grad_ce,
                                                int64_t grad_ce_sg, int64_t grad_ce_sn,
                                                const acc* __restrict__ grad_lse, const acc* __restrict__ lse,
@@ -200,25 +246,40 @@ __global__ void competitive_ce_backward_kernel(const scalar_t* __restrict__ logi
     const int64_t group = gi / n, net = gi - group * n;
     const acc g = grad_ce[group * grad_ce_sg + net * grad_ce_sn];
     const acc w = lam != nullptr ? lam[gi] : acc(1);
-    // d ce / d row-CE of each label set: its weight over its kept rows; 0 on an ignored row (the
-    // count is then never divided by, so no 0 / 0 either)
-    const int64_t a = ta[sa.at(group, net, row)];
-    const bool use_a = !ignoring || a != ignore;
-    const acc scale_a = use_a ? g * w / (kept_a != nullptr ? kept_a[gi] : static_cast<acc>(batch)) : acc(0);
-    int64_t bb = -1;
-    bool use_b = false;
-    acc scale_b = 0;
-    if (tb != nullptr) {
-      bb = tb[sb.at(group, net, row)];
-      use_b = !ignoring || bb != ignore;
-      if (use_b) scale_b = g * (acc(1) - w) / (kept_b != nullptr ? kept_b[gi] : static_cast<acc>(batch));
+    if constexpr (SOFT) {
+      // d/dz of sX * CE(q_X) summed over the sets: sX * (S_X * softmax - (1 - eps) q_X - eps/K), where
+      // S_X = (1 - eps) sum_k q_X + eps (1 for normalized q); every row is kept
+      const acc p = exp(static_cast<acc>(logits[idx]) - lse[r]);
+      const acc one_hot = acc(1) - eps, uniform = eps / static_cast<acc>(k);
+      const acc scale_a = g * w / static_cast<acc>(batch);
+      acc v = (grad_lse != nullptr ? grad_lse[r] : acc(0)) * p +
+              scale_a * ((one_hot * qsum_a[r] + eps) * p - one_hot * qa[sqa.at(group, net, row, c)] - uniform);
+      if (qb != nullptr) {
+        const acc scale_b = g * (acc(1) - w) / static_cast<acc>(batch);
+        v += scale_b * ((one_hot * qsum_b[r] + eps) * p - one_hot * qb[sqb.at(group, net, row, c)] - uniform);
+      }
+      grad[idx] = static_cast<scalar_t>(v);
+    } else {
+      // d ce / d row-CE of each label set: its weight over its kept rows; 0 on an ignored row (the
+      // count is then never divided by, so no 0 / 0 either)
+      const int64_t a = ta[sa.at(group, net, row)];
+      const bool use_a = !ignoring || a != ignore;
+      const acc scale_a = use_a ? g * w / (kept_a != nullptr ? kept_a[gi] : static_cast<acc>(batch)) : acc(0);
+      int64_t bb = -1;
+      bool use_b = false;
+      acc scale_b = 0;
+      if (tb != nullptr) {
+        bb = tb[sb.at(group, net, row)];
+        use_b = !ignoring || bb != ignore;
+        if (use_b) scale_b = g * (acc(1) - w) / (kept_b != nullptr ? kept_b[gi] : static_cast<acc>(batch));
+      }
+      const acc soft = scale_a + scale_b + (grad_lse != nullptr ? grad_lse[r] : acc(0));
+      acc v = soft * exp(static_cast<acc>(logits[idx]) - lse[r]);
+      if (eps != acc(0)) v -= eps / static_cast<acc>(k) * (scale_a + scale_b);
+      if (use_a && c == a) v -= (acc(1) - eps) * scale_a;
+      if (use_b && c == bb) v -= (acc(1) - eps) * scale_b;
+      grad[idx] = static_cast<scalar_t>(v);
     }
-    const acc soft = scale_a + scale_b + (grad_lse != nullptr ? grad_lse[r] : acc(0));
-    acc v = soft * exp(static_cast<acc>(logits[idx]) - lse[r]);
-    if (eps != acc(0)) v -= eps / static_cast<acc>(k) * (scale_a + scale_b);
-    if (use_a && c == a) v -= (acc(1) - eps) * scale_a;
-    if (use_b && c == bb) v -= (acc(1) - eps) * scale_b;
-    grad[idx] = static_cast<scalar_t>(v);
   }
 }
 
@@ -232,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cuda(const at::Ten
                                                                    double label_smoothing,
                                                                    std::optional<int64_t> ignore_index) {
   const CeShape s = check_competitive_ce_args(logits, targets, targets_b, lam);
-  check_label_smoothing(label_smoothing);
+  check_options(s, label_smoothing, ignore_index);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto z = logits.contiguous();
@@ -242,9 +303,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cuda(const at::Ten
   auto teacher = at::empty(lead_shape(logits, 3), logits.options().dtype(at::kLong));
   auto lse = at::empty(lead_shape(logits, 1), acc_opts);
   if (s.groups == 0) return {ce, teacher, lse};  // empty leading group dims: nothing to launch
-  at::Tensor ta, tb;
-  const Strides3 sa = label_view(targets, s.groups, s.n, s.batch, ta);
-  const Strides3 sb = mixed ? label_view(*targets_b, s.groups, s.n, s.batch, tb) : sa;
+  // class indices (ta, tb) or class probabilities in the accumulation dtype (qa, qb)
+  at::Tensor ta, tb, qa, qb;
+  Strides3 sa{}, sb{};
+  Strides4 sqa{}, sqb{};
+  if (s.soft) {
+    sqa = prob_view(targets, s, acc_dtype(logits), qa);
+    if (mixed) sqb = prob_view(*targets_b, s, acc_dtype(logits), qb);
+  } else {
+    sa = label_view(targets, s.groups, s.n, s.batch, ta);
+    sb = mixed ? label_view(*targets_b, s.groups, s.n, s.batch, tb) : sa;
+  }
   const auto w = mixed ? lam->to(acc_opts).contiguous() : at::Tensor();
 
   // Enough blocks to fill the GPU; at least one row per warp in a block.
@@ -262,9 +331,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cuda(const at::Ten
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "competitive_ce_cuda", [&] {
     using acc = typename Acc<scalar_t>::type;
-    competitive_ce_forward_kernel<scalar_t, acc><<<dim3(chunks, pairs), kThreads, 0, stream>>>(
-        z.const_data_ptr<scalar_t>(), ta.const_data_ptr<int64_t>(), sa,
-        mixed ? tb.const_data_ptr<int64_t>() : nullptr, sb,
+    auto kernel = s.soft ? competitive_ce_forward_kernel<scalar_t, acc, true>
+                         : competitive_ce_forward_kernel<scalar_t, acc, false>;
+    kernel<<<dim3(chunks, pairs), kThreads, 0, stream>>>(
+        z.const_data_ptr<scalar_t>(), s.soft ? nullptr : ta.const_data_ptr<int64_t>(), sa,
+        !s.soft && mixed ? tb.const_data_ptr<int64_t>() : nullptr, sb,
+        s.soft ? qa.const_data_ptr<acc>() : nullptr, sqa, s.soft && mixed ? qb.const_data_ptr<acc>() : nullptr, sqb,
         mixed ? w.const_data_ptr<acc>() : nullptr, ce.mutable_data_ptr<acc>(), teacher.mutable_data_ptr<int64_t>(),
         lse.mutable_data_ptr<acc>(), partial.mutable_data_ptr<acc>(), counter.mutable_data_ptr<int>(),
         static_cast<int>(s.n), s.batch, s.classes, rows_per_block, static_cast<acc>(label_smoothing),
@@ -280,7 +352,7 @@ at::Tensor competitive_ce_backward_cuda(const at::Tensor& grad_ce, const std::op
                                         const std::optional<at::Tensor>& lam, const at::Tensor& lse,
                                         double label_smoothing, std::optional<int64_t> ignore_index) {
   const CeShape s = check_competitive_ce_args(logits, targets, targets_b, lam);
-  check_label_smoothing(label_smoothing);
+  check_options(s, label_smoothing, ignore_index);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_opts = logits.options().dtype(acc_dtype(logits));
@@ -289,9 +361,20 @@ at::Tensor competitive_ce_backward_cuda(const at::Tensor& grad_ce, const std::op
   const int64_t total = z.numel();
   if (total == 0) return grad;  // empty leading group dims: nothing to launch
   const bool mixed = targets_b.has_value();
-  at::Tensor ta, tb;
-  const Strides3 sa = label_view(targets, s.groups, s.n, s.batch, ta);
-  const Strides3 sb = mixed ? label_view(*targets_b, s.groups, s.n, s.batch, tb) : sa;
+  at::Tensor ta, tb, qa, qb, qsum_a, qsum_b;
+  Strides3 sa{}, sb{};
+  Strides4 sqa{}, sqb{};
+  if (s.soft) {  // and each row's probability mass (1 for normalized targets), [groups, n, batch]
+    sqa = prob_view(targets, s, acc_dtype(logits), qa);
+    qsum_a = qa.sum(-1).contiguous();
+    if (mixed) {
+      sqb = prob_view(*targets_b, s, acc_dtype(logits), qb);
+      qsum_b = qb.sum(-1).contiguous();
+    }
+  } else {
+    sa = label_view(targets, s.groups, s.n, s.batch, ta);
+    sb = mixed ? label_view(*targets_b, s.groups, s.n, s.batch, tb) : sa;
+  }
   const auto w = mixed ? lam->to(acc_opts).contiguous() : at::Tensor();
   // grad_ce is often ones expanded from a scalar (loss.sum()): read through its strides, no copy
   const auto gce = grad_ce.to(acc_opts).reshape({s.groups, s.n});
@@ -300,14 +383,19 @@ at::Tensor competitive_ce_backward_cuda(const at::Tensor& grad_ce, const std::op
   const auto lse_c = lse.to(acc_opts).contiguous();
   // kept rows per (group, network) and label set: only with ignore_index (else the batch size)
   const bool ignoring = ignore_index.has_value();
-  const auto kept_a = ignoring ? ta.ne(*ignore_index).sum(-1).to(acc_opts).contiguous() : at::Tensor();
+  const auto kept_a = ignoring ? ta.ne(*ignore_index).sum(-1).to(acc_opts).contiguous() : at::Tensor();  // (indices)
   const auto kept_b = ignoring && mixed ? tb.ne(*ignore_index).sum(-1).to(acc_opts).contiguous() : at::Tensor();
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 32 * sm_count(logits.get_device()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "competitive_ce_backward_cuda", [&] {
     using acc = typename Acc<scalar_t>::type;
-    competitive_ce_backward_kernel<scalar_t, acc><<<blocks, kThreads, 0, stream>>>(
-        z.const_data_ptr<scalar_t>(), ta.const_data_ptr<int64_t>(), sa,
-        mixed ? tb.const_data_ptr<int64_t>() : nullptr, sb, mixed ? w.const_data_ptr<acc>() : nullptr,
+    auto kernel = s.soft ? competitive_ce_backward_kernel<scalar_t, acc, true>
+                         : competitive_ce_backward_kernel<scalar_t, acc, false>;
+    kernel<<<blocks, kThreads, 0, stream>>>(
+        z.const_data_ptr<scalar_t>(), s.soft ? nullptr : ta.const_data_ptr<int64_t>(), sa,
+        !s.soft && mixed ? tb.const_data_ptr<int64_t>() : nullptr, sb,
+        s.soft ? qa.const_data_ptr<acc>() : nullptr, sqa, s.soft && mixed ? qb.const_data_ptr<acc>() : nullptr, sqb,
+        s.soft ? qsum_a.const_data_ptr<acc>() : nullptr, s.soft && mixed ? qsum_b.const_data_ptr<acc>() : nullptr,
+        mixed ? w.const_data_ptr<acc>() : nullptr,
         gce.const_data_ptr<acc>(), gce.stride(0), gce.stride(1),
         has_glse ? glse.const_data_ptr<acc>() : nullptr, lse_c.const_data_ptr<acc>(), grad.mutable_data_ptr<scalar_t>(),
         total, static_cast<int>(s.n), s.batch, s.classes, static_cast<acc>(label_smoothing), ignoring,
