@@ -163,8 +163,31 @@ def test_rank_shares_of_every_global_batch_are_disjoint_and_complete(train):
         assert shares[0][k] + shares[1][k] == whole
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
     ids = torch.arange(n)
+    # training augments (pad-crop-flip): each rank transforms only its share, with the whole batch's draws
+    pad = 1 if train else None
+    images = torch.randint(0, 256, (n, 1, 4, 4), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     loaders = [TensorLoader(images, ids, batch, mean=(0.0,), std=(1 / 255,), shuffle=train, drop_last=train, seed=5,
-                            rank=r, world=world) for r in range(world)]
-    alone = TensorLoader(images, ids, batch, mean=(0.0,), std=(1 / 255,), shuffle=train, drop_last=train, seed=5)
-    for (x0, y0), (x1, y1), (x, y) in zip(*loaders, alone):
+                            rank=r, world=world, augment_pad=pad) for r in range(world)]
+    alone = TensorLoader(images, ids, batch, mean=(0.0,), std=(1 / 255,), shuffle=train, drop_last=train, seed=5,
+                         augment_pad=pad)
+    batches = list(zip(*loaders, alone))
+    assert len(batches) == len(one)
+    for (x0, y0), (x1, y1), (x, y) in batches:
         assert torch.equal(torch.cat([y0, y1]), y) and torch.equal(torch.cat([x0, x1]), x)
+
+
+def test_a_rank_augments_only_its_share(monkeypatch):
+    import cdfast.data.loader as loader_module
+
+    sizes = []
+    real = loader_module.pad_crop_flip
+
+    def recording(x, *args, **kw):
+        sizes.append(x.shape[0])
+        return real(x, *args, **kw)
+
+    monkeypatch.setattr(loader_module, "pad_crop_flip", recording)
+    images = torch.zeros(16, 1, 4, 4, dtype=torch.uint8)
+    loader = loader_module.TensorLoader(images, torch.arange(16), 8, mean=(0.0,), std=(1.0,), shuffle=True,
+                                        drop_last=True, seed=0, rank=1, world=4, augment_pad=1)
+    assert [x.shape[0] for x, _ in loader] == [2, 2] and sizes == [2, 2]

@@ -67,16 +67,17 @@ class TensorLoader:
         order = order.to(self.device)
         for k in range(len(self)):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
+            total, start = idx.shape[0], 0
+            if self.world > 1:  # this rank's contiguous share, the only images it gathers and augments
+                share = -(-total // self.world)
+                start = min(self.rank * share, total)
+                idx = idx[start:start + share]
             x = self.images.index_select(0, idx).float()
             if self.augment_pad is not None:  # on raw pixels, so the padding is black (0), not the mean
-                x = pad_crop_flip(x, self.augment_pad, self.generator)
-            y = self.labels.index_select(0, idx)
-            if self.world > 1:
-                share = -(-idx.shape[0] // self.world)
-                x, y = x[self.rank * share:(self.rank + 1) * share], y[self.rank * share:(self.rank + 1) * share]
-                if x.shape[0] == 0:  # a last evaluation batch smaller than the ranks: nothing for this one
-                    continue
-            yield (x - self.mean) / self.std, y
+                x = pad_crop_flip(x, self.augment_pad, self.generator, part_of=(start, total))
+            if x.shape[0] == 0:  # a last evaluation batch smaller than the ranks: nothing for this one
+                continue
+            yield (x - self.mean) / self.std, self.labels.index_select(0, idx)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
