@@ -175,6 +175,8 @@ def competitive_ce(
         check_number("ignore_index", ignore_index, integer=True)
     hard = not targets.is_floating_point()  # class indices (else class probabilities)
     checked_by_op = hard and ce_op.checks_label_values(logits.device)
+    if not hard:  # probabilities in the accumulation dtype before they are expanded (no copy per network)
+        targets = targets.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     targets = _group_targets(targets, logits.shape, "targets")
     _check_labels(targets, k, "targets", values=not checked_by_op, ignore_index=ignore_index)
     if (targets_b is None) != (lam is None):
@@ -182,6 +184,8 @@ def competitive_ce(
     if targets_b is not None:
         _check_tensor(targets_b, "targets_b", logits.device)
         _check_tensor(lam, "lam", logits.device)
+        if targets_b.is_floating_point():
+            targets_b = targets_b.to(targets.dtype if not hard else torch.float32)
         targets_b = _group_targets(targets_b, logits.shape, "targets_b")
         if targets_b.is_floating_point() != targets.is_floating_point():
             raise TypeError("targets and targets_b must both be class indices or both class probabilities")

@@ -46,11 +46,12 @@ inline CeShape check_competitive_ce_args(const at::Tensor& logits, const at::Ten
               "cdfast::competitive_ce: mixed labels need both targets_b and lam (or neither)");
   if (targets_b.has_value()) {
     const bool soft_b = at::isFloatingType(targets_b->scalar_type());
-    TORCH_CHECK_VALUE(soft_b == soft && (soft || targets_b->scalar_type() == at::kLong) &&
-                          targets_b->sizes() == (soft ? logits.sizes() : label_shape),
+    TORCH_CHECK_TYPE(soft_b == soft && (soft || targets_b->scalar_type() == at::kLong),
                 "cdfast::competitive_ce: targets_b must be like targets: ",
-                soft ? "class probabilities of shape " : "int64 class indices of shape ",
-                soft ? logits.sizes() : label_shape, ", got ", targets_b->scalar_type(), " ", targets_b->sizes());
+                soft ? "floating-point class probabilities" : "int64 class indices", ", got ", targets_b->scalar_type());
+    TORCH_CHECK_VALUE(targets_b->sizes() == (soft ? logits.sizes() : label_shape),
+                "cdfast::competitive_ce: targets_b must have shape ", soft ? logits.sizes() : label_shape, ", got ",
+                targets_b->sizes());
     TORCH_CHECK_VALUE(targets_b->device() == logits.device(), "cdfast::competitive_ce: targets_b is on ",
                 targets_b->device(), " but logits on ", logits.device());
     TORCH_CHECK_VALUE(lam->sizes() == logits.sizes().slice(0, d - 2),

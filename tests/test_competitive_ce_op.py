@@ -361,7 +361,7 @@ def test_class_probabilities_refuse_ignore_index_and_mixed_kinds(device):
     q = soft((2, 4), 6, device, 0)
     with pytest.raises(ValueError, match="ignore_index applies to class indices"):
         torch.ops.cdfast.competitive_ce(logits, q, None, None, 0.0, -100)
-    with pytest.raises(ValueError, match="targets_b must be like targets: class probabilities"):
+    with pytest.raises(TypeError, match="targets_b must be like targets: floating-point class probabilities"):
         torch.ops.cdfast.competitive_ce(logits, q, targets, lam, 0.0, None)
     with pytest.raises(ValueError, match="class-probability targets must have the logits' shape"):
         torch.ops.cdfast.competitive_ce(logits, q[..., :5], None, None, 0.0, None)
@@ -380,3 +380,27 @@ def test_functional_runs_the_op_for_class_probabilities():
     logits, _, _, _ = make((2, 8), 10, "cpu", torch.float32)
     ce, _ = cdfast.competitive_ce(logits.requires_grad_(), soft((8,), 10, "cpu", 0), label_smoothing=0.1)
     assert type(ce.grad_fn).__name__ == "CppFunction" and "CompetitiveCe" in ce.grad_fn.name()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_class_probabilities_with_a_masked_class_give_what_torch_gives(device, eps):
+    # q = 0 at a class whose logit is -inf: smoothing spreads eps/K onto it, so CE = +inf (else NaN)
+    logits, _, _, _ = make((2, 5), 6, device, torch.float32)
+    logits[0, :, 2] = float("-inf")
+    q = soft((2, 5), 6, device, 1)
+    q[..., 2] = 0.0
+    q = q / q.sum(-1, keepdim=True)
+    ce, _, _ = torch.ops.cdfast.competitive_ce(logits, q, None, None, eps, None)
+    want = torch.stack([torch.nn.functional.cross_entropy(z, t, label_smoothing=eps) for z, t in zip(logits, q)])
+    torch.testing.assert_close(ce, want, equal_nan=True)
+    assert torch.isinf(ce[0]) if eps else torch.isnan(ce[0])
+
+
+def test_targets_that_need_a_gradient_get_it():
+    # the op differentiates the logits only: probabilities (or lam) with requires_grad take the reference
+    logits, _, _, _ = make((2, 6), 5, "cpu", torch.float32)
+    q = soft((6,), 5, "cpu", 0).requires_grad_()
+    ce, _ = cdfast.competitive_ce(logits.requires_grad_(), q)
+    ce.sum().backward()
+    assert q.grad is not None and torch.count_nonzero(q.grad) > 0 and logits.grad is not None

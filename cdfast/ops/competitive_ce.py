@@ -78,7 +78,9 @@ def competitive_ce(logits: Tensor, targets: Tensor, targets_b: Tensor | None, la
     """``(ce, teacher)`` of checked inputs (class indices ``[*G, N, B]`` or ``[B]``, class probabilities
     ``[*G, N, B, K]`` or ``[B, K]``): the compiled op where it has a kernel for the device (one fused
     launch, no host sync), the reference elsewhere."""
-    if op_available(logits.device):
+    # the op differentiates the logits only: targets or weights that need a gradient take the reference
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (targets, targets_b, lam))
+    if op_available(logits.device) and not needs_grad:
         shape = logits.shape if targets.is_floating_point() else logits.shape[:-1]
         ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets.expand(shape), targets_b, lam,
                                                          label_smoothing, ignore_index)

@@ -51,8 +51,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cpu(const at::Tens
   const auto lse_all = ignoring || s.soft ? at::logsumexp(z, -1).contiguous() : at::Tensor();
   // The smoothing term of a row: -mean_k log p_k (F.cross_entropy's eps/K over every class).
   const auto mean_logp = smooth ? logp.mean(-1).contiguous() : at::Tensor();
-  // Class probabilities: each row's -sum_k q_k log p_k (0 * -inf = NaN, as the reference gives).
-  auto soft_nll = [&](const at::Tensor& q) { return (-(q.to(z.scalar_type()) * logp).sum(-1)).contiguous(); };
+  // Class probabilities: each row's -sum_k q'_k log p_k with the smoothed target q' = (1 - eps) q + eps/K,
+  // as the reference (q' = 0 at a masked class: 0 * -inf = NaN, as torch gives).
+  auto soft_nll = [&](const at::Tensor& q) {
+    auto smoothed_q = q.to(z.scalar_type());
+    if (smooth) smoothed_q = smoothed_q * (1.0 - eps) + eps / static_cast<double>(s.classes);
+    return (-(smoothed_q * logp).sum(-1)).contiguous();
+  };
   const auto nll_a = s.soft ? soft_nll(targets) : at::Tensor();
   const auto nll_b = s.soft && mixed ? soft_nll(*targets_b) : at::Tensor();
   auto lse = at::empty(lead_shape(logits, 1), z.options());
@@ -100,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cpu(const at::Tens
           const int64_t r = gi * s.batch + b;
           if (s.soft) {
             lp[r] = allp[r];
-            total_a += smoothed(qa[r], r), ++kept_a;
-            if (mixed) total_b += smoothed(qb[r], r), ++kept_b;
+            total_a += qa[r], ++kept_a;  // smoothed already
+            if (mixed) total_b += qb[r], ++kept_b;
             continue;
           }
           lp[r] = ignoring ? allp[r] : row_lse(r, ap[r]);

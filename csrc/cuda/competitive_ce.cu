@@ -123,15 +123,18 @@ __global__ void competitive_ce_forward_kernel(const scalar_t* __restrict__ logit
       lse_merge(m, s, m_o, s_o);
       if (smooth) zsum += __shfl_down_sync(0xffffffff, zsum, offset);
     }
-    // Class probabilities: a second pass over the row (now in cache) for sum_k q_k (lse - z_k), which
-    // has no cancellation, unlike lse * sum q - sum q z. Lane 0 holds the row's lse: every lane gets it.
+    // Class probabilities: a second pass over the row (now in cache) for sum_k q'_k (lse - z_k) with the
+    // smoothed target q' = (1 - eps) q + eps/K, as the reference (a masked class with q = 0 gives
+    // +inf when eps > 0 and NaN when eps = 0, as torch); no cancellation, unlike lse * sum q' - q'.z.
+    // Lane 0 holds the row's lse: every lane gets it.
     acc soft_a = 0, soft_b = 0;
     if constexpr (SOFT) {
       const acc l_row = __shfl_sync(0xffffffff, m + log(s), 0);
+      const acc keep = acc(1) - eps, spread = eps / static_cast<acc>(k);
       for (int64_t c = lane; c < k; c += 32) {
-        const acc gap = l_row - static_cast<acc>(row[c]);  // -log p_c; q_c = 0 at a masked class: NaN, as torch
-        soft_a += qa[sqa.at(group, net, b, c)] * gap;
-        if (qb != nullptr) soft_b += qb[sqb.at(group, net, b, c)] * gap;
+        const acc gap = l_row - static_cast<acc>(row[c]);  // -log p_c
+        soft_a += (keep * qa[sqa.at(group, net, b, c)] + spread) * gap;
+        if (qb != nullptr) soft_b += (keep * qb[sqb.at(group, net, b, c)] + spread) * gap;
       }
       for (int offset = 16; offset > 0; offset >>= 1) {
         soft_a += __shfl_down_sync(0xffffffff, soft_a, offset);
@@ -144,11 +147,11 @@ __global__ void competitive_ce_forward_kernel(const scalar_t* __restrict__ logit
       // eps = 0: exactly l - z_t (no eps * inf = NaN from masked classes)
       const acc uniform = smooth ? eps * (l - zsum / static_cast<acc>(k)) : acc(0);
       const acc one_hot = acc(1) - eps;
-      if constexpr (SOFT) {
-        sum_a += one_hot * soft_a + uniform;
+      if constexpr (SOFT) {  // smoothing is inside the soft sums
+        sum_a += soft_a;
         kept_a += acc(1);
         if (qb != nullptr) {
-          sum_b += one_hot * soft_b + uniform;
+          sum_b += soft_b;
           kept_b += acc(1);
         }
       } else {
