@@ -60,6 +60,21 @@ def targets_table(out: Path) -> list[str]:
     return lines
 
 
+def target_forms(out: Path) -> list[str]:
+    """The election op against F.cross_entropy with label smoothing, ignored labels, class probabilities."""
+    rows = [b for b in load_benchmarks(out, "bench-election.json") if b.get("extra_info", {}).get("form")]
+    if not rows:
+        return []
+    means: dict[str, dict[str, float]] = {}
+    for b in rows:
+        means.setdefault(b["extra_info"]["form"], {})[b["extra_info"]["impl"]] = b["stats"]["mean"]
+    lines = ["", "Election fwd+bwd by target form, N=4 B=128 K=100 (cdfast vs torch composition):", ""]
+    for form, m in sorted(means.items()):
+        if "cdfast" in m and "torch" in m:
+            lines.append(f"- {form}: {1e6 * m['cdfast']:.1f} vs {1e6 * m['torch']:.1f} µs ({m['torch'] / m['cdfast']:.2f}x)")
+    return lines
+
+
 def host_overhead(out: Path) -> list[str]:
     lines = []
     for file, what in (("bench-election.json", "election"), ("bench-student-loss.json", "student loss")):
@@ -168,7 +183,7 @@ def main(out: str) -> str:
     lines += [tests_line(out, "junit-cuda.xml", "CUDA tests"), "",
               tests_line(out, "raw/junit-cuda-compile.xml", "CUDA tests that compile"), "",
               tests_line(out, "junit.xml", "other tests"), "",
-              "## Targets", "", *targets_table(out), *host_overhead(out), *engine_targets(out), *engines_table(out)]
+              "## Targets", "", *targets_table(out), *host_overhead(out), *target_forms(out), *engine_targets(out), *engines_table(out)]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text

@@ -105,3 +105,49 @@ def test_election_host_overhead(benchmark, impl, size):
     benchmark(run)
     benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl.__name__, calls=HOST_CALLS,
                                 seconds_per_call=benchmark.stats["mean"] / HOST_CALLS)
+
+
+# The target forms of modern recipes: label smoothing, ignored labels, class probabilities (MixUp).
+FORMS = {"smoothing": dict(label_smoothing=0.1), "ignore": dict(ignore_index=-100), "probabilities": {}}
+
+
+def form_inputs(form, n, b, k):
+    torch.manual_seed(0)
+    logits = torch.randn(n, b, k, device=DEVICE, requires_grad=True)
+    if form == "probabilities":
+        targets = torch.softmax(torch.randn(b, k, device=DEVICE), -1)
+    else:
+        targets = torch.randint(0, k, (b,), device=DEVICE)
+        if form == "ignore":
+            targets[::7] = -100
+    return logits, targets
+
+
+@pytest.mark.parametrize("impl", ["torch", "cdfast"])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_election_target_forms(benchmark, impl, form):
+    n, b, k = 4, 128, 100
+    logits, targets = form_inputs(form, n, b, k)
+    kw = FORMS[form]
+    benchmark.group = f"election forward_backward {form} N={n} B={b} K={k} ({DEVICE})"
+
+    def call():
+        if impl == "torch":
+            ce = torch.stack([F.cross_entropy(logits[i], targets, **kw) for i in range(n)])
+            torch.argmin(ce)
+        else:
+            shape = logits.shape if targets.is_floating_point() else logits.shape[:-1]
+            ce = torch.ops.cdfast.competitive_ce(logits, targets.expand(shape), None, None,
+                                                 kw.get("label_smoothing", 0.0), kw.get("ignore_index"))[0]
+        ce.sum().backward()
+        logits.grad = None
+
+    def run():
+        call()
+        _sync()
+
+    for _ in range(3):
+        run()
+    launches = count_launches(call)
+    benchmark(run)
+    benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl, form=form, launches=launches)
