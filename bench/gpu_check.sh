@@ -108,7 +108,12 @@ $PY -c "from cdfast.ops import competitive_ce as _ops; print('cdfast._C:', 'buil
   2>&1 | tee -a "$LOG"
 
 # 1b. errors raised in cdfast._C must reach Python (the first H200 run segfaulted on every one)
-step "error path" 60 $PY bench/error_path_probe.py
+OTHER_ENV=()
+if ! step "error path" 60 $PY bench/error_path_probe.py; then
+  # every C++ error would kill the CPU suite at its first error-path test: run it on the reference ops
+  say "error path broken: the other tests run with CDFAST_DISABLE_OPS=1 (the op's own tests skip)"
+  OTHER_ENV=(CDFAST_DISABLE_OPS=1)
+fi
 
 # 2. the CUDA tests first (the evidence this check exists for), those that compile with inductor
 # last (minutes of compilation); every other non-slow test at the end
@@ -142,6 +147,7 @@ fi
 # 5. the CUDA tests that compile, then the rest of the suite, with the time that is left
 step "cuda compile tests" 90 $PY -m pytest -q -m "cuda and not slow" -k "compile or inductor" -p no:cacheprovider \
   --junitxml="$OUT/raw/junit-cuda-compile.xml" tests
-step "other tests" 200 $PY -m pytest -q -m "not slow and not cuda" -p no:cacheprovider --junitxml="$OUT/junit.xml" tests
+step "other tests" 200 env "${OTHER_ENV[@]}" $PY -m pytest -q -m "not slow and not cuda" -p no:cacheprovider \
+  --junitxml="$OUT/junit.xml" tests
 
 finish

@@ -16,6 +16,11 @@ from cdfast.ops import competitive_ce as ce_ops
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+def _own_environ() -> dict:
+    """This environment without CDFAST_DISABLE_OPS (a caller's choice that would hide what these tests check)."""
+    return {k: v for k, v in os.environ.items() if k != "CDFAST_DISABLE_OPS"}
+
 def tracked_files() -> list[str]:
     out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
@@ -82,7 +87,7 @@ def test_an_installed_wheel_finds_presets_by_name_from_any_directory(wheel, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    env = {**_own_environ(), "PYTHONPATH": str(target)}
     code = ("import cdfast, cdfast.presets as p; from cdfast.train import TrainConfig; "
             "print(cdfast.__file__); print(TrainConfig.from_yaml(p.resolve('fashion_mnist', 'train')).models)")
     run = subprocess.run([clean_python, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
@@ -99,7 +104,7 @@ def test_an_unbuilt_source_tree_imports_and_uses_the_reference(tmp_path, clean_p
     code = ("import torch, cdfast; from cdfast.ops import competitive_ce as o; import cdfast.kernels; "
             "ce, t = cdfast.competitive_ce(torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.int64)); "
             "print(o.HAS_EXTENSION, int(t) in (0, 1))")
-    run = subprocess.run([clean_python, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    run = subprocess.run([clean_python, "-c", code], cwd=tmp_path, env={**_own_environ(), "PYTHONPATH": str(tmp_path)},
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["False", "True"]
