@@ -135,9 +135,15 @@ step "bench engines" 130 $PY -m pytest "${BENCH[@]}" bench/test_engines.py \
 # memcheck sees every allocation's true bounds)
 SANITIZER=$(command -v compute-sanitizer || { [[ -x "${CUDA_HOME:-/none}/bin/compute-sanitizer" ]] && echo "$CUDA_HOME/bin/compute-sanitizer"; })
 if [[ -n "$SANITIZER" ]]; then
+  # every target form: class indices, smoothing + ignored labels + mixing, class probabilities
   SMALL='import torch, cdfast
 z = torch.randn(3, 37, 101, device="cuda", requires_grad=True); y = torch.randint(0, 101, (37,), device="cuda")
-ce, t = cdfast.competitive_ce(z, y); ce.sum().backward(); torch.cuda.synchronize(); print("ok", t.item())'
+ce, t = cdfast.competitive_ce(z, y); ce.sum().backward()
+yi = y.clone(); yi[::5] = -100; lam = torch.rand(3, device="cuda")
+ce, t = cdfast.competitive_ce(z, yi, y.flip(0), lam, label_smoothing=0.1, ignore_index=-100); ce.sum().backward()
+q = torch.softmax(torch.randn(37, 101, device="cuda"), -1)
+ce, t = cdfast.competitive_ce(z, q, q.flip(0), lam, label_smoothing=0.1); ce.sum().backward()
+torch.cuda.synchronize(); print("ok", t.item())'
   step "memcheck" 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 3 $PY -c "$SMALL"
   step "racecheck" 45 "$SANITIZER" --tool racecheck --error-exitcode 3 $PY -c "$SMALL"
 else
