@@ -1,9 +1,9 @@
 """The report of a comparison grid: paper-style tables, learning curves, a teacher timeline.
 
 Reads ``<grid out>/results.jsonl`` and ``grid.yaml``; writes ``report.md`` and
-PNG plots. Accuracies are test accuracies in percent, mean ± sample standard
-deviation over seeds, taken at the **last epoch** (the best epoch is shown in
-a second table, for comparison with papers that report it).
+PNG plots. Accuracies are test accuracies in percent, mean ± standard error
+over seeds, taken at the **last epoch** (the best epoch is shown in a second
+table, for comparison with papers that report it).
 
 The grid's ``report`` section names the methods of the tables (defaults shown)::
 
@@ -41,10 +41,11 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
 
 
 def _fmt(values: list[float] | None) -> str:
+    """mean ± standard error of the mean over seeds (the scale on which differences are judged)."""
     if not values:
         return "—"
     mean, sd, n = _stats(values)
-    return f"{mean:.2f} ± {sd:.2f}" + ("" if n > 1 else " (1 seed)")
+    return f"{mean:.2f} ± {sd / n ** 0.5:.2f}" + ("" if n > 1 else " (1 seed)")
 
 
 class Results:
@@ -252,7 +253,8 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     lines = [f"# {title or 'Competitive Distillation: comparison grid'}", "",
              f"Data: {example['data']}; {example['epochs']} epochs, batch {example['batch_size']}, lr {example['lr']} "
              f"({example['schedule']}), seeds {seeds}; {len(res.records)} finished runs. Test accuracy in %, "
-             "mean ± sample standard deviation over seeds. **Last epoch** reported (best epoch in the second table).",
+             "mean ± standard error over seeds (sample SD / sqrt(seeds)). **Last epoch** reported (best epoch in the "
+             "second table).",
              "", "## Accuracy (like the paper's Table 2), last epoch", ""]
     lines += accuracy_table(res, spec, "final_acc")
     lines += ["", "## Accuracy, best epoch (for comparison only)", ""]

@@ -171,3 +171,11 @@ def test_every_shipped_grid_file_is_valid():
     for path in files:
         grid = Grid.from_yaml(path)  # validates every (group, method) config
         assert grid.runs(), path
+
+
+def test_report_cells_are_mean_and_standard_error():
+    from cdfast.report import _fmt
+
+    # 90, 92, 94 %: mean 92, sample SD 2, standard error 2 / sqrt(3) = 1.15
+    assert _fmt([0.90, 0.92, 0.94]) == "92.00 ± 1.15"
+    assert _fmt([0.9]) == "90.00 ± 0.00 (1 seed)" and _fmt([]) == "—"
