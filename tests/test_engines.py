@@ -13,19 +13,22 @@ from cdfast.models import build_model
 
 def group(engine, models=("resnet8", "resnet8"), dtype=torch.float32, **kw):
     torch.manual_seed(0)
-    nets = [build_model(m, 10, 1).to(dtype) for m in models]
+    layout = torch.channels_last if kw.get("channels_last") else torch.contiguous_format
+    nets = [build_model(m, 10, 1).to(dtype).to(memory_format=layout) for m in models]
     return cdfast.CompetitiveDistillation(nets, engine=engine, input_shape=(1, 12, 12), seed=3, **kw)
 
 
 # float64: the engines do the same arithmetic, so they agree to rounding. (In float32 the CPU's
 # grouped-convolution backward rounds differently, and SGD amplifies it over steps: ~5e-3 after 4.)
-@pytest.mark.parametrize("mode", ["competitive", "dml"])
-def test_fused_matches_sequential_after_several_steps(mode):
+# channels_last: the fused engine runs the group contiguous (CUDA batch norm under vmap cannot take
+# channels-last tensors), the sequential one channels-last; the results must not tell them apart.
+@pytest.mark.parametrize("mode,channels_last", [("competitive", False), ("dml", False), ("competitive", True)])
+def test_fused_matches_sequential_after_several_steps(mode, channels_last):
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 1, 12, 12, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g))
                for _ in range(4)]
-    seq = group("sequential", mode=mode, perturb=True, dtype=torch.float64)
-    fused = group("fused", mode=mode, perturb=True, dtype=torch.float64)
+    seq = group("sequential", mode=mode, perturb=True, dtype=torch.float64, channels_last=channels_last)
+    fused = group("fused", mode=mode, perturb=True, dtype=torch.float64, channels_last=channels_last)
     assert isinstance(fused.engine, FusedEngine) and isinstance(seq.engine, SequentialEngine)
     for x, y in batches:
         a, b = seq.step(x, y), fused.step(x, y)
@@ -106,16 +109,16 @@ def test_streams_engine_falls_back_on_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("engine", ["streams", "fused"])
-def test_gpu_engines_match_sequential(engine):
+@pytest.mark.parametrize("engine,channels_last", [("streams", False), ("fused", False), ("fused", True)])
+def test_gpu_engines_match_sequential(engine, channels_last):
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(32, 1, 12, 12, generator=g, dtype=torch.float64).cuda(),
                 torch.randint(0, 10, (32,), generator=g).cuda()) for _ in range(4)]
     ref = group("sequential", models=("resnet8", "resnet14"), dtype=torch.float64, perturb=True).cuda()
     other = group(engine, models=("resnet8", "resnet14") if engine == "streams" else ("resnet8", "resnet8"),
-                  dtype=torch.float64, perturb=True).cuda()
+                  dtype=torch.float64, perturb=True, channels_last=channels_last).cuda()
     if engine == "fused":
-        ref = group("sequential", dtype=torch.float64, perturb=True).cuda()
+        ref = group("sequential", dtype=torch.float64, perturb=True, channels_last=channels_last).cuda()
     assert other.engine.name == engine
     for x, y in batches:
         ref.step(x, y)
