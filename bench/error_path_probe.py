@@ -33,7 +33,7 @@ else:
 
 def main() -> int:
     debugger = shutil.which("gdb") or shutil.which("cuda-gdb")
-    bad = 0
+    bad, traced = 0, False
     for name, code in CASES.items():
         if "cuda" in code:
             import torch
@@ -44,7 +44,8 @@ def main() -> int:
         print(f"{name}: exit {done.returncode}: {done.stdout.strip() or done.stderr.strip()[-600:]}", flush=True)
         if done.returncode != 0:
             bad += 1
-            if done.returncode < 0 and debugger:
+            if done.returncode < 0 and debugger and not traced:  # one backtrace: a debugger run takes long
+                traced = True
                 trace = subprocess.run([debugger, "-batch", "-ex", "run", "-ex", "bt 40", "--args"] + cmd,
                                        capture_output=True, text=True, timeout=180)
                 print(f"--- {debugger} backtrace of {name!r}:\n{trace.stdout[-8000:]}", flush=True)

@@ -109,7 +109,7 @@ $PY -c "from cdfast.ops import competitive_ce as _ops; print('cdfast._C:', 'buil
 
 # 1b. errors raised in cdfast._C must reach Python (the first H200 run segfaulted on every one)
 OTHER_ENV=()
-if ! step "error path" 60 $PY bench/error_path_probe.py; then
+if ! step "error path" 90 $PY bench/error_path_probe.py; then
   # every C++ error would kill the CPU suite at its first error-path test: run it on the reference ops
   say "error path broken: the other tests run with CDFAST_DISABLE_OPS=1 (the op's own tests skip)"
   OTHER_ENV=(CDFAST_DISABLE_OPS=1)
