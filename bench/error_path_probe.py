@@ -46,9 +46,12 @@ def main() -> int:
             bad += 1
             if done.returncode < 0 and debugger and not traced:  # one backtrace: a debugger run takes long
                 traced = True
-                trace = subprocess.run([debugger, "-batch", "-ex", "run", "-ex", "bt 40", "--args"] + cmd,
-                                       capture_output=True, text=True, timeout=180)
-                print(f"--- {debugger} backtrace of {name!r}:\n{trace.stdout[-8000:]}", flush=True)
+                try:
+                    out = subprocess.run([debugger, "-batch", "-ex", "run", "-ex", "bt 40", "--args"] + cmd,
+                                         capture_output=True, text=True, timeout=60).stdout
+                except subprocess.TimeoutExpired as e:  # what it printed so far
+                    out = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or "") + "\n(timed out)"
+                print(f"--- {debugger} backtrace of {name!r}:\n{out[-8000:]}", flush=True)
     return 1 if bad else 0
 
 
