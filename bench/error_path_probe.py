@@ -4,8 +4,8 @@ On the first H200 run (torch 2.11.0+cu130, the machine's own compiler), every C+
 by the compiled op (a bad label, a bad shape) killed Python with SIGSEGV instead of raising, while
 the same build steps gave clean ValueErrors here with torch 2.14.1, and with torch 2.11.0 built here
 (gcc 12, CPU-only and CUDA builds). Each case runs in a child process;
-a crash is re-run under a debugger (gdb, else cuda-gdb, which also debugs host-only programs) for
-a native backtrace. Exits 1 if any case crashed or did not raise the expected error.
+the first one that dies by a signal is re-run under a debugger (gdb, else cuda-gdb, which also
+debugs host-only programs; gpu_check.sh puts CUDA's bin folder on PATH) for a native backtrace. Exits 1 if any case crashed or did not raise the expected error.
 """
 import shutil
 import subprocess
@@ -32,7 +32,7 @@ else:
 
 
 def main() -> int:
-    debugger = shutil.which("gdb") or shutil.which("cuda-gdb")
+    debugger = shutil.which("gdb") or shutil.which("cuda-gdb") or shutil.which("cuda-gdb", path="/usr/local/cuda/bin")
     bad, traced = 0, False
     for name, code in CASES.items():
         if "cuda" in code:

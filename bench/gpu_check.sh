@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (`make gpu-check OUT=folder`, or `bash bench/gpu_check.sh OUT` where make
-# is missing): build, the CUDA tests, every other non-slow test, the benchmark subsets, a sanitizer
-# pass, and a one-page summary of the targets, all under one hard deadline. Made for the lent GPU
+# is missing): build, the error-path probe, the CUDA tests, the benchmark subsets, a sanitizer pass,
+# the CUDA tests that compile, every other non-slow test, and a one-page summary of the targets,
+# all under one hard deadline. Made for the lent GPU
 # machine: no network, torch/triton/nvcc/pytest-benchmark already installed; it creates no venv
 # and downloads nothing. Without a GPU it is a dry run: the GPU steps are skipped with a message.
 #

@@ -152,16 +152,18 @@ def competitive_ce(
             CutMix, timm's mixup).
         label_smoothing, ignore_index: as in ``torch.nn.functional.cross_entropy``, except that
             nothing is ignored by default (``ignore_index=None``; F.cross_entropy's default is
-            -100). Every form runs the compiled op where it has a kernel for the device.
+            -100). Every form runs the compiled op where it has a kernel for the device, except
+            where the targets or ``lam`` need a gradient (the op differentiates the logits only).
         targets_b, lam: for mixed labels (mixup/cutmix): second label set like
-            ``targets`` and a per-network weight ``lam [N]`` of ``targets``.
+            ``targets`` and a per-network weight ``lam [*G, N]`` of ``targets``.
         process_group: under data parallelism (each rank scores its shard of the batch),
             a ``torch.distributed`` process group (or ``"auto"``: the default one when
             initialised): the CEs are all-reduced, weighted by the shards' sizes, and the
             teacher is elected from the global batch, the same on every rank. ``ce`` stays
             this rank's mean (its gradient, averaged across ranks, is the global one).
     Returns:
-        ``(ce [N] float32, teacher int64 0-d tensor)``; ties elect the lowest index.
+        ``(ce [*G, N], teacher [*G] int64)`` (0-d for one group; ce float32, float64 for
+        float64 logits); ties elect the lowest index.
         A network whose CE is NaN or infinite is never elected; if every CE is
         non-finite, network 0 is returned and ``ce`` shows the failure (check it
         where you read your metrics: testing it here would sync the device).

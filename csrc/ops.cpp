@@ -21,11 +21,13 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(cdfast, m) {
   // Per-network mean cross-entropy of a group, the elected teacher (argmin, ties to the lowest
-  // index) and the per-row log-sum-exp. logits [*G, N, B, K]; targets [*G, N, B] int64;
-  // mixed labels: targets_b like targets and lam [*G, N] (weight of targets).
+  // index) and the per-row log-sum-exp. logits [*G, N, B, K]; targets [*G, N, B] int64 class
+  // indices or [*G, N, B, K] class probabilities; mixed labels: targets_b like targets and
+  // lam [*G, N] (weight of targets).
   // label_smoothing and ignore_index as in F.cross_entropy (None: nothing ignored); each label
   // set's CE is the mean over its kept rows (none kept: NaN, as F.cross_entropy).
-  // Returns ce [*G, N] float32, teacher [*G] int64, lse [*G, N, B] float32 (of every row).
+  // Returns ce [*G, N], teacher [*G] int64, lse [*G, N, B] (of every row); ce and lse are float32
+  // (float64 for float64 logits).
   m.def(
       "competitive_ce(Tensor logits, Tensor targets, Tensor? targets_b, Tensor? lam, float label_smoothing=0.0, "
       "int? ignore_index=None) -> (Tensor, Tensor, Tensor)");

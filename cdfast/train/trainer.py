@@ -281,11 +281,11 @@ class Trainer:
         return self._scratch
 
     def _rank_device(self, device: torch.device) -> torch.device:
+        """Under torchrun each rank drives its own GPU: cuda means cuda:LOCAL_RANK."""
         if device.type == "cuda":
             # fixed batch shapes: let cuDNN time its algorithms once per shape (a short last batch adds
             # one more), as every CNN training script does; its default picks by heuristics
             torch.backends.cudnn.benchmark = True
-        """Under torchrun each rank drives its own GPU: cuda means cuda:LOCAL_RANK."""
         if self.world > 1 and device.type == "cuda":
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
         return device
