@@ -404,3 +404,15 @@ def test_targets_that_need_a_gradient_get_it():
     ce, _ = cdfast.competitive_ce(logits.requires_grad_(), q)
     ce.sum().backward()
     assert q.grad is not None and torch.count_nonzero(q.grad) > 0 and logits.grad is not None
+
+
+def test_a_lam_that_needs_a_gradient_gets_it_and_labels_are_still_checked():
+    logits, targets, targets_b, lam = make((2, 6), 5, "cpu", torch.float32, mixed=True)
+    lam.requires_grad_()
+    ce, _ = cdfast.competitive_ce(logits, targets, targets_b, lam)
+    ce.sum().backward()
+    assert lam.grad is not None and torch.count_nonzero(lam.grad) > 0
+    bad = targets.clone()
+    bad[0, 0] = 5
+    with pytest.raises(ValueError, match=r"class indices in \[\d, 5\]"):
+        cdfast.competitive_ce(logits, bad, targets_b, lam)
