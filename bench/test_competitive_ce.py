@@ -49,6 +49,19 @@ def count_launches(fn) -> int | None:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def measure_synced(benchmark, call) -> int | None:
+    """Benchmark ``call`` synced per round, after a warm-up; returns the GPU launches of one call."""
+    def run():
+        call()
+        _sync()
+
+    for _ in range(3):
+        run()
+    launches = count_launches(call)
+    benchmark(run)
+    return launches
+
+
 def setup(size, backward):
     n, b, k = size
     torch.manual_seed(0)
@@ -75,15 +88,7 @@ def test_election(benchmark, impl, pass_, size):
     logits, targets = setup(size, backward)
     call = one_call(impl, logits, targets, backward)
     benchmark.group = f"election {pass_} N={n} B={b} K={k} ({DEVICE})"
-
-    def run():
-        call()
-        _sync()
-
-    for _ in range(3):
-        run()
-    launches = count_launches(call)
-    benchmark(run)
+    launches = measure_synced(benchmark, call)
     benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl.__name__, pass_=pass_, launches=launches)
 
 
@@ -142,12 +147,5 @@ def test_election_target_forms(benchmark, impl, form):
         ce.sum().backward()
         logits.grad = None
 
-    def run():
-        call()
-        _sync()
-
-    for _ in range(3):
-        run()
-    launches = count_launches(call)
-    benchmark(run)
+    launches = measure_synced(benchmark, call)
     benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl, form=form, launches=launches)
