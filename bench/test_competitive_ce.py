@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cdfast.ops import competitive_ce as _ops
+from gpu_work import gpu_work
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [(2, 128, 10), (2, 128, 100), (3, 128, 100), (4, 128, 100), (4, 256, 1000), (8, 1024, 1000)]
@@ -38,15 +39,8 @@ def _sync():
 
 def count_launches(fn) -> int | None:
     """GPU kernels and memsets one call of ``fn`` issues (None on the CPU)."""
-    if DEVICE != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    _sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        _sync()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    work = gpu_work(fn) if DEVICE == "cuda" else None
+    return None if work is None else round(work[0])
 
 
 def measure_synced(benchmark, call) -> int | None:

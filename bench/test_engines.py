@@ -5,7 +5,10 @@ same engine, same process) and in ``competitive`` mode, so the cost of
 Competitive Distillation reads as a ratio of the two means. images/s per
 network is in each benchmark's extra_info. ``test_one_network_alone`` times one
 network's plain training step (CE + SGD), the yardstick of "N networks for the
-price of one". On the CPU only the small groups in fp32 run (the GPU groups and
+price of one"; eager, compiled, and captured whole in a CUDA graph (its time is the
+GPU's own time for the step, the floor no engine goes below). On the GPU, each case
+also records the device time and launches of one step (``gpu_ms``, ``launches``, from
+torch.profiler): a step whose device time is close to its wall time is GPU-bound. On the CPU only the small groups in fp32 run (the GPU groups and
 bf16 would take minutes per round there).
 
 Graph engines are timed once every (perturbed network, op) pair is captured: the
@@ -17,6 +20,7 @@ import torch
 
 import cdfast
 from cdfast.models import build_model
+from gpu_work import gpu_work
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -85,7 +89,15 @@ def test_group_step(benchmark, group_name, engine, precision, mode):
     benchmark.extra_info.update(group=group_name, engine=engine_name if graphed else group.engine.name,
                                 compiled=bool(compiled),
                                 precision=precision, mode=mode,
-                                device=DEVICE, images_per_second_per_network=batch / benchmark.stats["mean"])
+                                device=DEVICE, images_per_second_per_network=batch / benchmark.stats["mean"],
+                                **device_work(lambda: group.step(x, y)))
+
+
+def device_work(step, steps: int = 3) -> dict:
+    """extra_info entries: one step's device time (ms) and launches, on the GPU (after the timing:
+    the profiler slows the host while it records)."""
+    work = gpu_work(step, steps)
+    return {} if work is None else {"launches": round(work[0]), "gpu_ms": work[1] / 1e3}
 
 
 # One network trained alone (CE + fused SGD, channels-last): what a group's per-network images/s is
@@ -93,10 +105,10 @@ def test_group_step(benchmark, group_name, engine, precision, mode):
 ALONE = {"resnet32-cifar": ("resnet32", (3, 32, 32), 128, 100), "resnet50-224": ("resnet50", (3, 224, 224), 128, 1000)}
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+@pytest.mark.parametrize("how", ["eager", "compile", "graph"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", list(ALONE))
-def test_one_network_alone(benchmark, name, precision, compiled):
+def test_one_network_alone(benchmark, name, precision, how):
     if not ON_GPU:
         pytest.skip("the yardstick of the GPU groups")
     model, shape, batch, classes = ALONE[name]
@@ -104,22 +116,41 @@ def test_one_network_alone(benchmark, name, precision, compiled):
     torch.backends.cudnn.benchmark = True  # like the groups
     net = build_model(model, classes, shape[0]).to(DEVICE, memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
-    forward = torch.compile(net) if compiled else net
+    forward = torch.compile(net) if how == "compile" else net
     x = torch.randn(batch, *shape, device=DEVICE).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,), device=DEVICE)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    # a graph replays its casts: autocast must not cache them across replays
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=how != "graph")
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def train_step():
+        opt.zero_grad(set_to_none=how != "graph")  # a graph keeps its gradients' memory
         with autocast:
             logits, _ = forward(x)
         torch.nn.functional.cross_entropy(logits.float(), y).backward()
         opt.step()
+
+    if how == "graph":  # warm up on a side stream (cuDNN autotuning, momentum buffers), then capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                train_step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            train_step()
+        call = graph.replay
+    else:
+        call = train_step
+
+    def step():
+        call()
         _sync()
 
-    for _ in range(10 if compiled else 3):
+    for _ in range(10 if how == "compile" else 3):
         step()
     benchmark.group = f"alone {name} {precision} ({DEVICE})"
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update(group=name, engine="alone", compiled=compiled, precision=precision, mode="alone",
-                                device=DEVICE, images_per_second_per_network=batch / benchmark.stats["mean"])
+    benchmark.extra_info.update(group=name, engine="alone+graph" if how == "graph" else "alone",
+                                compiled=how == "compile", precision=precision, mode="alone", device=DEVICE,
+                                images_per_second_per_network=batch / benchmark.stats["mean"], **device_work(call))

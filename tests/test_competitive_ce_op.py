@@ -175,6 +175,43 @@ def test_cuda_op_makes_no_host_sync_and_captures_in_a_graph():
     assert teacher.item() == teacher_ref.item()
 
 
+@pytest.mark.cuda
+def test_cuda_completion_counters_stay_right_across_streams_group_counts_and_graphs():
+    # The forward kernel's completion counters persist per stream (no memset per call) and must
+    # be back at zero after every launch: a counter left at 1 would elect from partial sums.
+    def check(logits, targets):
+        ce, teacher, _ = op(logits, targets)
+        ce_ref, teacher_ref = R.competitive_ce(logits, targets)
+        torch.testing.assert_close(ce, ce_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(teacher, teacher_ref)
+
+    streams = [torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Stream()]
+    for i, groups in enumerate([1, 3, 1, 130, 2, 130, 1]):  # the buffer grows past its first 64 counters
+        for j, stream in enumerate(streams):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                check(*make((groups, 3, 1 + 37 * (i + j)), 101, "cuda", torch.float32, seed=i + j)[:2])
+            torch.cuda.current_stream().wait_stream(stream)
+    # a capture (per-call counters) between eager calls, replayed twice, on a stream eager calls also use
+    logits, targets, _, _ = make((5, 2, 300), 77, "cuda", torch.float32, seed=9)
+    side = streams[1]
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        check(logits, targets)
+        with torch.cuda.graph(graph, stream=side):
+            ce, teacher, _ = op(logits, targets)
+        check(logits, targets)
+    torch.cuda.current_stream().wait_stream(side)
+    for seed in (1, 2):
+        logits.copy_(make((5, 2, 300), 77, "cuda", torch.float32, seed=seed)[0])
+        graph.replay()
+        check(logits, targets)
+        ce_ref, teacher_ref = R.competitive_ce(logits, targets)
+        torch.testing.assert_close(ce, ce_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(teacher, teacher_ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_finite_ce_is_never_elected(device):
     logits, targets, _, _ = make((4, 6), 5, device, torch.float32)

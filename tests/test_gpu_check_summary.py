@@ -33,9 +33,9 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
     student = "student loss forward_backward N=2 B=128 K=100 D=256"
     (tmp_path / "bench-student-loss.json").write_text(json.dumps({"benchmarks": [
         bench(student, "fused", 30e-6), bench(student, "eager", 45e-6), bench(student, "compiled", 20e-6)]}))
-    def step(group, precision, engine, mode, mean):
+    def step(group, precision, engine, mode, mean, **extra):
         return {"group": "g", "stats": {"mean": mean}, "extra_info": {
-            "group": group, "precision": precision, "engine": engine, "compiled": False, "mode": mode}}
+            "group": group, "precision": precision, "engine": engine, "compiled": False, "mode": mode, **extra}}
 
     (tmp_path / "bench-engines.json").write_text(json.dumps({"benchmarks": [
         step("2xresnet32-cifar", "fp32", "streams", "independent", 0.010),
@@ -44,7 +44,9 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
         step("2xresnet32-cifar", "fp32", "graph", "competitive", 0.002),
         step("2xresnet32-cifar", "fp32", "graph", "independent", 0.0019),
         step("2xresnet50-224", "bf16", "fused", "competitive", 0.200),
-        step("resnet50-224", "bf16", "alone", "alone", 0.095)]}))
+        step("resnet50-224", "bf16", "alone", "alone", 0.095, gpu_ms=90.0),
+        step("resnet32-cifar", "fp32", "alone", "alone", 0.004, gpu_ms=0.8),
+        step("resnet32-cifar", "fp32", "alone+graph", "alone", 0.0009)]}))
 
     text = summarize.main(str(tmp_path))
 
@@ -64,6 +66,13 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
     assert "best engine (graph) vs sequential eager | 6.00x | >= 5x | PASS |" in text
     assert "graph: CD step / independent step | 1.05x | <= 1.10x | PASS |" in text
     assert "(fused) vs one alone (alone) | 0.47x | >= 0.9x | FAIL |" in text
+    assert "| resnet50-224 | bf16 | alone | 95.00 ms | — | — | 90.00 ms |" in text
+    # serial floors: from the graphed step where there is one, else from the profiled device time
+    assert ("- 2xresnet32-cifar fp32: 2 x one network's graphed step = 1.80 ms; sequential eager / floor = 6.67x "
+            "(the gain without overlap); the best engine (graph, 2.00 ms) takes 1.11x the floor; per-network "
+            "images/s at the floor: 2.22x of one network alone (eager)") in lines
+    assert ("- 2xresnet50-224 bf16: 2 x one network's device time = 180.00 ms; the best engine (fused, 200.00 ms) "
+            "takes 1.11x the floor; per-network images/s at the floor: 0.53x of one network alone (eager)") in lines
     assert (tmp_path / "summary.md").read_text() == text
 
 

@@ -1,7 +1,8 @@
 // CUDA kernels of cdfast::competitive_ce.
 //
-// Forward: one kernel launch (after a 4-byte-per-group cudaMemsetAsync of the completion counters;
-// a per-call buffer, not a persistent self-resetting one, so calls on concurrent streams never share it).
+// Forward: one kernel launch. Its completion counters are a persistent buffer per (device, stream)
+// that the kernel leaves at zero (no memset per call); under CUDA graph capture, a per-call buffer
+// and a captured memset instead (see completion_counters).
 // Blocks tile (group x network, rows of the batch); a warp computes a row's log-sum-exp in one online
 // pass over K; each block writes a partial CE sum; the last block of a group to finish (an acq_rel
 // atomic counter) sums the partials in a fixed order (deterministic), writes ce and elects the teacher
@@ -14,12 +15,17 @@
 // Backward: one elementwise launch, softmax minus the (mixed, smoothed) one-hot or probability target.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cuda/atomic>
 #include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../competitive_ce.h"
 
@@ -71,6 +77,32 @@ int sm_count(int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   if (device < 64) cache[device] = sms;
   return sms;
+}
+
+// The forward kernel's completion counters (one int per group), all zero when the kernel starts.
+// Eager calls share a persistent buffer per (device, stream) that every launch leaves at zero
+// (its last block resets each counter): kernels on one stream run in order, so two launches never
+// use it at once, and no memset is issued. Under graph capture, a per-call buffer zeroed by a
+// captured memset instead: a graph must not depend on memory that eager calls also write (nor on
+// a buffer whose zeroing was captured and so has not run yet). A launch that aborts (a device
+// assert) leaves its counters wrong, but such an error ends the CUDA context anyway.
+int* completion_counters(const at::Tensor& like, int64_t groups, cudaStream_t stream, at::Tensor& per_call) {
+  const auto opts = like.options().dtype(at::kInt);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    per_call = at::empty({groups}, opts);
+    C10_CUDA_CHECK(cudaMemsetAsync(per_call.data_ptr(), 0, groups * sizeof(int), stream));
+    return per_call.data_ptr<int>();
+  }
+  static std::mutex mutex;
+  // never destroyed: freeing CUDA memory during static destruction at exit can crash
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = (*buffers)[{like.get_device(), stream}];
+  if (!buffer.defined() || buffer.numel() < groups) {
+    // zeroed on this stream, before the launch; the old buffer, if any, is freed stream-ordered
+    buffer = at::zeros({std::max<int64_t>(groups, 64)}, opts);
+  }
+  return buffer.data_ptr<int>();
 }
 
 #ifndef CUDA_KERNEL_ASSERT_MSG  // older torch headers
@@ -328,9 +360,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cuda(const at::Ten
   TORCH_CHECK(pairs <= 65535, "cdfast::competitive_ce: at most 65535 groups x networks per call, got ", pairs);
   TORCH_CHECK(s.n <= kThreads, "cdfast::competitive_ce: at most ", kThreads, " networks per group on CUDA, got ", s.n);
   auto partial = at::empty({pairs * chunks * 4}, acc_opts);  // kept rows' CE sums and counts, sets a and b
-  // Zeroed with a memset (no kernel); the kernel's last block leaves it at zero again.
-  auto counter = at::empty({s.groups}, logits.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(counter.data_ptr(), 0, s.groups * sizeof(int), stream));
+  at::Tensor per_call_counter;
+  int* counter = completion_counters(logits, s.groups, stream, per_call_counter);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "competitive_ce_cuda", [&] {
     using acc = typename Acc<scalar_t>::type;
@@ -341,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> competitive_ce_cuda(const at::Ten
         !s.soft && mixed ? tb.const_data_ptr<int64_t>() : nullptr, sb,
         s.soft ? qa.const_data_ptr<acc>() : nullptr, sqa, s.soft && mixed ? qb.const_data_ptr<acc>() : nullptr, sqb,
         mixed ? w.const_data_ptr<acc>() : nullptr, ce.mutable_data_ptr<acc>(), teacher.mutable_data_ptr<int64_t>(),
-        lse.mutable_data_ptr<acc>(), partial.mutable_data_ptr<acc>(), counter.mutable_data_ptr<int>(),
+        lse.mutable_data_ptr<acc>(), partial.mutable_data_ptr<acc>(), counter,
         static_cast<int>(s.n), s.batch, s.classes, rows_per_block, static_cast<acc>(label_smoothing),
         ignore_index.has_value(), ignore_index.value_or(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
