@@ -110,9 +110,10 @@ def _difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return ma - mb, (sa * sa / na + sb * sb / nb) ** 0.5
 
 
-def _verdict(diff: float, se: float) -> str:
-    """A difference counts as clear beyond two standard errors (needs 2+ seeds on both sides)."""
-    if se == 0.0:
+def _verdict(diff: float, se: float, seeds: int) -> str:
+    """A difference counts as clear beyond two standard errors; ``seeds``, the fewer runs of the two
+    sides, must be 2 or more (one run has no spread to judge by)."""
+    if seeds < 2:
         return "one seed: no spread to judge by"
     return "clear" if abs(diff) > 2 * se else "within noise"
 
@@ -134,7 +135,7 @@ def claims(res: Results, spec: dict[str, Any]) -> list[str]:
                     continue
                 diff, se = _difference(a, b)
                 wins += diff > 0
-                clear = _verdict(diff, se) == "clear"
+                clear = _verdict(diff, se, min(len(a), len(b))) == "clear"
                 clear_wins += clear and diff > 0
                 clear_losses += clear and diff < 0
                 details.append(f"{group} net {i + 1} ({model}) {diff:+.2f} ± {se:.2f}")
@@ -149,9 +150,66 @@ def claims(res: Results, spec: dict[str, Any]) -> list[str]:
         for k, part in ((2, "Perturbation"), (1, "Feature loss")):
             if vals[0] and vals[k]:
                 diff, se = _difference(vals[k], vals[0])
+                word = _verdict(diff, se, min(len(vals[k]), len(vals[0])))
                 out.append(f"- {part} in {name.upper()} ({group}, net 1): {diff:+.2f} ± {se:.2f} points over the "
-                           f"backbone ({_verdict(diff, se)}).")
+                           f"backbone ({word}).")
     return out
+
+
+def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
+    """Every method against independent training and DML, per group: the group's mean accuracy
+    (mean over its networks, per run) and the difference ± standard error over seeds, with the
+    training time per run relative to independent training (median over seeds); then which
+    configuration, if any, beats both clearly (beyond 2 standard errors)."""
+    ind, dml = spec.get("independent", "ind"), spec.get("dml", "dml")
+
+    def runs(group: str, method: str, key: str) -> list[float]:
+        return [statistics.fmean(r[key]) if isinstance(r[key], list) else r[key]
+                for r in res.records if r["group"] == group and r["method"] == method]
+
+    lines = ["| group | method | mean of the networks | vs independent | vs DML | training time / independent |",
+             "|---|---|---|---|---|---|"]
+    winners, best = [], None
+    for group in res.groups:
+        base_time = [r.get("train_seconds") for r in res.records
+                     if r["group"] == group and r["method"] == ind and r.get("train_seconds")]
+        for method in res.methods:
+            acc = runs(group, method, "final_acc")
+            if not acc:
+                continue
+            cells = []
+            clear_over = []
+            for base in (ind, dml):
+                other = runs(group, base, "final_acc")
+                if method == base or not other:
+                    cells.append("—")
+                    continue
+                diff, se = _difference(acc, other)
+                word = _verdict(diff, se, min(len(acc), len(other)))
+                cells.append(f"{diff:+.2f} ± {se:.2f}" + (f" (clearly {'better' if diff > 0 else 'worse'})"
+                                                           if word == "clear" else f" ({word})"))
+                clear_over.append(word == "clear" and diff > 0)
+            times = [r.get("train_seconds") for r in res.records
+                     if r["group"] == group and r["method"] == method and r.get("train_seconds")]
+            cost = f"{statistics.median(times) / statistics.median(base_time):.2f}x" if times and base_time else "—"
+            lines.append(f"| {group} | {method} | {_fmt(acc)} | {cells[0]} | {cells[1]} | {cost} |")
+            if method not in (ind, dml):
+                gain = _stats(acc)[0] - _stats(runs(group, ind, "final_acc"))[0] if runs(group, ind, "final_acc") \
+                    else None
+                if gain is not None and (best is None or gain > best[2]):
+                    best = (group, method, gain)
+                if len(clear_over) == 2 and all(clear_over):
+                    winners.append(f"{method} ({group})")
+    lines.append("")
+    if winners:
+        lines.append("Beats both independent training and DML clearly: " + ", ".join(winners) + ".")
+    else:
+        lines.append("No configuration beats both independent training and DML clearly (beyond 2 standard errors).")
+    if best is not None:
+        lines.append(f"Highest mean against independent training: {best[1]} in {best[0]}, {best[2]:+.2f} points.")
+    lines.append("Training times are wall-clock on the machine that ran the grid: they include its load, "
+                 "and are comparable only between runs made alike.")
+    return lines
 
 
 def _steps(run: dict[str, Any]) -> list[dict[str, str]]:
@@ -263,6 +321,10 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     lines += ablation_table(res, spec)
     lines += ["", "## What the numbers say", ""]
     lines += claims(res, spec)
+    lines += ["", "## Verdict: every method against independent training and DML", "",
+              "Final accuracy averaged over a group's networks in each run; differences in points ± standard "
+              "error over seeds; clear means beyond 2 standard errors.", ""]
+    lines += verdict(res, spec)
     perturbations = perturbation_table(res)
     if perturbations:
         lines += ["", "## Did perturbations win the election?", "",

@@ -156,9 +156,10 @@ def test_report_judges_differences_by_their_standard_error():
 
     diff, se = _difference([0.90, 0.92], [0.80, 0.82])  # stds sqrt(2) points each
     assert diff == pytest.approx(10.0) and se == pytest.approx(2 ** 0.5)
-    assert _verdict(diff, se) == "clear"
-    assert _verdict(*_difference([0.90, 0.92], [0.89, 0.93])) == "within noise"
-    assert _verdict(*_difference([0.9], [0.8])) == "one seed: no spread to judge by"
+    assert _verdict(diff, se, 2) == "clear"
+    assert _verdict(*_difference([0.90, 0.92], [0.89, 0.93]), 2) == "within noise"
+    assert _verdict(*_difference([0.9], [0.8]), 1) == "one seed: no spread to judge by"
+    assert _verdict(*_difference([0.9, 0.9], [0.8, 0.8]), 2) == "clear"  # no spread on either side, 2 seeds
 
 
 def test_every_shipped_grid_file_is_valid():
@@ -179,3 +180,27 @@ def test_report_cells_are_mean_and_standard_error():
     # 90, 92, 94 %: mean 92, sample SD 2, standard error 2 / sqrt(3) = 1.15
     assert _fmt([0.90, 0.92, 0.94]) == "92.00 ± 1.15"
     assert _fmt([0.9]) == "90.00 ± 0.00 (1 seed)" and _fmt([]) == "—"
+
+
+def test_verdict_names_what_beats_independent_training_and_dml_clearly():
+    from cdfast.report import Results, verdict
+
+    def run(method, seed, accs, seconds):
+        return {"group": "g", "method": method, "seed": seed, "models": ["a", "b"], "final_acc": accs,
+                "train_seconds": seconds}
+
+    records = [run("ind", 0, [0.90, 0.92], 100), run("ind", 1, [0.92, 0.90], 110),
+               run("dml", 0, [0.91, 0.91], 120), run("dml", 1, [0.92, 0.92], 120),
+               run("cd", 0, [0.95, 0.95], 210), run("cd", 1, [0.96, 0.96], 210),
+               run("cd-x", 0, [0.90, 0.93], 105), run("cd-x", 1, [0.93, 0.90], 105)]
+    text = "\n".join(verdict(Results(records), {}))
+    # cd: group means 95 and 96 against 91, 91 (ind) and 91, 92 (dml): +4.50 ± 0.50 and +4.00 ± 0.71
+    assert "| g | cd | 95.50 ± 0.50 | +4.50 ± 0.50 (clearly better) | +4.00 ± 0.71 (clearly better) | 2.00x |" in text
+    # group means 91.5 in both runs against 91 in both: no spread at all, and 2 seeds: still judged
+    assert "| g | cd-x | 91.50 ± 0.00 | +0.50 ± 0.00 (clearly better) | +0.00 ± 0.50 (within noise) | 1.00x |" in text
+    assert "Beats both independent training and DML clearly: cd (g)." in text
+    assert "Highest mean against independent training: cd in g, +4.50 points." in text
+    worse = [run("ind", s, [0.95, 0.95], 1) for s in (0, 1)] + [run("cd", s, [0.90 + s / 100] * 2, 1) for s in (0, 1)]
+    text = "\n".join(verdict(Results(worse), {}))
+    assert "No configuration beats both independent training and DML clearly" in text
+    assert "(clearly worse)" in text
