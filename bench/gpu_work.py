@@ -11,7 +11,8 @@ import torch
 
 
 def gpu_work(fn, calls: int = 1) -> tuple[float, float] | None:
-    """``(launches, device microseconds)`` per call of ``fn``, averaged over ``calls`` calls (None without CUDA)."""
+    """``(launches, device microseconds)`` per call of ``fn``, averaged over ``calls`` calls (None without
+    CUDA, or when the profiler records no device activity)."""
     if not torch.cuda.is_available():
         return None
     from torch.autograd import DeviceType
@@ -22,5 +23,7 @@ def gpu_work(fn, calls: int = 1) -> tuple[float, float] | None:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    if not events:  # the profiler saw no device activity (no CUPTI): nothing measured, not zero work
+        return None
     return len(events) / calls, sum(e.time_range.elapsed_us() for e in events) / calls

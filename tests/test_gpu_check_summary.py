@@ -46,7 +46,7 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
         step("2xresnet50-224", "bf16", "fused", "competitive", 0.200),
         step("resnet50-224", "bf16", "alone", "alone", 0.095, gpu_ms=90.0),
         step("resnet32-cifar", "fp32", "alone", "alone", 0.004, gpu_ms=0.8),
-        step("resnet32-cifar", "fp32", "alone+graph", "alone", 0.0009)]}))
+        step("resnet32-cifar", "fp32", "alone+graph", "alone", 0.0009, gpu_ms=0.85)]}))
 
     text = summarize.main(str(tmp_path))
 
@@ -67,12 +67,13 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
     assert "graph: CD step / independent step | 1.05x | <= 1.10x | PASS |" in text
     assert "(fused) vs one alone (alone) | 0.47x | >= 0.9x | FAIL |" in text
     assert "| resnet50-224 | bf16 | alone | 95.00 ms | — | — | 90.00 ms |" in text
-    # serial floors: from the graphed step where there is one, else from the profiled device time
-    assert ("- 2xresnet32-cifar fp32: 2 x one network's graphed step = 1.80 ms; sequential eager / floor = 6.67x "
-            "(the gain without overlap); the best engine (graph, 2.00 ms) takes 1.11x the floor; per-network "
-            "images/s at the floor: 2.22x of one network alone (eager)") in lines
-    assert ("- 2xresnet50-224 bf16: 2 x one network's device time = 180.00 ms; the best engine (fused, 200.00 ms) "
-            "takes 1.11x the floor; per-network images/s at the floor: 0.53x of one network alone (eager)") in lines
+    # serial floors: from the graphed step's device time where there is one, else the eager step's
+    assert ("- 2xresnet32-cifar fp32: 2 x one network's graphed step's device time = 1.70 ms; sequential eager / "
+            "floor = 7.06x (at most the gain without overlap); the best engine (graph, 2.00 ms) takes 1.18x the "
+            "floor; per-network images/s at the floor: 2.35x of one network alone (eager)") in lines
+    assert ("- 2xresnet50-224 bf16: 2 x one network's eager step's device time = 180.00 ms; the best engine (fused, "
+            "200.00 ms) takes 1.11x the floor; per-network images/s at the floor: 0.53x of one network alone "
+            "(eager)") in lines
     assert (tmp_path / "summary.md").read_text() == text
 
 

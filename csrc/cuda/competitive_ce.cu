@@ -82,27 +82,37 @@ int sm_count(int device) {
 // The forward kernel's completion counters (one int per group), all zero when the kernel starts.
 // Eager calls share a persistent buffer per (device, stream) that every launch leaves at zero
 // (its last block resets each counter): kernels on one stream run in order, so two launches never
-// use it at once, and no memset is issued. Under graph capture, a per-call buffer zeroed by a
-// captured memset instead: a graph must not depend on memory that eager calls also write (nor on
-// a buffer whose zeroing was captured and so has not run yet). A launch that aborts (a device
-// assert) leaves its counters wrong, but such an error ends the CUDA context anyway.
+// use it at once, and no memset is issued per call. The buffer holds the most groups a call can
+// have, is allocated once outside PyTorch's caching allocator (so no graph pool of torch.compile's
+// CUDA graphs can take it, and nothing ever frees or moves it) and is never freed. Under graph
+// capture, a per-call buffer zeroed by a captured memset instead: a graph must not depend on memory
+// that eager calls also write. Streams are told apart by handle: a stream destroyed and another
+// created with the same handle share a buffer, which is safe, as the old stream's work is done.
+// A launch that aborts (a device assert) leaves its counters wrong, but such an error ends the
+// CUDA context anyway.
+constexpr int64_t kMaxGroups = 65535 / 2;  // groups x networks <= 65535 (the grid's y limit), N >= 2
+
 int* completion_counters(const at::Tensor& like, int64_t groups, cudaStream_t stream, at::Tensor& per_call) {
-  const auto opts = like.options().dtype(at::kInt);
+  TORCH_INTERNAL_ASSERT(groups <= kMaxGroups);
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-    per_call = at::empty({groups}, opts);
+    per_call = at::empty({groups}, like.options().dtype(at::kInt));
     C10_CUDA_CHECK(cudaMemsetAsync(per_call.data_ptr(), 0, groups * sizeof(int), stream));
     return per_call.data_ptr<int>();
   }
   static std::mutex mutex;
-  // never destroyed: freeing CUDA memory during static destruction at exit can crash
-  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, int*>();  // never destroyed, like the buffers
   const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& buffer = (*buffers)[{like.get_device(), stream}];
-  if (!buffer.defined() || buffer.numel() < groups) {
-    // zeroed on this stream, before the launch; the old buffer, if any, is freed stream-ordered
-    buffer = at::zeros({std::max<int64_t>(groups, 64)}, opts);
+  int*& buffer = (*buffers)[{like.get_device(), stream}];
+  if (buffer == nullptr) {
+    void* ptr = nullptr;
+    if (cudaMallocAsync(&ptr, kMaxGroups * sizeof(int), stream) != cudaSuccess) {
+      (void)cudaGetLastError();  // no stream-ordered allocator on this device or driver: a plain one
+      C10_CUDA_CHECK(cudaMalloc(&ptr, kMaxGroups * sizeof(int)));
+    }
+    C10_CUDA_CHECK(cudaMemsetAsync(ptr, 0, kMaxGroups * sizeof(int), stream));  // before this call's launch
+    buffer = static_cast<int*>(ptr);
   }
-  return buffer.data_ptr<int>();
+  return buffer;
 }
 
 #ifndef CUDA_KERNEL_ASSERT_MSG  // older torch headers
