@@ -71,10 +71,17 @@ mods = ["pytest", "pytest_benchmark", "yaml", "tqdm", "ninja", "pybind11", "setu
 print("modules:", ", ".join(f"{m} {'yes' if importlib.util.find_spec(m) else 'NO'}" for m in mods))
 inc = sysconfig.get_paths()["include"]
 print("Python.h:", "yes" if os.path.isfile(os.path.join(inc, "Python.h")) else f"NO ({inc})")
+# what built torch, against what the extension is built with (C++ exceptions cross the two)
+print("torch built with:", " | ".join(line.strip() for line in torch.__config__.show().splitlines()
+                                      if line.strip().startswith(("- GCC", "- clang", "- C++ Version")))[:400])
+print("torch cxx11 abi:", torch._C._GLIBCXX_USE_CXX11_ABI)
 EOF
   for tool in nvcc ninja pip compute-sanitizer make; do
     printf '%s: %s\n' "$tool" "$(command -v "$tool" || echo 'not on PATH')"
   done
+  printf 'c++: %s\n' "$(c++ --version 2>&1 | head -1)"
+  printf 'libstdc++: %s\n' "$(ldconfig -p 2>/dev/null | grep -m1 'libstdc++.so.6 ' || echo '?')"
+  printf 'glibc: %s\n' "$(ldd --version 2>&1 | head -1)"
   nvidia-smi 2>&1 || true
 } > "$OUT/raw/environment.txt" 2>&1
 head -5 "$OUT/raw/environment.txt" | tee -a "$LOG"
