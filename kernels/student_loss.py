@@ -128,8 +128,8 @@ def _forward_kernel(logits_ptr, feats_ptr, tgt_logits_ptr, tgt_feats_ptr, teache
 
 
 @triton.jit
-def _backward_kernel(grad_ptr, logits_ptr, feats_ptr, tgt_logits_ptr, tgt_feats_ptr, teacher_ptr, lse_ptr, tgt_lse_ptr,
-                     grad_logits_ptr, grad_feats_ptr, N, B, K, D, inv_t, kl_grad_scale, fl_grad_scale,
+def _backward_kernel(grad_ptr, grad_stride, logits_ptr, feats_ptr, tgt_logits_ptr, tgt_feats_ptr, teacher_ptr, lse_ptr,
+                     tgt_lse_ptr, grad_logits_ptr, grad_feats_ptr, N, B, K, D, inv_t, kl_grad_scale, fl_grad_scale,
                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FEATS: tl.constexpr,
                      PER_STUDENT: tl.constexpr):
     t, t_ok = _teacher(teacher_ptr, N)
@@ -142,7 +142,7 @@ def _backward_kernel(grad_ptr, logits_ptr, feats_ptr, tgt_logits_ptr, tgt_feats_
     else:
         tr = t * B + b
     student = (i != t) & t_ok  # the teacher's rows get exactly 0 (no 0 * inf)
-    g = tl.load(grad_ptr + i, mask=row_mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + i * grad_stride, mask=row_mask, other=0.0).to(tl.float32)
     lse_s = tl.load(lse_ptr + r, mask=row_mask, other=0.0)
     lse_t = tl.load(tgt_lse_ptr + tr, mask=row_mask, other=0.0)
     for k0 in range(0, K, BLOCK_K):
@@ -232,8 +232,11 @@ def student_loss_backward(grad: torch.Tensor, logits: torch.Tensor, feats: torch
     if n * b == 0 or k == 0:
         return grad_logits, grad_feats
     config = launch_config(k, d)
+    # the loss's gradient is read through its stride: loss.sum() hands back ones expanded over the
+    # networks (stride 0), and copying them to a contiguous tensor would be one more launch
+    grad = grad.float()
     launch(_backward_kernel)[_grid(n, b, config["ROWS"])](
-        grad.contiguous().float(), logits, feats, tgt_logits, tgt_feats, teacher, lse.contiguous(), tgt_lse,
+        grad, grad.stride(0), logits, feats, tgt_logits, tgt_feats, teacher, lse.contiguous(), tgt_lse,
         grad_logits, grad_feats, n, b, k, d,
         1.0 / temperature, alpha * temperature / b, (2.0 * beta / (b * d)) if has_feats else 0.0,
         HAS_FEATS=has_feats, PER_STUDENT=per_student, **config)

@@ -26,7 +26,8 @@ def lower(kernel, constants: dict) -> str:
         elif name.endswith("_ptr"):
             signature[name] = "*i64" if name == "teacher_ptr" else "*fp32"
         else:
-            signature[name] = "i32" if name in ("N", "B", "K", "D") else "fp32"
+            # sizes and strides are Python ints (i32 at launch when they fit); the rest are float scalars
+            signature[name] = "i32" if name in ("N", "B", "K", "D") or name.endswith("_stride") else "fp32"
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()})
     context = ir.context()
     ir.load_dialects(context)

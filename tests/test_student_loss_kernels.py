@@ -113,6 +113,25 @@ def test_a_teacher_index_out_of_range_gives_nan_not_a_wild_read(device):
     assert torch.isnan(loss).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_reads_a_strided_loss_gradient(device):
+    # loss.sum() hands the backward ones expanded over the networks (stride 0); a mean, a scale;
+    # and a strided slice: the kernel reads the gradient through its stride, without a copy
+    from cdfast.kernels.student_loss import student_loss_backward, student_loss_forward
+
+    logits, feats = inputs(3, 5, 17, 6, torch.float32, device, seed=4)
+    teacher = torch.tensor(1, device=device)
+    _, lse = student_loss_forward(logits, feats, teacher, 2.0, 0.7, 0.3)
+    for grad in (torch.ones((), device=device).expand(3), torch.tensor(0.25, device=device).expand(3),
+                 torch.tensor([0.5, 9.0, -1.0, 9.0, 2.0], device=device)[::2]):
+        z, f = logits.clone().requires_grad_(), feats.clone().requires_grad_()
+        ref = R.group_student_loss(z, f, teacher, temperature=2.0, alpha=0.7, beta=0.3)
+        (ref * grad).sum().backward()
+        grad_logits, grad_feats = student_loss_backward(grad, logits, feats, teacher, lse, 2.0, 0.7, 0.3)
+        torch.testing.assert_close(grad_logits, z.grad, **TOL[torch.float32])
+        torch.testing.assert_close(grad_feats, f.grad, **TOL[torch.float32])
+
+
 @pytest.mark.cuda
 def test_batches_beyond_the_old_65535_grid_cap():
     compare(2, 70_000, 10, 4, 1.0, torch.float32, "cuda")
