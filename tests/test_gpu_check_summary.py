@@ -43,6 +43,8 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
         step("2xresnet32-cifar", "fp32", "sequential", "competitive", 0.012),
         step("2xresnet32-cifar", "fp32", "graph", "competitive", 0.002),
         step("2xresnet32-cifar", "fp32", "graph", "independent", 0.0019),
+        step("2xresnet32-cifar", "bf16", "sequential", "competitive", 0.010),
+        step("2xresnet32-cifar", "bf16", "graph", "competitive", 0.004),
         step("2xresnet50-224", "bf16", "fused", "competitive", 0.200),
         step("resnet50-224", "bf16", "alone", "alone", 0.095, gpu_ms=90.0),
         step("resnet32-cifar", "fp32", "alone", "alone", 0.004, gpu_ms=0.8),
@@ -63,7 +65,8 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
     assert "FAIL" in row("| student loss fwd+bwd N=2 B=128 K=100 D=256: fused vs eager")
     assert "PASS" not in row("| student loss fwd+bwd N=2 B=128 K=100 D=256: fused vs compiled")
     assert "| 2xresnet32-cifar | fp32 | streams | 10.00 ms | 11.00 ms | 1.10x |" in text
-    assert "best engine (graph) vs sequential eager | 6.00x | >= 5x | PASS |" in text
+    assert "fp32 CD step: best engine (graph) vs sequential eager | 6.00x | >= 5x | PASS |" in text
+    assert "bf16 CD step: best engine (graph) vs sequential eager | 2.50x | >= 5x | FAIL |" in text
     assert "graph: CD step / independent step | 1.05x | <= 1.10x | PASS |" in text
     assert "(fused) vs one alone (alone) | 0.47x | >= 0.9x | FAIL |" in text
     assert "| resnet50-224 | bf16 | alone | 95.00 ms | — | — | 90.00 ms |" in text
