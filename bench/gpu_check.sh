@@ -136,7 +136,7 @@ step "bench student loss" 90 $PY -m pytest "${BENCH[@]}" bench/test_student_loss
   -k "host_overhead or (forward_backward and (N2-B128-K100-D256 or N4-B128-K100-D256 or N4-B256-K1000-D2048))" \
   --benchmark-json="$OUT/bench-student-loss.json"
 # one network alone, eager and graphed: the yardstick of the groups and their serial floor
-step "bench engines" 150 $PY -m pytest "${BENCH[@]}" bench/test_engines.py \
+step "bench engines" 170 $PY -m pytest "${BENCH[@]}" bench/test_engines.py \
   -k "(2xresnet32 and fp32 and not compile) or (2xresnet32 and bf16 and competitive and (sequential or graph) and not fused and not compile) or (2xresnet50 and bf16 and competitive and not graph and not compile) or (alone and ((resnet50 and bf16) or (resnet32 and fp32)) and not compile)" \
   --benchmark-json="$OUT/bench-engines.json"
 
