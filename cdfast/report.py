@@ -167,12 +167,21 @@ def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
         return [statistics.fmean(r[key]) if isinstance(r[key], list) else r[key]
                 for r in res.records if r["group"] == group and r["method"] == method]
 
+    # a run's cost: seconds per image from its median epoch's images/s (robust to a few epochs slowed
+    # by other load) when every run has them, else every run's whole training time
+    speeds = [_median_speed(r) for r in res.records]
+    costs = [1.0 / v for v in speeds] if all(speeds) else [r.get("train_seconds") for r in res.records]
+
+    def step_time(group: str, method: str) -> float | None:
+        """Median over seeds of the runs' costs."""
+        times = [c for r, c in zip(res.records, costs) if r["group"] == group and r["method"] == method and c]
+        return statistics.median(times) if times else None
+
     lines = ["| group | method | mean of the networks | vs independent | vs DML | training time / independent |",
              "|---|---|---|---|---|---|"]
     winners, best = [], None
     for group in res.groups:
-        base_time = [r.get("train_seconds") for r in res.records
-                     if r["group"] == group and r["method"] == ind and r.get("train_seconds")]
+        base_time = step_time(group, ind)
         for method in res.methods:
             acc = runs(group, method, "final_acc")
             if not acc:
@@ -189,9 +198,8 @@ def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
                 cells.append(f"{diff:+.2f} ± {se:.2f}" + (f" (clearly {'better' if diff > 0 else 'worse'})"
                                                            if word == "clear" else f" ({word})"))
                 clear_over.append(word == "clear" and diff > 0)
-            times = [r.get("train_seconds") for r in res.records
-                     if r["group"] == group and r["method"] == method and r.get("train_seconds")]
-            cost = f"{statistics.median(times) / statistics.median(base_time):.2f}x" if times and base_time else "—"
+            time = step_time(group, method)
+            cost = f"{time / base_time:.2f}x" if time and base_time else "—"
             lines.append(f"| {group} | {method} | {_fmt(acc)} | {cells[0]} | {cells[1]} | {cost} |")
             if method not in (ind, dml):
                 gain = _stats(acc)[0] - _stats(runs(group, ind, "final_acc"))[0] if runs(group, ind, "final_acc") \
@@ -207,9 +215,25 @@ def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
         lines.append("No configuration beats both independent training and DML clearly (beyond 2 standard errors).")
     if best is not None:
         lines.append(f"Highest mean against independent training: {best[1]} in {best[0]}, {best[2]:+.2f} points.")
-    lines.append("Training times are wall-clock on the machine that ran the grid: they include its load, "
-                 "and are comparable only between runs made alike.")
+    lines.append(("Training time: per image, from the median epoch's images/s of each run" if all(speeds) else
+                  "Training time: each run's wall-clock training time") +
+                 " (median over seeds); measured on the machine that ran the grid, so comparable only between runs "
+                 "made alike.")
     return lines
+
+
+def _median_speed(run: dict[str, Any]) -> float | None:
+    """The median over a run's epochs of its training images/s (None without an epochs.jsonl)."""
+    path = Path(run.get("run_dir", "")) / "epochs.jsonl"
+    if not run.get("run_dir") or not path.is_file():
+        return None
+    speeds = []
+    for line in path.read_text().splitlines():
+        try:
+            speeds.append(float(json.loads(line)["images_per_second"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line or an older record: skip it
+    return statistics.median(speeds) if speeds else None
 
 
 def _steps(run: dict[str, Any]) -> list[dict[str, str]]:

@@ -182,7 +182,7 @@ def test_report_cells_are_mean_and_standard_error():
     assert _fmt([0.9]) == "90.00 ± 0.00 (1 seed)" and _fmt([]) == "—"
 
 
-def test_verdict_names_what_beats_independent_training_and_dml_clearly():
+def test_verdict_names_what_beats_independent_training_and_dml_clearly(tmp_path):
     from cdfast.report import Results, verdict
 
     def run(method, seed, accs, seconds):
@@ -200,6 +200,18 @@ def test_verdict_names_what_beats_independent_training_and_dml_clearly():
     assert "| g | cd-x | 91.50 ± 0.00 | +0.50 ± 0.00 (clearly better) | +0.00 ± 0.50 (within noise) | 1.00x |" in text
     assert "Beats both independent training and DML clearly: cd (g)." in text
     assert "Highest mean against independent training: cd in g, +4.50 points." in text
+    # training time from the median epoch's images/s where the run folder has them (a slowed epoch and
+    # a torn last line do not count), else the run's seconds
+    for name, speeds in (("i0", [100, 100, 10]), ("i1", [100]), ("c0", [50, 40, 50]), ("c1", [50])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "epochs.jsonl").write_text(
+            "".join(f'{{"epoch": {e}, "images_per_second": {v}}}\n' for e, v in enumerate(speeds)) + '{"epo')
+    timed = [dict(run(m, seed, [0.9, 0.9], 999), run_dir=str(tmp_path / f"{m[0]}{seed}"))
+             for m in ("ind", "cd") for seed in (0, 1)]
+    # ind: 100 images/s (median epoch) in both runs, cd 50: twice the time, whatever the runs' seconds
+    assert "| g | cd | 90.00 ± 0.00 | +0.00 ± 0.00 (within noise) | — | 2.00x |" in "\n".join(verdict(Results(timed), {}))
+    timed[3].pop("run_dir")  # one run without its folder: every run's seconds instead (999 each: 1.00x)
+    assert "| g | cd | 90.00 ± 0.00 | +0.00 ± 0.00 (within noise) | — | 1.00x |" in "\n".join(verdict(Results(timed), {}))
     worse = [run("ind", s, [0.95, 0.95], 1) for s in (0, 1)] + [run("cd", s, [0.90 + s / 100] * 2, 1) for s in (0, 1)]
     text = "\n".join(verdict(Results(worse), {}))
     assert "No configuration beats both independent training and DML clearly" in text
