@@ -23,7 +23,8 @@ class TinyNet(nn.Module):
 class _ReplayBody:
     """A stand-in CUDA graph: replay() runs the recorded step body again, with what a real graph
     freezes at capture time put back for the replay: the learning-rate tensor objects, every other
-    optimizer setting and the group's loss settings. So a change the engine fails to notice (or
+    optimizer setting, the group's loss settings, every layer's train/eval flag, BatchNorm momentum
+    and eps, and which parameters take gradients. So a change the engine fails to notice (or
     a number it fails to write into the captured lr tensor) shows up as a difference from eager."""
 
     GROUP_SETTINGS = ("mode", "teachers", "alpha", "beta", "temperature", "feature_loss", "perturbed_bn",
@@ -33,11 +34,30 @@ class _ReplayBody:
         self.group, self.body = group, body
         self.frozen_groups = [[dict(pg) for pg in opt.param_groups] for opt in group.optimizers]
         self.frozen_settings = {k: getattr(group, k) for k in self.GROUP_SETTINGS}
+        self.frozen_layers = self._layers()
+
+    def _layers(self):
+        """Per layer and parameter: train/eval flags, BatchNorm momentum and eps, requires_grad."""
+        modules = [m for net in self.group.networks for m in net.modules()]
+        return ([(m, "training", m.training) for m in modules]
+                + [(m, k, getattr(m, k)) for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   for k in ("momentum", "eps")]
+                + [(p, "requires_grad", p.requires_grad) for p in self.group.parameters()])
+
+    @staticmethod
+    def _set(layers):
+        for obj, k, v in layers:
+            if k == "requires_grad":
+                obj.requires_grad_(v)
+            else:
+                setattr(obj, k, v)
 
     def replay(self):
         group = self.group
         live_groups = [[dict(pg) for pg in opt.param_groups] for opt in group.optimizers]
         live_settings = {k: getattr(group, k) for k in self.GROUP_SETTINGS}
+        live_layers = self._layers()
+        self._set(self.frozen_layers)
         for opt, frozen in zip(group.optimizers, self.frozen_groups):
             for pg, values in zip(opt.param_groups, frozen):
                 pg.update(values)
@@ -55,6 +75,7 @@ class _ReplayBody:
                     pg.update(values)
             for k, v in live_settings.items():
                 setattr(group, k, v)
+            self._set(live_layers)
 
 
 def graph_engine_on_cpu(group):

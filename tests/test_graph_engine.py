@@ -175,6 +175,39 @@ def test_a_batch_of_another_shape_runs_eagerly_and_the_graphs_stay():
     assert_same_state(graphed, eager)
 
 
+def test_the_common_batch_shape_wins_over_a_short_first_batch():
+    # a resume at an epoch's last (short) batch: the graphs first take its shape, then the full one
+    graphed, eager = make("graph", perturb=False), make("sequential", perturb=False)
+    gs = on_cpu(graphed)
+    data = batches(1, b=7, seed=2) + batches(5) + batches(1, b=7, seed=4) + batches(2, seed=3)
+    for x, y in data:
+        a, b = graphed.step(x, y), eager.step(x, y)
+        torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-6)
+    assert gs.shape[0] == (16, 1, 12, 12) and gs.graphs  # replaying full batches; the short ones eager
+    assert_same_state(graphed, eager)
+
+
+def test_layer_settings_changed_after_a_capture_are_noticed():
+    # a real graph freezes each layer's train/eval flag, BatchNorm momentum and eps, and which
+    # parameters are stepped: changing one after the capture must recapture, not replay the old
+    graphed, eager = make("graph", perturb=False), make("sequential", perturb=False)
+    gs = on_cpu(graphed)
+    changes = {
+        3: lambda g: next(g.networks[0].parameters()).requires_grad_(False),  # a frozen first layer
+        5: lambda g: setattr(next(m for m in g.networks[1].modules() if isinstance(m, torch.nn.BatchNorm2d)),
+                             "momentum", 0.5),
+        7: lambda g: setattr(next(m for m in g.networks[0].modules() if isinstance(m, torch.nn.BatchNorm2d)),
+                             "eps", 1e-2),
+    }
+    for i, (x, y) in enumerate(batches(10)):
+        for group in (graphed, eager):
+            changes.get(i, lambda g: None)(group)
+        a, b = graphed.step(x, y), eager.step(x, y)
+        torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-6)
+    assert gs.resets == 3
+    assert_same_state(graphed, eager)
+
+
 def test_metrics_ring_keeps_every_step_until_it_wraps():
     graphed = make("graph", perturb=False)
     gs = on_cpu(graphed)

@@ -112,6 +112,7 @@ class GraphStep:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.seen: set[tuple[int, int]] = set()
         self.shape: tuple | None = None  # (x shape, x dtype, y shape) that the graphs take
+        self.shape_counts: dict[tuple, int] = {}  # batches of each shape since the graphs took theirs
         self.static: tuple[Tensor, Tensor] | None = None
         self.pool = None
         self.ring = self.teacher_ring = self.slot_device = None
@@ -119,6 +120,8 @@ class GraphStep:
         self.lr: list[list[Tensor]] = []
         self.watched: tuple | None = None
         self.params: list[Tensor] = []
+        self.modules: list[nn.Module] = []
+        self.batchnorms: list[nn.Module] = []
         self.stream: torch.cuda.Stream | None = None  # the warm-ups' side stream
         self.capture_stream: torch.cuda.Stream | None = None
 
@@ -135,6 +138,8 @@ class GraphStep:
                                  "build it with torch.optim.SGD(..., fused=True) or Adam/AdamW(..., capturable=True)")
         self.lr = [[self._lr_tensor(pg, device) for pg in opt.param_groups] for opt in g.optimizers]
         self.params = list(g.parameters())
+        self.modules = [m for net in g.networks for m in net.modules()]
+        self.batchnorms = [m for m in self.modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     @staticmethod
     def _lr_tensor(param_group: dict, device: torch.device) -> Tensor:
@@ -145,11 +150,16 @@ class GraphStep:
         return lr
 
     def _watch(self, device: torch.device) -> tuple:
-        """Everything a captured step bakes in: objects compared by identity, values by equality."""
+        """Everything a captured step bakes in: objects compared by identity, values by equality.
+
+        Besides the optimizers and the group: every layer's train/eval flag (one layer put in eval,
+        e.g. a frozen BatchNorm), BatchNorm momentum and eps (kernel arguments), and which
+        parameters take a gradient (a layer frozen after the capture must stop being stepped)."""
         g = self.group
         return (device, tuple(opt.state for opt in g.optimizers), tuple(opt.param_groups for opt in g.optimizers),
                 tuple(_hyper_signature(opt) for opt in g.optimizers), _group_signature(g),
-                tuple(p.data_ptr() for p in self.params))
+                tuple(p.data_ptr() for p in self.params), tuple(p.requires_grad for p in self.params),
+                tuple(m.training for m in self.modules), tuple((m.momentum, m.eps) for m in self.batchnorms))
 
     @staticmethod
     def _same(a: tuple, b: tuple) -> bool:
@@ -195,7 +205,19 @@ class GraphStep:
             self._sync_settings(x.device)
         shape = (tuple(x.shape), x.dtype, tuple(y.shape))
         if self.shape is None:
-            self.shape = shape  # the first batch after a reset sets the shape the graphs take
+            self.shape = shape  # the first batch after a reset sets the shape the graphs take...
+        counts = self.shape_counts
+        if len(counts) > 8 and shape not in counts:
+            counts.clear()  # many shapes: keep the counts bounded
+        counts[shape] = counts.get(shape, 0) + 1
+        if shape != self.shape and counts[shape] >= 2 and counts[shape] > counts.get(self.shape, 0):
+            # ...until another shape is the more common one (the first batch was a short one, e.g. a
+            # resume at an epoch's last batch): the graphs take that shape instead
+            log.info("cdfast: graph engine: batches of shape %s are the common ones; capturing for them",
+                     list(x.shape))
+            self._reset()
+            self._sync_settings(x.device)
+            self.shape, self.shape_counts = shape, {shape: counts[shape]}
         if shape != self.shape:
             if not self._warned_shape:
                 self._warned_shape = True

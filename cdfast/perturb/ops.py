@@ -116,10 +116,11 @@ def _per_channel(values, x: Tensor) -> Tensor | None:
     return None if values is None else _channel_tensor(tuple(float(v) for v in values), x.dtype, x.device)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # never evicted: a CUDA graph that read an entry keeps reading its memory
 def _channel_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     # Made once per (values, dtype, device), never written: a host-to-device copy on every batch
     # would sync the step and cannot be captured in a CUDA graph (the warm-up step makes it first).
+    # A handful of entries per process (one per pool fill level, dtype and device).
     return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
