@@ -67,6 +67,30 @@ def test_compile_option_is_checked():
     assert group("sequential").compile_options is None
 
 
+def test_fused_takes_layer_settings_from_the_networks_at_every_step():
+    # a BatchNorm put in eval mode (frozen statistics) and another momentum, set after the first
+    # step in every network: the fused run must follow, as the sequential one does
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 1, 12, 12, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g))
+               for _ in range(4)]
+    seq = group("sequential", perturb=False, dtype=torch.float64)
+    fused = group("fused", perturb=False, dtype=torch.float64)
+    for i, (x, y) in enumerate(batches):
+        if i == 1:
+            for gr in (seq, fused):
+                for net in gr.networks:
+                    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+                    bns[0].eval()
+                    bns[1].momentum = 0.5
+        seq.step(x, y), fused.step(x, y)
+    for name, value in seq.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[name], value, atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+    # settings that differ between the networks cannot run as one forward: a clear error
+    next(m for m in fused.networks[1].modules() if isinstance(m, torch.nn.BatchNorm2d)).momentum = 0.3
+    with pytest.raises(ValueError, match="network 1's differ"):
+        fused.step(*batches[0])
+
+
 def test_fused_keeps_running_stats_of_the_mutated_network():
     x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
     fused = group("fused", perturb=True)

@@ -14,7 +14,6 @@ CPU, grouped convolutions are slower than N separate ones (docs/RESULTS.md).
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
@@ -46,29 +45,42 @@ def why_not_fusable(networks: Sequence[nn.Module]) -> str | None:
     return None
 
 
+def layer_settings(network: nn.Module) -> tuple:
+    """The per-layer settings one vmapped forward takes from network 0 for every network."""
+    return tuple((m.training, m.momentum, m.eps) if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.training
+                 for m in network.modules())
+
+
 class FusedEngine:
     name = "fused"
 
     def __init__(self, compile_options: dict | None = None):
         self.compile_options = compile_options
-        self._base: nn.Module | None = None
+        self._structure: nn.Module | None = None
         self._group_forward = None
 
     def forward(self, networks: Sequence[nn.Module], inputs: Sequence[Tensor], frozen_bn=-1) -> list:
-        if self._base is None:
+        if self._structure is not networks[0]:
             reason = why_not_fusable(networks)
             if reason is not None:
                 raise ValueError(f"the fused engine needs identical networks: {reason}; use engine='sequential'")
-            self._base = copy.deepcopy(networks[0]).to("meta")  # structure only; weights come from the stack
-            base = self._base
+            # Network 0 itself is the structure: functional_call swaps the stacked weights in for the
+            # call only, and every layer setting (train/eval flag, BatchNorm momentum and eps, dropout
+            # rate) is network 0's as it is at this call, never a stale copy.
+            structure = self._structure = networks[0]
 
             def one(p, b, x):
-                return functional_call(base, (p, b), (x,))
+                return functional_call(structure, (p, b), (x,))
 
             self._group_forward = vmap(one, in_dims=(0, 0, 0), randomness="different")
             if self.compile_options is not None:  # one compiled program for the whole group's forward
                 self._group_forward = torch.compile(self._group_forward, **self.compile_options)
-        self._base.train(networks[0].training)
+        settings = [layer_settings(net) for net in networks]
+        for i, other in enumerate(settings[1:], start=1):
+            if other != settings[0]:
+                raise ValueError(f"the fused engine runs every network with network 0's layer settings, and network "
+                                 f"{i}'s differ (a layer in eval mode, or another BatchNorm momentum or eps); set them "
+                                 "alike in every network, or use engine='sequential'")
         named = [dict(net.named_parameters()) for net in networks]
         named_buffers = [dict(net.named_buffers()) for net in networks]
         # Everything contiguous: PyTorch's CUDA batch norm asks a channels-last input whether it is
