@@ -276,20 +276,27 @@ def test_cuda_graph_engine_matches_eager_after_many_steps(engine):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_steps_do_not_sync_and_compose_with_bf16_and_channels_last():
-    # one op: 2 (network, op) pairs, both captured within the first 20 steps
-    group = cuda_pair("graph", autocast_dtype=torch.bfloat16, channels_last=True, perturb_ops=["noise"])
-    data = [(x.cuda(), y.cuda()) for x, y in batches(30)]
-    for x, y in data[:20]:
-        group.step(x, y)
-    assert group._graph_step.captures == 2
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+@pytest.mark.parametrize("engine", ["graph", "fused+graph"])
+def test_cuda_graph_steps_do_not_sync_and_compose_with_bf16_channels_last_and_cudnn_autotuning(engine):
+    # as the trainer runs on CUDA: cuDNN's autotuner on (it times algorithms in the warm-ups; a
+    # capture must find them chosen). One op: 2 (network, op) pairs, captured within 20 steps.
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
     try:
-        for x, y in data[20:]:
+        group = cuda_pair(engine, autocast_dtype=torch.bfloat16, channels_last=True, perturb_ops=["noise"])
+        data = [(x.cuda(), y.cuda()) for x, y in batches(30)]
+        for x, y in data[:20]:
             group.step(x, y)
+        assert group._graph_step.captures == 2
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for x, y in data[20:]:
+                group.step(x, y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        torch.backends.cudnn.benchmark = benchmark
     assert torch.isfinite(torch.stack([p.detach().float().sum() for p in group.parameters()])).all()
 
 
@@ -387,8 +394,8 @@ def test_cuda_graph_engine_variants_with_a_schedule_and_a_short_last_batch(varia
     # whatever the gradient's size, so a last-bit difference in a tiny gradient moves a weight by up
     # to lr; inductor compiles the captured and the eager step into different kernels (other
     # reduction orders). On an H200 (2026-11-27) these two reached 2.4e-4 and 6.6e-4 after 41 steps
-    # while every step's losses agreed within 2e-4.
-    tol = 1e-3 if variant in ("adam", "compiled") else 2e-4
+    # while every step's losses agreed within 2e-4: 3x that margin, as other GPUs round otherwise.
+    tol = 2e-3 if variant in ("adam", "compiled") else 2e-4
     sa, sb = graphed.state_dict(), eager.state_dict()
     for name in sa:
         torch.testing.assert_close(sa[name], sb[name], atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
