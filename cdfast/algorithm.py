@@ -407,7 +407,7 @@ class CompetitiveDistillation(nn.Module):
 
     def _losses(self, x: Tensor, y: Tensor, r: int, op: int, ready: Perturbed | None = None) -> GroupLosses:
         """The step's forward part for host choices ``(r, op)``: nothing here reads the device."""
-        if self.channels_last:
+        if self.channels_last and not getattr(self.engine, "runs_contiguous", False):  # fused: it would copy back
             x = x.contiguous(memory_format=torch.channels_last)
             if ready is not None:
                 ready = dataclasses.replace(ready, x=ready.x.contiguous(memory_format=torch.channels_last))

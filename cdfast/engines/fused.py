@@ -53,6 +53,7 @@ def layer_settings(network: nn.Module) -> tuple:
 
 class FusedEngine:
     name = "fused"
+    runs_contiguous = True  # whatever the group's layout (see forward): it wants its inputs contiguous
 
     def __init__(self, compile_options: dict | None = None):
         self.compile_options = compile_options
