@@ -226,13 +226,13 @@ class GraphStep:
             return self._warmup_step(x, y, r, op)  # e.g. a short last batch: not worth a capture
         key = (r, op)
         if key not in self.seen:  # warm-up: this pair's first step runs eagerly
-            self.seen.add(key)
             host = g.pool.rng.host.getstate()
             result = self._warmup_step(x, y, r, op)
             if g.pool.rng.host.getstate() != host:  # a capture would draw it once and replay it forever
                 raise ValueError(f"perturbation {g.pool.names[op]!r} draws from the host RNG (rng.host) inside the "
                                  "step: a CUDA graph would replay the same numbers every time. Draw its random "
                                  "numbers on the device (rng.on(x.device)), or use an engine without 'graph'")
+            self.seen.add(key)  # only a warm-up that went through counts (a capture needs one before it)
             return result
         if self.static is None:
             self.static = (torch.empty_like(x), torch.empty_like(y))
