@@ -9,7 +9,8 @@
 #   bash bench/gpu_check.sh OUT [DEADLINE_SECONDS]     (default deadline: 480 s)
 #
 # OUT ends up with at most 8 files (the device tool brings back 8): summary.md, gpu-check.log,
-# the junit XMLs, the benchmark JSONs and raw.tar.gz (steps, environment, sanitizer output).
+# the junit XMLs, the benchmark JSONs and raw.tar.gz (steps.tsv, environment.txt, the compile tests'
+# junit); the sanitizers' output is in gpu-check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: bench/gpu_check.sh OUT_FOLDER [DEADLINE_SECONDS]}"

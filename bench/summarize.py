@@ -2,7 +2,8 @@
 
     python bench/summarize.py OUT     # writes OUT/summary.md and prints it
 
-Reads ``raw/steps.tsv``, ``raw/environment.txt``, ``junit-cuda.xml``, ``junit.xml`` and the
+Reads ``raw/steps.tsv``, ``raw/environment.txt``, ``junit-cuda.xml``, ``raw/junit-cuda-compile.xml``,
+``junit.xml`` and the
 pytest-benchmark JSON files that ``bench/gpu_check.sh`` writes; anything missing or unreadable
 is reported as such, never as a pass.
 """

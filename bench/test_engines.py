@@ -5,8 +5,9 @@ same engine, same process) and in ``competitive`` mode, so the cost of
 Competitive Distillation reads as a ratio of the two means. images/s per
 network is in each benchmark's extra_info. ``test_one_network_alone`` times one
 network's plain training step (CE + SGD), the yardstick of "N networks for the
-price of one"; eager, compiled, and captured whole in a CUDA graph (its time is the
-GPU's own time for the step, the floor no engine goes below). On the GPU, each case
+price of one"; eager, compiled, and captured whole in a CUDA graph (its device time,
+times N, is the group's serial floor in bench/summarize.py: overlapped or batched work,
+streams or fused, can go below it). On the GPU, each case
 also records the device time and launches of one step (``gpu_ms``, ``launches``, from
 torch.profiler): a step whose device time is close to its wall time is GPU-bound. On the CPU only the small groups in fp32 run (the GPU groups and
 bf16 would take minutes per round there).

@@ -1,4 +1,6 @@
-"""The report of a comparison grid: paper-style tables, learning curves, a teacher timeline.
+"""The report of a comparison grid: paper-style tables, what the numbers say, a verdict (every
+method against independent training and DML), how often perturbations won the election,
+learning curves and a teacher timeline.
 
 Reads ``<grid out>/results.jsonl`` and ``grid.yaml``; writes ``report.md`` and
 PNG plots. Accuracies are test accuracies in percent, mean ± standard error
@@ -159,7 +161,8 @@ def claims(res: Results, spec: dict[str, Any]) -> list[str]:
 def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
     """Every method against independent training and DML, per group: the group's mean accuracy
     (mean over its networks, per run) and the difference ± standard error over seeds, with the
-    training time per run relative to independent training (median over seeds); then which
+    training time per image relative to independent training (from each run's median epoch
+    images/s, else the runs' seconds; median over seeds); then which
     configuration, if any, beats both clearly (beyond 2 standard errors)."""
     ind, dml = spec.get("independent", "ind"), spec.get("dml", "dml")
 

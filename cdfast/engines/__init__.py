@@ -3,8 +3,9 @@
 - ``sequential``: one network after another (the reference; what public code does).
 - ``streams``: each network on its own CUDA stream (forward and backward overlap).
 - ``fused``: identical networks stacked and run as one with ``torch.func.vmap``.
-- ``auto``: on a GPU, ``fused`` for identical networks and ``streams`` otherwise; on the
-  CPU ``sequential`` (fused is slower there, streams do not exist).
+- ``auto``: on a GPU, every engine that can run the group is timed on the first batch and
+  the fastest is kept (:mod:`cdfast.engines.auto`); on the CPU ``sequential`` (fused is
+  slower there, streams do not exist).
 - ``graph`` (= ``sequential+graph``), ``fused+graph``: the whole training step (perturbation,
   forwards, election, losses, backward, optimizer steps) captured in CUDA graphs and
   replayed (:mod:`cdfast.engines.graph`); the part before ``+`` runs the forwards.

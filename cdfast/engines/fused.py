@@ -5,7 +5,10 @@ differentiable, so each network's own parameters still receive their own
 gradients and its own optimizer steps them) and one ``torch.func.vmap`` of
 ``functional_call`` runs the group: a convolution becomes one grouped
 convolution, BatchNorm keeps statistics per network. The updated running
-statistics are copied back to each network. Parameters, optimizers and
+statistics are copied back to each network. Network 0 itself is the vmapped
+structure, so its layer settings (train/eval flags, BatchNorm momentum and
+eps, dropout) apply to every network, read at each call; networks whose
+layer settings differ from network 0's are refused. Parameters, optimizers and
 checkpoints stay per network, so engines are interchangeable mid-run.
 
 It pays off where kernel launches dominate (small networks on a GPU); on the

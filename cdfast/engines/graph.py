@@ -13,16 +13,18 @@ What makes a step replayable, and how this module provides it:
   on the host and pick the graph; every number inside the step (noise std,
   mixing weight, boxes, matrices, partners) is drawn on the device from the
   pool's generator, which each graph registers so replays advance it.
-- Inputs are copied into static buffers (of the first batch's shape; other
-  shapes, e.g. a short last batch, run eagerly); the learning rate is a device
+- Inputs are copied into static buffers (of the first batch's shape, or of
+  another once it has come up more often; other shapes, e.g. a short last
+  batch, run eagerly); the learning rate is a device
   tensor per parameter group (a scheduler's or a trainer's new value is written
   into it before the next replay); gradients live in the graphs' memory, where
   each replay's captured backward writes them afresh. ``p.grad`` is None after
   every step of this engine (the graphs' gradients are not readable in between).
 - What a graph bakes in is watched before every replay, and the graphs are
   dropped (captured again) when it changes: the optimizers' state and settings,
-  the group's loss settings (alpha, beta, temperature, mode, ...), the networks'
-  train/eval flags, and where the parameters live (``.to()``, a state load).
+  the group's loss settings (alpha, beta, temperature, mode, ...), every layer's
+  train/eval flag, BatchNorm momentum and eps, which parameters take gradients,
+  and where the parameters live (``.to()``, a state load).
 - A pair's first step runs eagerly on a side stream (PyTorch's warm-up rule:
   lazy initialisation, autotuning and the optimizer's first-step state happen
   outside any capture); its next step captures the graph, then replays it.
@@ -32,8 +34,10 @@ What makes a step replayable, and how this module provides it:
   every pool tensor is written before it is read within each replay, and a
   replay's outputs are consumed (copied into the ring) before the next replay.
 
-Refused combinations, with the reason: the streams engine inside a graph, and
-``torch.compile`` modes that use CUDA graphs themselves. On the CPU the engine
+Refused, with the reason: the streams engine inside a graph, ``torch.compile``
+modes that use CUDA graphs themselves, BatchNorm with ``momentum=None``,
+optimizers that cannot be captured, and perturbation ops that draw from the
+host RNG inside the step. On the CPU the engine
 is the eager step (with one message), so a config runs everywhere.
 """
 

@@ -83,8 +83,8 @@ class TrainConfig:
                                      "(one extra no-grad forward per network in perturbed steps)")
     election: str = _f("ce", "who teaches: ce (lowest cross-entropy, the paper) or clean-equivalent (a mixed-label "
                              "CE minus the entropy of its label mix)", choices=CHOICES["election"])
-    engine: str = _f("auto", "how the networks execute: auto (GPU: fused for identical networks, else streams; "
-                     "CPU: sequential), sequential, streams, fused; graph or fused+graph capture the whole step in "
+    engine: str = _f("auto", "how the networks execute: auto (GPU: every engine that can run the group is "
+                     "timed on the first batch and the fastest kept; CPU: sequential), sequential, streams, fused; graph or fused+graph capture the whole step in "
                      "CUDA graphs (fused SGD; eager on the CPU)",
                      choices=ENGINE_CHOICES)
     sync_bn: bool = _f(False, "data parallel on GPUs (torchrun): BatchNorm statistics over the global batch "
