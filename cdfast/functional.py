@@ -176,9 +176,7 @@ def competitive_ce(
     if ignore_index is not None:
         check_number("ignore_index", ignore_index, integer=True)
     hard = not targets.is_floating_point()  # class indices (else class probabilities)
-    # the compiled op checks label values itself; a lam that needs a gradient sends the call to the reference
-    lam_grad = lam is not None and lam.requires_grad and torch.is_grad_enabled()
-    checked_by_op = hard and ce_op.checks_label_values(logits.device) and not lam_grad
+    checked_by_op = hard and ce_op.uses_op(logits, targets, targets_b, lam)  # it checks label values itself
     if not hard:  # probabilities in the accumulation dtype before they are expanded (no copy per network)
         targets = targets.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     targets = _group_targets(targets, logits.shape, "targets")

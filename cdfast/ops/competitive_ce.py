@@ -67,10 +67,12 @@ def op_available(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and WITH_CUDA)
 
 
-def checks_label_values(device: torch.device) -> bool:
-    """Whether the path :func:`competitive_ce` takes on ``device`` checks label values itself
-    (the compiled kernels do, the CPU one with an error and the CUDA one with a device assert)."""
-    return op_available(device)
+def uses_op(logits: Tensor, targets: Tensor, targets_b: Tensor | None, lam: Tensor | None) -> bool:
+    """Whether :func:`competitive_ce` runs the compiled op for these inputs (which then checks label
+    values itself: the CPU kernel with an error, the CUDA one with a device assert). The op
+    differentiates the logits only: targets or weights that need a gradient take the reference."""
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (targets, targets_b, lam))
+    return op_available(logits.device) and not needs_grad
 
 
 def competitive_ce(logits: Tensor, targets: Tensor, targets_b: Tensor | None, lam: Tensor | None,
@@ -78,9 +80,7 @@ def competitive_ce(logits: Tensor, targets: Tensor, targets_b: Tensor | None, la
     """``(ce, teacher)`` of checked inputs (class indices ``[*G, N, B]`` or ``[B]``, class probabilities
     ``[*G, N, B, K]`` or ``[B, K]``): the compiled op where it has a kernel for the device (one fused
     launch, no host sync), the reference elsewhere."""
-    # the op differentiates the logits only: targets or weights that need a gradient take the reference
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (targets, targets_b, lam))
-    if op_available(logits.device) and not needs_grad:
+    if uses_op(logits, targets, targets_b, lam):
         shape = logits.shape if targets.is_floating_point() else logits.shape[:-1]
         ce, teacher, _ = torch.ops.cdfast.competitive_ce(logits, targets.expand(shape), targets_b, lam,
                                                          label_smoothing, ignore_index)
