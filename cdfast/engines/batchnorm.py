@@ -1,4 +1,4 @@
-"""BatchNorm helpers shared by the engines."""
+"""BatchNorm and layer-setting helpers shared by the engines."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ def frozen_set(frozen_bn) -> frozenset[int]:
     if isinstance(frozen_bn, int):
         return frozenset() if frozen_bn < 0 else frozenset((frozen_bn,))
     return frozenset(frozen_bn)
+
+
+def layer_settings(network: nn.Module) -> tuple:
+    """Every layer's train/eval flag, with BatchNorm momentum and eps: the settings a vmapped forward
+    takes from network 0 for every network, and that a captured CUDA graph bakes in."""
+    return tuple((m.training, m.momentum, m.eps) if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.training
+                 for m in network.modules())
 
 
 def running_stat_modules(net: nn.Module) -> list[nn.Module]:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from cdfast.engines.batchnorm import frozen_set
+from cdfast.engines.batchnorm import frozen_set, layer_settings
 
 
 def why_not_fusable(networks: Sequence[nn.Module]) -> str | None:
@@ -46,12 +46,6 @@ def why_not_fusable(networks: Sequence[nn.Module]) -> str | None:
                 [(n, tuple(b.shape)) for n, b in net.named_buffers()] != bufs:
             return f"network {i} has other parameter or buffer shapes than network 0"
     return None
-
-
-def layer_settings(network: nn.Module) -> tuple:
-    """The per-layer settings one vmapped forward takes from network 0 for every network."""
-    return tuple((m.training, m.momentum, m.eps) if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.training
-                 for m in network.modules())
 
 
 class FusedEngine:

@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from cdfast.engines.batchnorm import layer_settings
+
 if TYPE_CHECKING:
     from cdfast.algorithm import CompetitiveDistillation, StepResult
 
@@ -82,8 +84,7 @@ def _group_signature(group: CompetitiveDistillation) -> tuple:
     """The group's settings a captured step bakes in (floats reach the kernels as arguments)."""
     return (group.mode, group.teachers, group.alpha, group.beta, group.temperature, group.feature_loss,
             group.perturbed_bn, group.matched_inputs, group.election, group.autocast_dtype, group.channels_last,
-            group.engine_name, group.training, tuple(net.training for net in group.networks),
-            group.label_smoothing, group.ignore_index)
+            group.engine_name, group.training, group.label_smoothing, group.ignore_index)
 
 
 def why_not_graphable(group: CompetitiveDistillation) -> str | None:
@@ -124,8 +125,6 @@ class GraphStep:
         self.lr: list[list[Tensor]] = []
         self.watched: tuple | None = None
         self.params: list[Tensor] = []
-        self.modules: list[nn.Module] = []
-        self.batchnorms: list[nn.Module] = []
         self.stream: torch.cuda.Stream | None = None  # the warm-ups' side stream
         self.capture_stream: torch.cuda.Stream | None = None
 
@@ -142,8 +141,6 @@ class GraphStep:
                                  "build it with torch.optim.SGD(..., fused=True) or Adam/AdamW(..., capturable=True)")
         self.lr = [[self._lr_tensor(pg, device) for pg in opt.param_groups] for opt in g.optimizers]
         self.params = list(g.parameters())
-        self.modules = [m for net in g.networks for m in net.modules()]
-        self.batchnorms = [m for m in self.modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     @staticmethod
     def _lr_tensor(param_group: dict, device: torch.device) -> Tensor:
@@ -163,7 +160,7 @@ class GraphStep:
         return (device, tuple(opt.state for opt in g.optimizers), tuple(opt.param_groups for opt in g.optimizers),
                 tuple(_hyper_signature(opt) for opt in g.optimizers), _group_signature(g),
                 tuple(p.data_ptr() for p in self.params), tuple(p.requires_grad for p in self.params),
-                tuple(m.training for m in self.modules), tuple((m.momentum, m.eps) for m in self.batchnorms))
+                tuple(layer_settings(net) for net in g.networks))
 
     @staticmethod
     def _same(a: tuple, b: tuple) -> bool:
