@@ -166,8 +166,8 @@ def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
     configuration, if any, beats both clearly (beyond 2 standard errors)."""
     ind, dml = spec.get("independent", "ind"), spec.get("dml", "dml")
 
-    def runs(group: str, method: str, key: str) -> list[float]:
-        return [statistics.fmean(r[key]) if isinstance(r[key], list) else r[key]
+    def runs(group: str, method: str) -> list[float]:
+        return [statistics.fmean(r["final_acc"]) if isinstance(r["final_acc"], list) else r["final_acc"]
                 for r in res.records if r["group"] == group and r["method"] == method]
 
     # a run's cost: seconds per image from its median epoch's images/s (robust to a few epochs slowed
@@ -185,14 +185,14 @@ def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
     winners, best = [], None
     for group in res.groups:
         base_time = step_time(group, ind)
+        bases = {base: runs(group, base) for base in (ind, dml)}
         for method in res.methods:
-            acc = runs(group, method, "final_acc")
+            acc = runs(group, method)
             if not acc:
                 continue
-            cells = []
-            clear_over = []
+            cells, clear_over, gain = [], [], None
             for base in (ind, dml):
-                other = runs(group, base, "final_acc")
+                other = bases[base]
                 if method == base or not other:
                     cells.append("—")
                     continue
@@ -201,12 +201,12 @@ def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
                 cells.append(f"{diff:+.2f} ± {se:.2f}" + (f" (clearly {'better' if diff > 0 else 'worse'})"
                                                            if word == "clear" else f" ({word})"))
                 clear_over.append(word == "clear" and diff > 0)
+                if base == ind:
+                    gain = diff
             time = step_time(group, method)
             cost = f"{time / base_time:.2f}x" if time and base_time else "—"
             lines.append(f"| {group} | {method} | {_fmt(acc)} | {cells[0]} | {cells[1]} | {cost} |")
             if method not in (ind, dml):
-                gain = _stats(acc)[0] - _stats(runs(group, ind, "final_acc"))[0] if runs(group, ind, "final_acc") \
-                    else None
                 if gain is not None and (best is None or gain > best[2]):
                     best = (group, method, gain)
                 if len(clear_over) == 2 and all(clear_over):
