@@ -106,27 +106,41 @@ def tests_line(out: Path, name: str, what: str) -> str:
     return line + ("".join(f"\n  - FAILED {name}" for name in failed[:20]))
 
 
+def engine_timings(out: Path) -> tuple[dict, dict]:
+    """From bench-engines.json: mean step seconds and device seconds per step (where profiled), both
+    keyed by (group, precision, engine[+compile], mode)."""
+    time, gpu = {}, {}
+    for b in load_benchmarks(out, "bench-engines.json"):
+        i = b.get("extra_info", {})
+        key = (i.get("group"), i.get("precision"), i.get("engine", "?") + ("+compile" if i.get("compiled") else ""),
+               i.get("mode"))
+        time[key] = b["stats"]["mean"]
+        if i.get("gpu_ms") is not None:
+            gpu[key] = i["gpu_ms"] / 1e3
+    return time, gpu
+
+
+def fastest(time: dict, group: str, precision: str, mode: str) -> tuple[str | None, float | None]:
+    """The engine with the lowest step time for (group, precision, mode), and that time."""
+    cands = {k[2]: t for k, t in time.items() if k[0] == group and k[1] == precision and k[3] == mode}
+    return min(cands.items(), key=lambda kv: kv[1]) if cands else (None, None)
+
+
 def engines_table(out: Path) -> list[str]:
-    rows = load_benchmarks(out, "bench-engines.json")
-    if not rows:
+    time, gpu = engine_timings(out)
+    if not time:
         return []
     lines = ["", "## Engines (step time; images/s per network)", "",
              "| group | precision | engine | independent | competitive | CD / independent | GPU time of a step |",
              "|---|---|---|---|---|---|---|"]
-    table: dict[tuple, dict] = {}
-    for b in rows:
-        info = b.get("extra_info", {})
-        engine = info.get("engine", "?") + ("+compile" if info.get("compiled") else "")
-        cell = table.setdefault((info.get("group"), info.get("precision"), engine), {})
-        cell[info.get("mode")] = b["stats"]["mean"]
-        if info.get("gpu_ms") is not None and info.get("mode") in ("competitive", "alone"):
-            cell["gpu_ms"] = info["gpu_ms"]
-    for (group, precision, engine), modes in sorted(table.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        ind, cd = modes.get("independent", modes.get("alone")), modes.get("competitive")  # alone: one network
-        cell = lambda t: f"{1e3 * t:.2f} ms" if t else "—"  # noqa: E731
+    rows = sorted({k[:3] for k in time}, key=lambda k: tuple(map(str, k)))
+    cell = lambda t: f"{1e3 * t:.2f} ms" if t else "—"  # noqa: E731
+    for group, precision, engine in rows:
+        at = lambda mode, d: d.get((group, precision, engine, mode))  # noqa: E731
+        ind, cd = at("independent", time) or at("alone", time), at("competitive", time)  # alone: one network
+        device = at("competitive", gpu) or at("alone", gpu)
         ratio = f"{cd / ind:.2f}x" if ind and cd else "—"
-        gpu = f"{modes['gpu_ms']:.2f} ms" if "gpu_ms" in modes else "—"
-        lines.append(f"| {group} | {precision} | {engine} | {cell(ind)} | {cell(cd)} | {ratio} | {gpu} |")
+        lines.append(f"| {group} | {precision} | {engine} | {cell(ind)} | {cell(cd)} | {ratio} | {cell(device)} |")
     lines += ["", "GPU time of a step: the summed device time of its launches (torch.profiler; of the "
               "competitive step, or of the one network alone). Close to the step's wall time: GPU-bound."]
     return lines
@@ -134,39 +148,27 @@ def engines_table(out: Path) -> list[str]:
 
 def engine_targets(out: Path) -> list[str]:
     """The graph engine issue's targets, from bench-engines.json (group steps and networks alone)."""
-    rows = load_benchmarks(out, "bench-engines.json")
-    if not rows:
+    time, gpu = engine_timings(out)
+    if not time:
         return []
-    time, gpu = {}, {}
-    for b in rows:
-        i = b.get("extra_info", {})
-        name = i.get("engine", "?") + ("+compile" if i.get("compiled") else "")
-        time[(i.get("group"), i.get("precision"), name, i.get("mode"))] = b["stats"]["mean"]
-        if i.get("gpu_ms") is not None:
-            gpu[(i.get("group"), i.get("precision"), name, i.get("mode"))] = i["gpu_ms"] / 1e3
-
-    def best(group, precision, mode):
-        cands = {k[2]: t for k, t in time.items() if k[0] == group and k[1] == precision and k[3] == mode}
-        return min(cands.items(), key=lambda kv: kv[1]) if cands else (None, None)
-
     lines = ["", "## Engine targets", "", "| target | measured | needed | verdict |", "|---|---|---|---|"]
     for precision in ("fp32", "bf16"):  # each against the sequential engine in the same precision
         seq = time.get(("2xresnet32-cifar", precision, "sequential", "competitive"))
-        best_name, best_t = best("2xresnet32-cifar", precision, "competitive")
+        best_name, best_t = fastest(time, "2xresnet32-cifar", precision, "competitive")
         if seq and best_t:
             ratio = seq / best_t
             lines.append(f"| 2x ResNet-32 B=128 {precision} CD step: best engine ({best_name}) vs sequential eager | "
                          f"{ratio:.2f}x | >= 5x | {'PASS' if ratio >= 5 else 'FAIL'} |")
         elif precision == "fp32":
             lines.append("| 2x ResNet-32 B=128 fp32 CD step: best engine vs sequential eager | not run | >= 5x | — |")
-    name, t = best("2xresnet32-cifar", "fp32", "competitive")
+    name, t = fastest(time, "2xresnet32-cifar", "fp32", "competitive")
     if name and ("2xresnet32-cifar", "fp32", name, "independent") in time:
         ratio = t / time[("2xresnet32-cifar", "fp32", name, "independent")]
         lines.append(f"| 2x ResNet-32 fp32, {name}: CD step / independent step | {ratio:.2f}x | <= 1.10x | "
                      f"{'PASS' if ratio <= 1.10 else 'FAIL'} |")
     else:
         lines.append("| 2x ResNet-32 fp32: CD step / independent step (best engine) | not run | <= 1.10x | — |")
-    group_name, group_t = best("2xresnet50-224", "bf16", "competitive")
+    group_name, group_t = fastest(time, "2xresnet50-224", "bf16", "competitive")
     # the yardstick: one network trained alone the usual way, eager (its graphed step is the floor below)
     alone_name, alone_t = "alone", time.get(("resnet50-224", "bf16", "alone", "alone"))
     if group_t and alone_t:
@@ -196,15 +198,14 @@ def floor_lines(time: dict, gpu: dict) -> list[str]:
         if not floor:
             continue
         seq = time.get((group, precision, "sequential", "competitive"))
-        cands = {k[2]: t for k, t in time.items() if k[0] == group and k[1] == precision and k[3] == "competitive"}
+        best_name, best_t = fastest(time, group, precision, "competitive")
         if not lines:
             lines = ["", "Serial floors: N networks trained one after another with no host overhead (N x one "
                      "network's own GPU time); only overlapped or batched work goes below it.", ""]
         text = f"- {group} {precision}: {n} x one network's {source} = {1e3 * n * floor:.2f} ms"
         if seq:
             text += f"; sequential eager / floor = {seq / (n * floor):.2f}x (at most the gain without overlap)"
-        if cands:
-            best_name, best_t = min(cands.items(), key=lambda kv: kv[1])
+        if best_t:
             text += f"; the best engine ({best_name}, {1e3 * best_t:.2f} ms) takes {best_t / (n * floor):.2f}x the floor"
         eager_alone = time.get((alone, precision, "alone", "alone"))
         if eager_alone:
