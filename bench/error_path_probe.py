@@ -12,16 +12,27 @@ import subprocess
 import sys
 
 OP = "torch.ops.cdfast.competitive_ce(z, y, None, None)"
-CASES = {
-    # torch's own C++ error first: if this crashes too, the machine (not cdfast._C) is at fault
-    "torch's own error, CPU": "torch.mm(torch.ones(2, 2), torch.ones(3, 3))",
-    "bad label, CPU": f"z = torch.randn(2, 4, 10); y = torch.full((2, 4), 10); {OP}",
-    "bad label, CPU, requires grad": f"z = torch.randn(2, 4, 10, requires_grad=True); y = torch.full((2, 4), 10); {OP}",
-    "bad shape, CPU": f"z = torch.randn(2, 4, 10); y = torch.zeros(3, dtype=torch.long); {OP}",
-    "bad shape, CUDA": f"z = torch.randn(2, 4, 10, device='cuda'); y = torch.zeros(3, dtype=torch.long, device='cuda'); {OP}",
+# cdfast._C alone, without the package (and the Triton, DALI, ... imports it brings): dlopen runs the
+# library's op registrations
+LIBRARY_ONLY = ("import glob, os, importlib.util; "
+                "torch.ops.load_library(glob.glob(os.path.join(os.path.dirname("
+                "importlib.util.find_spec('cdfast').origin), '_C*.so'))[0])")
+CASES = {  # name: (what to import first, the code that must raise)
+    # torch's own C++ error first, without and with cdfast loaded: if the first crashes, the machine
+    # is at fault; if only the second, something cdfast loads breaks C++ exceptions for everyone
+    "torch's own error, torch alone": ("", "torch.mm(torch.ones(2, 2), torch.ones(3, 3))"),
+    "torch's own error, CPU": ("import cdfast", "torch.mm(torch.ones(2, 2), torch.ones(3, 3))"),
+    "bad label, CPU": ("import cdfast", f"z = torch.randn(2, 4, 10); y = torch.full((2, 4), 10); {OP}"),
+    "bad label, CPU, cdfast._C alone": (LIBRARY_ONLY, f"z = torch.randn(2, 4, 10); y = torch.full((2, 4), 10); {OP}"),
+    "bad label, CPU, requires grad": ("import cdfast", f"z = torch.randn(2, 4, 10, requires_grad=True); "
+                                      f"y = torch.full((2, 4), 10); {OP}"),
+    "bad shape, CPU": ("import cdfast", f"z = torch.randn(2, 4, 10); y = torch.zeros(3, dtype=torch.long); {OP}"),
+    "bad shape, CUDA": ("import cdfast", f"z = torch.randn(2, 4, 10, device='cuda'); "
+                        f"y = torch.zeros(3, dtype=torch.long, device='cuda'); {OP}"),
 }
 TEMPLATE = """
-import torch, cdfast
+import torch
+{imports}
 try:
     {code}
 except (ValueError, RuntimeError) as e:
@@ -34,12 +45,12 @@ else:
 def main() -> int:
     debugger = shutil.which("gdb") or shutil.which("cuda-gdb") or shutil.which("cuda-gdb", path="/usr/local/cuda/bin")
     bad, traced = 0, False
-    for name, code in CASES.items():
+    for name, (imports, code) in CASES.items():
         if "cuda" in code:
             import torch
             if not torch.cuda.is_available():
                 continue
-        cmd = [sys.executable, "-X", "faulthandler", "-c", TEMPLATE.format(code=code)]
+        cmd = [sys.executable, "-X", "faulthandler", "-c", TEMPLATE.format(imports=imports, code=code)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         print(f"{name}: exit {done.returncode}: {done.stdout.strip() or done.stderr.strip()[-600:]}", flush=True)
         if done.returncode != 0:

@@ -116,7 +116,9 @@ class Grid:
                 self.config(group, method, self.seeds[0], Path(".")).validate()
 
     def runs(self) -> list[tuple[str, str, int]]:
-        return [(g, m, s) for g in self.groups for m in self.methods_of(g) for s in self.seeds]
+        """Every (group, method, seed), a group's seeds outermost: each finished seed is a complete
+        comparison of the group's methods, so a grid stopped part-way already answers something."""
+        return [(g, m, s) for g in self.groups for s in self.seeds for m in self.methods_of(g)]
 
 
 def run_dir(out: Path, group: str, method: str, seed: int) -> Path:

@@ -5,7 +5,9 @@ learning curves and a teacher timeline.
 Reads ``<grid out>/results.jsonl`` and ``grid.yaml``; writes ``report.md`` and
 PNG plots. Accuracies are test accuracies in percent, mean ± standard error
 over seeds, taken at the **last epoch** (the best epoch is shown in a second
-table, for comparison with papers that report it).
+table, for comparison with papers that report it). A difference is called clear
+when a two-sided Welch t-test rejects "no difference" at the 5 % level: with 3
+seeds a side that takes about 2.8 standard errors, with 2 seeds a side 4.3.
 
 The grid's ``report`` section names the methods of the tables (defaults shown)::
 
@@ -47,18 +49,28 @@ def _fmt(values: list[float] | None) -> str:
     if not values:
         return "—"
     mean, sd, n = _stats(values)
-    return f"{mean:.2f} ± {sd / n ** 0.5:.2f}" + ("" if n > 1 else " (1 seed)")
+    return f"{mean:.2f} ± {sd / n ** 0.5:.2f}" + ("" if n > 1 else " (1 seed, no SE)")
 
 
 class Results:
-    def __init__(self, records: list[dict[str, Any]]):
+    def __init__(self, records: list[dict[str, Any]], grid_dir: Path | None = None):
         self.records = records
+        self.grid_dir = grid_dir
         self.groups = list(dict.fromkeys(r["group"] for r in records))
         self.methods = list(dict.fromkeys(r["method"] for r in records))
 
-    def values(self, group: str, method: str, net: int, key: str = "final_acc") -> list[float]:
-        return [r[key][net] if isinstance(r[key], list) else r[key]
+    def values(self, group: str, method: str, net: int | None, key: str = "final_acc") -> list[float]:
+        """One value per run (seed): network ``net``'s, or the mean over the networks (``net=None``)."""
+        return [(statistics.fmean(r[key]) if net is None else r[key][net]) if isinstance(r[key], list) else r[key]
                 for r in self.records if r["group"] == group and r["method"] == method]
+
+    def run_dir(self, run: dict[str, Any]) -> Path | None:
+        """A run's folder: as recorded (relative to where the grid ran), else at its place in the grid
+        folder, so that a report made from elsewhere, or of a moved grid, still finds it."""
+        recorded = Path(run["run_dir"]) if run.get("run_dir") else None
+        if recorded is not None and (recorded.is_absolute() or recorded.exists()) or self.grid_dir is None:
+            return recorded
+        return self.grid_dir / run["group"] / run["method"] / f"seed-{run['seed']}"
 
     def models(self, group: str) -> list[str]:
         return next(r["models"] for r in self.records if r["group"] == group)
@@ -76,7 +88,7 @@ def load(grid_dir: Path) -> tuple[Results, dict[str, Any]]:
     if not records:
         raise ValueError(f"{path} holds no finished runs yet")
     grid = read_yaml_mapping(grid_dir / GRID_FILE, "grid file") if (grid_dir / GRID_FILE).exists() else {}
-    return Results(records), (grid.get("report") or {})
+    return Results(records, grid_dir), (grid.get("report") or {})
 
 
 def accuracy_table(res: Results, spec: dict[str, Any], key: str) -> list[str]:
@@ -95,15 +107,30 @@ def accuracy_table(res: Results, spec: dict[str, Any], key: str) -> list[str]:
     return lines
 
 
+def _ablation(spec: dict[str, Any]) -> dict[str, list[str | None]]:
+    """The ablation rows, each padded to its 4 columns (backbone, + feature loss, + perturbation, + both)."""
+    rows = spec.get("ablation", DEFAULT_ABLATION)
+    return {name: (list(methods) + [None] * 4)[:4] for name, methods in rows.items()}
+
+
 def ablation_table(res: Results, spec: dict[str, Any]) -> list[str]:
-    ablation = spec.get("ablation", DEFAULT_ABLATION)
     group = spec.get("ablation_group", res.groups[0])
-    lines = [f"Group {group}, net 1, last epoch:", "",
+    lines = [f"Group {group}, mean of the networks, last epoch:", "",
              "| method | backbone | + feature loss | + perturbation | + both |", "|---|---|---|---|---|"]
-    for name, methods in ablation.items():
-        lines.append(f"| {name.upper()} | " + " | ".join(_fmt(res.values(group, m, 0) if m else None)
+    for name, methods in _ablation(spec).items():
+        lines.append(f"| {name.upper()} | " + " | ".join(_fmt(res.values(group, m, None) if m else None)
                                                          for m in methods) + " |")
     return lines
+
+
+# Two-sided 95 % quantiles of Student's t by degrees of freedom; between two rows the lower one (the
+# larger quantile) is used, which errs towards "within noise".
+_T95 = ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (6, 2.447), (7, 2.365), (8, 2.306),
+        (9, 2.262), (10, 2.228), (12, 2.179), (15, 2.131), (20, 2.086), (30, 2.042), (60, 2.000), (120, 1.980))
+
+
+def _t95(df: float) -> float:
+    return next((t for d, t in reversed(_T95) if df >= d), _T95[0][1]) if df < float("inf") else 1.960
 
 
 def _difference(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -112,19 +139,25 @@ def _difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return ma - mb, (sa * sa / na + sb * sb / nb) ** 0.5
 
 
-def _verdict(diff: float, se: float, seeds: int) -> str:
-    """A difference counts as clear beyond two standard errors; ``seeds``, the fewer runs of the two
-    sides, must be 2 or more (one run has no spread to judge by)."""
-    if seeds < 2:
+def _verdict(a: list[float], b: list[float]) -> str:
+    """Whether mean(a) - mean(b) is clear: a two-sided Welch t-test at the 5 % level (degrees of freedom
+    by Welch-Satterthwaite). Each side needs 2 or more runs and some spread between them."""
+    (_, sa, na), (_, sb, nb) = _stats(a), _stats(b)
+    if min(na, nb) < 2:
         return "one seed: no spread to judge by"
-    return "clear" if abs(diff) > 2 * se else "within noise"
+    va, vb = sa * sa / na, sb * sb / nb
+    if va + vb == 0:
+        return "no spread to judge by"
+    df = (va + vb) ** 2 / (va * va / (na - 1) + vb * vb / (nb - 1))
+    diff, se = _difference(a, b)
+    return "clear" if abs(diff) > _t95(df) * se else "within noise"
 
 
 def claims(res: Results, spec: dict[str, Any]) -> list[str]:
     """Plain statements computed from the numbers: which of the paper's claims held here.
 
-    Every difference comes with its standard error over seeds; "clear" means more
-    than two standard errors from zero, "within noise" means not.
+    Every difference comes with its standard error over seeds; "clear" means a Welch t-test
+    rejects "no difference" at 5 %, "within noise" means not.
     """
     ind, dml, cd = spec.get("independent", "ind"), spec.get("dml", "dml"), spec.get("cd", "cd")
     out = []
@@ -137,42 +170,37 @@ def claims(res: Results, spec: dict[str, Any]) -> list[str]:
                     continue
                 diff, se = _difference(a, b)
                 wins += diff > 0
-                clear = _verdict(diff, se, min(len(a), len(b))) == "clear"
+                clear = _verdict(a, b) == "clear"
                 clear_wins += clear and diff > 0
                 clear_losses += clear and diff < 0
                 details.append(f"{group} net {i + 1} ({model}) {diff:+.2f} ± {se:.2f}")
         if details:
             out.append(f"- CD vs {label}: CD's mean final accuracy is higher for {wins} of {len(details)} networks, "
-                       f"clearly higher (beyond 2 standard errors) for {clear_wins}, clearly lower for "
+                       f"clearly higher (Welch t-test, 5 %) for {clear_wins}, clearly lower for "
                        f"{clear_losses}. Differences in points ± standard error: " + "; ".join(details) + ".")
-    ablation = spec.get("ablation", DEFAULT_ABLATION)
     group = spec.get("ablation_group", res.groups[0])
-    for name, methods in ablation.items():
-        vals = [res.values(group, m, 0) if m else [] for m in methods]
-        for k, part in ((2, "Perturbation"), (1, "Feature loss")):
+    for name, methods in _ablation(spec).items():
+        vals = [res.values(group, m, None) if m else [] for m in methods]
+        for k, part in ((2, "Perturbation"), (1, "Feature loss"), (3, "Feature loss and perturbation")):
             if vals[0] and vals[k]:
                 diff, se = _difference(vals[k], vals[0])
-                word = _verdict(diff, se, min(len(vals[k]), len(vals[0])))
-                out.append(f"- {part} in {name.upper()} ({group}, net 1): {diff:+.2f} ± {se:.2f} points over the "
-                           f"backbone ({word}).")
+                out.append(f"- {part} in {name.upper()} ({group}, mean of the networks): {diff:+.2f} ± {se:.2f} "
+                           f"points over the backbone ({_verdict(vals[k], vals[0])}).")
     return out
 
 
 def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
     """Every method against independent training and DML, per group: the group's mean accuracy
-    (mean over its networks, per run) and the difference ± standard error over seeds, with the
+    (mean over its networks, per run; for a group of different networks each network too, so that
+    a gain of one paid by the other shows) and the difference ± standard error over seeds, with the
     training time per image relative to independent training (from each run's median epoch
-    images/s, else the runs' seconds; median over seeds); then which
-    configuration, if any, beats both clearly (beyond 2 standard errors)."""
+    images/s, else the runs' seconds; median over seeds); then which configuration, if any, beats
+    both clearly (a Welch t-test at 5 %)."""
     ind, dml = spec.get("independent", "ind"), spec.get("dml", "dml")
-
-    def runs(group: str, method: str) -> list[float]:
-        return [statistics.fmean(r["final_acc"]) if isinstance(r["final_acc"], list) else r["final_acc"]
-                for r in res.records if r["group"] == group and r["method"] == method]
 
     # a run's cost: seconds per image from its median epoch's images/s (robust to a few epochs slowed
     # by other load) when every run has them, else every run's whole training time
-    speeds = [_median_speed(r) for r in res.records]
+    speeds = [_median_speed(res.run_dir(r)) for r in res.records]
     costs = [1.0 / v for v in speeds] if all(speeds) else [r.get("train_seconds") for r in res.records]
 
     def step_time(group: str, method: str) -> float | None:
@@ -180,44 +208,49 @@ def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
         times = [c for r, c in zip(res.records, costs) if r["group"] == group and r["method"] == method and c]
         return statistics.median(times) if times else None
 
-    lines = ["| group | method | mean of the networks | vs independent | vs DML | training time / independent |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| group | networks | method | accuracy | vs independent | vs DML | training time / independent |",
+             "|---|---|---|---|---|---|---|"]
     winners, best = [], None
     for group in res.groups:
         base_time = step_time(group, ind)
-        bases = {base: runs(group, base) for base in (ind, dml)}
+        models = res.models(group)
+        views = [(None, "mean")] + ([(i, f"net {i + 1}: {m}") for i, m in enumerate(models)]
+                                    if len(set(models)) > 1 else [])
         for method in res.methods:
-            acc = runs(group, method)
-            if not acc:
-                continue
-            cells, clear_over, gain = [], [], None
-            for base in (ind, dml):
-                other = bases[base]
-                if method == base or not other:
-                    cells.append("—")
+            for net, label in views:
+                acc = res.values(group, method, net)
+                if not acc:
                     continue
-                diff, se = _difference(acc, other)
-                word = _verdict(diff, se, min(len(acc), len(other)))
-                cells.append(f"{diff:+.2f} ± {se:.2f}" + (f" (clearly {'better' if diff > 0 else 'worse'})"
-                                                           if word == "clear" else f" ({word})"))
-                clear_over.append(word == "clear" and diff > 0)
-                if base == ind:
-                    gain = diff
-            time = step_time(group, method)
-            cost = f"{time / base_time:.2f}x" if time and base_time else "—"
-            lines.append(f"| {group} | {method} | {_fmt(acc)} | {cells[0]} | {cells[1]} | {cost} |")
-            if method not in (ind, dml):
-                if gain is not None and (best is None or gain > best[2]):
-                    best = (group, method, gain)
-                if len(clear_over) == 2 and all(clear_over):
+                cells, clear_over = [], []
+                for base in (ind, dml):
+                    other = res.values(group, base, net)
+                    if method == base or not other:
+                        cells.append("—")
+                        continue
+                    diff, se = _difference(acc, other)
+                    word = _verdict(acc, other)
+                    cells.append(f"{diff:+.2f} ± {se:.2f}" + (f" (clearly {'better' if diff > 0 else 'worse'})"
+                                                               if word == "clear" else f" ({word})"))
+                    clear_over.append(word == "clear" and diff > 0)
+                    if base == ind and net is None and method != dml and min(len(acc), len(other)) > 1 \
+                            and (best is None or diff > best[2]):
+                        best = (group, method, diff, se, word)
+                time = step_time(group, method) if net is None else None
+                cost = f"{time / base_time:.2f}x" if time and base_time else "—" if net is None else ""
+                lines.append(f"| {group} | {label} | {method} | {_fmt(acc)} | {cells[0]} | {cells[1]} | {cost} |")
+                if net is None and method not in (ind, dml) and len(clear_over) == 2 and all(clear_over):
                     winners.append(f"{method} ({group})")
     lines.append("")
     if winners:
         lines.append("Beats both independent training and DML clearly: " + ", ".join(winners) + ".")
     else:
-        lines.append("No configuration beats both independent training and DML clearly (beyond 2 standard errors).")
+        lines.append("No configuration beats both independent training and DML clearly (Welch t-test, 5 %).")
     if best is not None:
-        lines.append(f"Highest mean against independent training: {best[1]} in {best[0]}, {best[2]:+.2f} points.")
+        group, method, diff, se, word = best
+        lines.append((f"Highest mean against independent training: {method} in {group}, {diff:+.2f} ± {se:.2f} "
+                      f"points ({'clearly better' if word == 'clear' else word})." if diff > 0 else
+                      f"Every configuration's mean is at or below independent training's; the closest: {method} "
+                      f"in {group}, {diff:+.2f} ± {se:.2f} points."))
     lines.append(("Training time: per image, from the median epoch's images/s of each run" if all(speeds) else
                   "Training time: each run's wall-clock training time") +
                  " (median over seeds); measured on the machine that ran the grid, so comparable only between runs "
@@ -225,10 +258,10 @@ def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _median_speed(run: dict[str, Any]) -> float | None:
+def _median_speed(run_dir: Path | None) -> float | None:
     """The median over a run's epochs of its training images/s (None without an epochs.jsonl)."""
-    path = Path(run.get("run_dir", "")) / "epochs.jsonl"
-    if not run.get("run_dir") or not path.is_file():
+    path = run_dir / "epochs.jsonl" if run_dir is not None else None
+    if path is None or not path.is_file():
         return None
     speeds = []
     for line in path.read_text().splitlines():
@@ -239,9 +272,9 @@ def _median_speed(run: dict[str, Any]) -> float | None:
     return statistics.median(speeds) if speeds else None
 
 
-def _steps(run: dict[str, Any]) -> list[dict[str, str]]:
-    path = Path(run["run_dir"]) / "steps.csv"
-    if not path.exists():
+def _steps(run_dir: Path | None) -> list[dict[str, str]]:
+    path = run_dir / "steps.csv" if run_dir is not None else None
+    if path is None or not path.exists():
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -255,7 +288,7 @@ def perturbation_table(res: Results) -> list[str]:
         for method in res.methods:
             perturbed, won, by_op = 0, 0, {}
             for run in (r for r in res.records if r["group"] == group and r["method"] == method):
-                for step in _steps(run):
+                for step in _steps(res.run_dir(run)):
                     if int(step["perturbed"]) < 0:
                         continue
                     hit = int(step["teacher"]) == int(step["perturbed"])
@@ -314,13 +347,13 @@ def plot_timeline(res: Results, spec: dict[str, Any], out: Path) -> tuple[Path, 
     group = timeline.get("group") or next((g for g in res.groups if len(set(res.models(g))) > 1), None)
     method = timeline.get("method", spec.get("cd", "cd"))
     run = next((r for r in res.records if r["group"] == group and r["method"] == method), None)
-    if run is None or not Path(run["run_dir"], "steps.csv").exists():
+    folder = res.run_dir(run) if run is not None else None
+    teachers = [int(step["teacher"]) for step in _steps(folder)]
+    if not teachers:
         return None
-    plot_run(Path(run["run_dir"]), run["models"])
-    source = Path(run["run_dir"]) / "teacher_timeline.png"
+    plot_run(folder, run["models"])
     target = out / f"teacher-timeline-{group}-{method}.png"
-    atomic_write(target, source.read_bytes())
-    teachers = [int(step["teacher"]) for step in _steps(run)]
+    atomic_write(target, (folder / "teacher_timeline.png").read_bytes())
     switches = sum(a != b for a, b in zip(teachers, teachers[1:]))
     share = [teachers.count(i) / len(teachers) for i in range(len(run["models"]))]
     text = (f"{group} / {method} / seed {run['seed']}: {switches} teacher switches in {len(teachers)} steps; "
@@ -335,11 +368,15 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     res, spec = load(grid_dir)
     seeds = sorted({r["seed"] for r in res.records})
     example = res.records[0]["config"]
+    recal = example.get("bn_recalibration")
     lines = [f"# {title or 'Competitive Distillation: comparison grid'}", "",
              f"Data: {example['data']}; {example['epochs']} epochs, batch {example['batch_size']}, lr {example['lr']} "
              f"({example['schedule']}), seeds {seeds}; {len(res.records)} finished runs. Test accuracy in %, "
              "mean ± standard error over seeds (sample SD / sqrt(seeds)). **Last epoch** reported (best epoch in the "
-             "second table).",
+             "second table)" + (f", evaluated after recomputing BatchNorm statistics on {recal} clean training batches"
+                                if recal else ", evaluated with BatchNorm's running statistics") + ". A difference "
+             "is called clear when a two-sided Welch t-test rejects no difference at 5 % (about 2.8 standard "
+             "errors with 3 seeds a side, 4.3 with 2).",
              "", "## Accuracy (like the paper's Table 2), last epoch", ""]
     lines += accuracy_table(res, spec, "final_acc")
     lines += ["", "## Accuracy, best epoch (for comparison only)", ""]
@@ -349,14 +386,16 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     lines += ["", "## What the numbers say", ""]
     lines += claims(res, spec)
     lines += ["", "## Verdict: every method against independent training and DML", "",
-              "Final accuracy averaged over a group's networks in each run; differences in points ± standard "
-              "error over seeds; clear means beyond 2 standard errors.", ""]
+              "Final accuracy averaged over a group's networks in each run (and, for a group of different "
+              "networks, each network alone); differences in points ± standard error over seeds.", ""]
     lines += verdict(res, spec)
     perturbations = perturbation_table(res)
     if perturbations:
         lines += ["", "## Did perturbations win the election?", "",
                   "Share of the steps with a perturbed network in which that network became the teacher, "
-                  "all seeds pooled, overall and per perturbation op.", ""] + perturbations
+                  "all seeds pooled, overall and per perturbation op. In independent training the election is "
+                  "recorded but used by nobody: there it says which network would have been the teacher.",
+                  ""] + perturbations
     lines += ["", "## Learning curves", ""]
     try:
         lines += [f"![{p.stem}]({p.name})" for p in plot_curves(res, out)]

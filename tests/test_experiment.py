@@ -79,8 +79,9 @@ def test_a_group_may_run_a_subset_of_the_methods(tmp_path, fmnist_root):
     path.write_text(yaml.safe_dump(spec))
     grid = Grid.from_yaml(path)
     runs = grid.runs()
-    assert len(runs) == 8 and set(runs) == {(g, m, s) for g, m in [("pair", "ind"), ("pair", "dml"), ("pair", "cd"),
-                                                                  ("big", "cd")] for s in (0, 1)}
+    # groups and methods in the file's order (safe_dump sorted them), each group seed by seed
+    assert runs == [("big", "cd", 0), ("big", "cd", 1), ("pair", "cd", 0), ("pair", "dml", 0), ("pair", "ind", 0),
+                    ("pair", "cd", 1), ("pair", "dml", 1), ("pair", "ind", 1)]
     assert grid.config("big", "cd", 1, tmp_path).models == ["resnet8", "resnet20"]
 
     spec["groups"]["big"]["methods"] = ["cd", "kd"]
@@ -151,15 +152,24 @@ def test_experiment_cli(tmp_path, fmnist_root, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
-def test_report_judges_differences_by_their_standard_error():
+def test_report_judges_differences_by_a_welch_t_test():
     from cdfast.report import _difference, _verdict
 
     diff, se = _difference([0.90, 0.92], [0.80, 0.82])  # stds sqrt(2) points each
     assert diff == pytest.approx(10.0) and se == pytest.approx(2 ** 0.5)
-    assert _verdict(diff, se, 2) == "clear"
-    assert _verdict(*_difference([0.90, 0.92], [0.89, 0.93]), 2) == "within noise"
-    assert _verdict(*_difference([0.9], [0.8]), 1) == "one seed: no spread to judge by"
-    assert _verdict(*_difference([0.9, 0.9], [0.8, 0.8]), 2) == "clear"  # no spread on either side, 2 seeds
+    assert _verdict([0.90, 0.92], [0.80, 0.82]) == "clear"  # 7 SE; 2 seeds a side (df 2) need 4.3
+    # 3 seeds a side, SD 1 point each: 2 points are 2.4 SE, clear by a 2-SE rule but not by the t-test
+    # at df 4 (2.78 SE); 3 points are 3.7 SE: clear
+    assert _difference([0.90, 0.91, 0.92], [0.88, 0.89, 0.90]) == pytest.approx((2.0, (2 / 3) ** 0.5))
+    assert _verdict([0.90, 0.91, 0.92], [0.88, 0.89, 0.90]) == "within noise"
+    assert _verdict([0.90, 0.91, 0.92], [0.87, 0.88, 0.89]) == "clear"
+    # 2 seeds a side: 2 points are 2.8 SE, below 4.3 at df 2; all the spread on one side (df 1): even 11 SE
+    assert _verdict([0.90, 0.91], [0.88, 0.89]) == "within noise"
+    assert _verdict([0.90, 0.91], [0.85, 0.85]) == "within noise"
+    assert _verdict([0.90, 0.92, 0.91], [0.89, 0.93]) == "within noise"
+    assert _verdict([0.90, 0.92, 0.91], [0.90, 0.90]) == "within noise"
+    assert _verdict([0.9], [0.8]) == "one seed: no spread to judge by"
+    assert _verdict([0.9, 0.9], [0.8, 0.8]) == "no spread to judge by"  # identical seeds: nothing to judge by
 
 
 def test_every_shipped_grid_file_is_valid():
@@ -179,40 +189,61 @@ def test_report_cells_are_mean_and_standard_error():
 
     # 90, 92, 94 %: mean 92, sample SD 2, standard error 2 / sqrt(3) = 1.15
     assert _fmt([0.90, 0.92, 0.94]) == "92.00 ± 1.15"
-    assert _fmt([0.9]) == "90.00 ± 0.00 (1 seed)" and _fmt([]) == "—"
+    assert _fmt([0.9]) == "90.00 ± 0.00 (1 seed, no SE)" and _fmt([]) == "—"
 
 
 def test_verdict_names_what_beats_independent_training_and_dml_clearly(tmp_path):
     from cdfast.report import Results, verdict
 
-    def run(method, seed, accs, seconds):
-        return {"group": "g", "method": method, "seed": seed, "models": ["a", "b"], "final_acc": accs,
+    def run(method, seed, accs, seconds, models=("a", "a")):
+        return {"group": "g", "method": method, "seed": seed, "models": list(models), "final_acc": accs,
                 "train_seconds": seconds}
 
-    records = [run("ind", 0, [0.90, 0.92], 100), run("ind", 1, [0.92, 0.90], 110),
-               run("dml", 0, [0.91, 0.91], 120), run("dml", 1, [0.92, 0.92], 120),
-               run("cd", 0, [0.95, 0.95], 210), run("cd", 1, [0.96, 0.96], 210),
-               run("cd-x", 0, [0.90, 0.93], 105), run("cd-x", 1, [0.93, 0.90], 105)]
+    # group means (mean of the two networks): ind 91, 91.5, 92; dml 91, 92, 91.5; cd 95, 96, 95.5; cd-x 91.5 x 3
+    records = [run("ind", 0, [0.90, 0.92], 100), run("ind", 1, [0.91, 0.92], 110), run("ind", 2, [0.92, 0.92], 90),
+               run("dml", 0, [0.91, 0.91], 120), run("dml", 1, [0.92, 0.92], 120), run("dml", 2, [0.91, 0.92], 120),
+               run("cd", 0, [0.95, 0.95], 200), run("cd", 1, [0.96, 0.96], 210), run("cd", 2, [0.95, 0.96], 220),
+               run("cd-x", 0, [0.90, 0.93], 100), run("cd-x", 1, [0.93, 0.90], 100), run("cd-x", 2, [0.91, 0.92], 100)]
     text = "\n".join(verdict(Results(records), {}))
-    # cd: group means 95 and 96 against 91, 91 (ind) and 91, 92 (dml): +4.50 ± 0.50 and +4.00 ± 0.71
-    assert "| g | cd | 95.50 ± 0.50 | +4.50 ± 0.50 (clearly better) | +4.00 ± 0.71 (clearly better) | 2.00x |" in text
-    # group means 91.5 in both runs against 91 in both: no spread at all, and 2 seeds: still judged
-    assert "| g | cd-x | 91.50 ± 0.00 | +0.50 ± 0.00 (clearly better) | +0.00 ± 0.50 (within noise) | 1.00x |" in text
+    # cd: +4 against both, SE sqrt(0.25/3 + 0.25/3) = 0.41, df 4: clear; time 210 / 100 (medians)
+    assert "| g | mean | cd | 95.50 ± 0.29 | +4.00 ± 0.41 (clearly better) | +4.00 ± 0.41 (clearly better) | 2.10x |" \
+        in text
+    # cd-x: no spread of its own, its networks' gains and losses cancel
+    assert "| g | mean | cd-x | 91.50 ± 0.00 | +0.00 ± 0.29 (within noise) | +0.00 ± 0.29 (within noise) | 1.00x |" \
+        in text
+    assert "| net 1" not in text  # a group of like networks: their mean only
     assert "Beats both independent training and DML clearly: cd (g)." in text
-    assert "Highest mean against independent training: cd in g, +4.50 points." in text
+    assert "Highest mean against independent training: cd in g, +4.00 ± 0.41 points (clearly better)." in text
+
+    # a group of different networks: each network's rows too, where a gain of one paid by the other shows
+    pair = [run(m, s, accs, 100, models=("a", "b")) for m, s, accs in
+            [("ind", 0, [0.90, 0.95]), ("ind", 1, [0.91, 0.96]), ("ind", 2, [0.92, 0.94]),
+             ("cd", 0, [0.93, 0.92]), ("cd", 1, [0.94, 0.93]), ("cd", 2, [0.95, 0.91])]]
+    text = "\n".join(verdict(Results(pair), {}))
+    assert "| g | mean | cd | 93.00 ± 0.29 | +0.00 ± 0.41 (within noise) | — | 1.00x |" in text
+    assert "| g | net 1: a | cd | 94.00 ± 0.58 | +3.00 ± 0.82 (clearly better) | — |  |" in text
+    assert "| g | net 2: b | cd | 92.00 ± 0.58 | -3.00 ± 0.82 (clearly worse) | — |  |" in text
+    assert "Every configuration's mean is at or below independent training's; the closest: cd in g, +0.00" in text
+
     # training time from the median epoch's images/s where the run folder has them (a slowed epoch and
-    # a torn last line do not count), else the run's seconds
-    for name, speeds in (("i0", [100, 100, 10]), ("i1", [100]), ("c0", [50, 40, 50]), ("c1", [50])):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "epochs.jsonl").write_text(
+    # a torn last line do not count), else the run's seconds; a folder recorded relative to where the
+    # grid ran is found in the grid folder
+    grid_dir = tmp_path / "grid"
+    for name, speeds in (("ind/seed-0", [100, 100, 10]), ("ind/seed-1", [100]), ("cd/seed-0", [50, 40, 50]),
+                         ("cd/seed-1", [50])):
+        (grid_dir / "g" / name).mkdir(parents=True)
+        (grid_dir / "g" / name / "epochs.jsonl").write_text(
             "".join(f'{{"epoch": {e}, "images_per_second": {v}}}\n' for e, v in enumerate(speeds)) + '{"epo')
-    timed = [dict(run(m, seed, [0.9, 0.9], 999), run_dir=str(tmp_path / f"{m[0]}{seed}"))
+    timed = [dict(run(m, seed, [0.9, 0.91 + seed / 100], 999), run_dir=f"elsewhere/g/{m}/seed-{seed}")
              for m in ("ind", "cd") for seed in (0, 1)]
     # ind: 100 images/s (median epoch) in both runs, cd 50: twice the time, whatever the runs' seconds
-    assert "| g | cd | 90.00 ± 0.00 | +0.00 ± 0.00 (within noise) | — | 2.00x |" in "\n".join(verdict(Results(timed), {}))
-    timed[3].pop("run_dir")  # one run without its folder: every run's seconds instead (999 each: 1.00x)
-    assert "| g | cd | 90.00 ± 0.00 | +0.00 ± 0.00 (within noise) | — | 1.00x |" in "\n".join(verdict(Results(timed), {}))
-    worse = [run("ind", s, [0.95, 0.95], 1) for s in (0, 1)] + [run("cd", s, [0.90 + s / 100] * 2, 1) for s in (0, 1)]
+    assert "| g | mean | cd | 90.75 ± 0.25 | +0.00 ± 0.35 (within noise) | — | 2.00x |" \
+        in "\n".join(verdict(Results(timed, grid_dir), {}))
+    timed[3]["run_dir"] = str(tmp_path / "gone")  # one run's folder missing: every run's seconds (999 each)
+    assert "| g | mean | cd | 90.75 ± 0.25 | +0.00 ± 0.35 (within noise) | — | 1.00x |" \
+        in "\n".join(verdict(Results(timed, grid_dir), {}))
+    worse = [run("ind", s, [0.95 + s / 100] * 2, 1) for s in (0, 1, 2)] + \
+        [run("cd", s, [0.90 + s / 100] * 2, 1) for s in (0, 1, 2)]
     text = "\n".join(verdict(Results(worse), {}))
     assert "No configuration beats both independent training and DML clearly" in text
     assert "(clearly worse)" in text
