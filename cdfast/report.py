@@ -282,29 +282,46 @@ def _steps(run_dir: Path | None) -> list[dict[str, str]]:
 
 def perturbation_table(res: Results) -> list[str]:
     """How often the perturbed network won the election, per group and method (the mechanism of the paper:
-    a perturbation that helps wins and spreads; one that hurts loses). Needs the runs' steps.csv files."""
+    a perturbation that helps wins and spreads; one that hurts loses), and how much harder its batch was:
+    its cross-entropy against the other networks' on their clean batches, per op. Needs the runs'
+    steps.csv files."""
     rows, ops = [], []
     for group in res.groups:
         for method in res.methods:
-            perturbed, won, by_op = 0, 0, {}
+            by_op: dict[str, list[float]] = {}  # op: [steps, elected, CE of the perturbed, mean CE of the others]
             for run in (r for r in res.records if r["group"] == group and r["method"] == method):
                 for step in _steps(res.run_dir(run)):
-                    if int(step["perturbed"]) < 0:
+                    p = int(step["perturbed"])
+                    if p < 0:
                         continue
-                    hit = int(step["teacher"]) == int(step["perturbed"])
-                    perturbed, won = perturbed + 1, won + hit
-                    counts = by_op.setdefault(step["perturbation"], [0, 0])
-                    counts[0], counts[1] = counts[0] + 1, counts[1] + hit
-            if perturbed:
+                    ces = [float(step[f"ce_{k}"]) for k in range(len(run["models"]))]
+                    others = [c for k, c in enumerate(ces) if k != p]
+                    counts = by_op.setdefault(step["perturbation"], [0, 0, 0.0, 0.0])
+                    counts[0] += 1
+                    counts[1] += int(step["teacher"]) == p
+                    counts[2] += ces[p]
+                    counts[3] += statistics.fmean(others) if others else float("nan")
+            if by_op:
                 ops += [op for op in by_op if op not in ops]
-                rows.append((group, method, perturbed, won, by_op))
+                rows.append((group, method, by_op))
     if not rows:
         return []
-    lines = ["| group | method | perturbed steps | perturbed network elected | " + " | ".join(ops) + " |",
-             "|" + "---|" * (4 + len(ops))]
-    for group, method, perturbed, won, by_op in rows:
+    head = "| group | method | perturbed steps | all ops | " + " | ".join(ops) + " |"
+    rule = "|" + "---|" * (4 + len(ops))
+    lines = ["Share of the perturbed steps in which the perturbed network was elected:", "", head, rule]
+    for group, method, by_op in rows:
+        steps, won = sum(c[0] for c in by_op.values()), sum(c[1] for c in by_op.values())
         cells = [f"{100 * by_op[op][1] / by_op[op][0]:.1f}%" if op in by_op else "—" for op in ops]
-        lines.append(f"| {group} | {method} | {perturbed} | {100 * won / perturbed:.1f}% | " + " | ".join(cells) + " |")
+        lines.append(f"| {group} | {method} | {steps} | {100 * won / steps:.1f}% | " + " | ".join(cells) + " |")
+    lines += ["", "Mean cross-entropy of the perturbed network on its perturbed batch / of the other networks on "
+              "the clean batch, same steps (for a mixed-label batch the perturbed CE includes the label entropy):",
+              "", head, rule]
+    for group, method, by_op in rows:
+        steps = sum(c[0] for c in by_op.values())
+        total = f"{sum(c[2] for c in by_op.values()) / steps:.2f} / {sum(c[3] for c in by_op.values()) / steps:.2f}"
+        cells = [f"{by_op[op][2] / by_op[op][0]:.2f} / {by_op[op][3] / by_op[op][0]:.2f}" if op in by_op else "—"
+                 for op in ops]
+        lines.append(f"| {group} | {method} | {steps} | {total} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -392,8 +409,7 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     perturbations = perturbation_table(res)
     if perturbations:
         lines += ["", "## Did perturbations win the election?", "",
-                  "Share of the steps with a perturbed network in which that network became the teacher, "
-                  "all seeds pooled, overall and per perturbation op. In independent training the election is "
+                  "All seeds pooled, overall and per perturbation op. In independent training the election is "
                   "recorded but used by nobody: there it says which network would have been the teacher.",
                   ""] + perturbations
     lines += ["", "## Learning curves", ""]

@@ -247,3 +247,22 @@ def test_verdict_names_what_beats_independent_training_and_dml_clearly(tmp_path)
     text = "\n".join(verdict(Results(worse), {}))
     assert "No configuration beats both independent training and DML clearly" in text
     assert "(clearly worse)" in text
+
+
+def test_perturbation_table_counts_elections_and_cross_entropies(tmp_path):
+    from cdfast.report import Results, perturbation_table
+
+    rows = ["step,epoch,teacher,perturbed,perturbation,ce_0,ce_1,ce_2",
+            "1,1,0,0,noise,0.5,0.7,0.9",   # the perturbed network 0 won
+            "2,1,1,0,noise,0.9,0.3,0.5",
+            "3,1,2,-1,,0.4,0.4,0.2",       # nothing perturbed: not counted
+            "4,1,0,2,mixup,0.1,0.3,1.5"]
+    (tmp_path / "g" / "cd" / "seed-0").mkdir(parents=True)
+    (tmp_path / "g" / "cd" / "seed-0" / "steps.csv").write_text("\n".join(rows) + "\n")
+    record = {"group": "g", "method": "cd", "seed": 0, "models": ["a", "a", "a"], "final_acc": [0.9] * 3,
+              "run_dir": "moved/away"}  # found in the grid folder
+    text = "\n".join(perturbation_table(Results([record], tmp_path)))
+    assert "| g | cd | 3 | 33.3% | 50.0% | 0.0% |" in text  # elected: 1 of 3; noise 1 of 2, mixup 0 of 1
+    # noise: perturbed CE (0.5 + 0.9) / 2 = 0.70 against the others' (0.8 + 0.4) / 2 = 0.60; mixup 1.50 / 0.20
+    assert "| g | cd | 3 | 0.97 / 0.47 | 0.70 / 0.60 | 1.50 / 0.20 |" in text
+    assert perturbation_table(Results([record])) == []  # no steps.csv where the record points
