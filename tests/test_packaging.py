@@ -122,6 +122,17 @@ def test_a_library_built_for_another_torch_is_not_loaded(tmp_path):
     assert "not built" in ce_ops.why_not_load(None, torch.__version__)
 
 
+def test_every_shipped_train_preset_is_valid():
+    from cdfast.train.config import TrainConfig
+
+    names = presets.available("train")
+    assert {"fashion_mnist", "fashion_mnist_paper"} <= set(names)
+    for name in names:
+        TrainConfig.from_yaml(presets.resolve(name, "train")).validate()
+    paper = TrainConfig.from_yaml(presets.resolve("fashion_mnist_paper", "train"))
+    assert paper.mode == "competitive" and paper.perturb and paper.feature_loss and paper.perturb_every == 1
+
+
 def test_preset_names_and_clear_errors(tmp_path):
     assert "fashion_mnist" in presets.available("train")
     assert "fashion_mnist_long" in presets.available("experiment")
