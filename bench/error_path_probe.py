@@ -43,26 +43,33 @@ else:
 
 
 def main() -> int:
+    import torch
+
     debugger = shutil.which("gdb") or shutil.which("cuda-gdb") or shutil.which("cuda-gdb", path="/usr/local/cuda/bin")
+    commands = {name: [sys.executable, "-X", "faulthandler", "-c", TEMPLATE.format(imports=imports, code=code)]
+                for name, (imports, code) in CASES.items() if "cuda" not in code or torch.cuda.is_available()}
+    # all cases at once (each is a fresh interpreter importing torch: seconds each, one after another)
+    running = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, cmd in commands.items()}
     bad, traced = 0, False
-    for name, (imports, code) in CASES.items():
-        if "cuda" in code:
-            import torch
-            if not torch.cuda.is_available():
-                continue
-        cmd = [sys.executable, "-X", "faulthandler", "-c", TEMPLATE.format(imports=imports, code=code)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        print(f"{name}: exit {done.returncode}: {done.stdout.strip() or done.stderr.strip()[-600:]}", flush=True)
-        if done.returncode != 0:
+    for name, proc in running.items():
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            err += "\n(timed out after 120 s)"
+        print(f"{name}: exit {proc.returncode}: {out.strip() or err.strip()[-600:]}", flush=True)
+        if proc.returncode != 0:
             bad += 1
-            if done.returncode < 0 and debugger and not traced:  # one backtrace: a debugger run takes long
+            if proc.returncode < 0 and debugger and not traced:  # one backtrace: a debugger run takes long
                 traced = True
                 try:
-                    out = subprocess.run([debugger, "-batch", "-ex", "run", "-ex", "bt 40", "--args"] + cmd,
-                                         capture_output=True, text=True, timeout=60).stdout
+                    trace = subprocess.run([debugger, "-batch", "-ex", "run", "-ex", "bt 40", "--args"] + commands[name],
+                                           capture_output=True, text=True, timeout=45).stdout
                 except subprocess.TimeoutExpired as e:  # what it printed so far
-                    out = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or "") + "\n(timed out)"
-                print(f"--- {debugger} backtrace of {name!r}:\n{out[-8000:]}", flush=True)
+                    trace = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or "") + "\n(timed out)"
+                print(f"--- {debugger} backtrace of {name!r}:\n{trace[-8000:]}", flush=True)
     return 1 if bad else 0
 
 
