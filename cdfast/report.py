@@ -65,10 +65,11 @@ class Results:
                 for r in self.records if r["group"] == group and r["method"] == method]
 
     def run_dir(self, run: dict[str, Any]) -> Path | None:
-        """A run's folder: as recorded (relative to where the grid ran), else at its place in the grid
-        folder, so that a report made from elsewhere, or of a moved grid, still finds it."""
+        """A run's folder: as recorded where it exists, else at its place in the grid folder, so that a
+        report made from elsewhere (the record may be relative to where the grid ran), or of a moved
+        grid, still finds it."""
         recorded = Path(run["run_dir"]) if run.get("run_dir") else None
-        if recorded is not None and (recorded.is_absolute() or recorded.exists()) or self.grid_dir is None:
+        if recorded is not None and recorded.exists() or self.grid_dir is None:
             return recorded
         return self.grid_dir / run["group"] / run["method"] / f"seed-{run['seed']}"
 
@@ -142,15 +143,14 @@ def _difference(a: list[float], b: list[float]) -> tuple[float, float]:
 def _verdict(a: list[float], b: list[float]) -> str:
     """Whether mean(a) - mean(b) is clear: a two-sided Welch t-test at the 5 % level (degrees of freedom
     by Welch-Satterthwaite). Each side needs 2 or more runs and some spread between them."""
-    (_, sa, na), (_, sb, nb) = _stats(a), _stats(b)
+    (ma, sa, na), (mb, sb, nb) = _stats(a), _stats(b)
     if min(na, nb) < 2:
         return "one seed: no spread to judge by"
-    va, vb = sa * sa / na, sb * sb / nb
+    va, vb = sa * sa / na, sb * sb / nb  # the squared standard errors of the two means
     if va + vb == 0:
         return "no spread to judge by"
     df = (va + vb) ** 2 / (va * va / (na - 1) + vb * vb / (nb - 1))
-    diff, se = _difference(a, b)
-    return "clear" if abs(diff) > _t95(df) * se else "within noise"
+    return "clear" if abs(ma - mb) > _t95(df) * (va + vb) ** 0.5 else "within noise"
 
 
 def claims(res: Results, spec: dict[str, Any]) -> list[str]:
@@ -300,7 +300,7 @@ def perturbation_table(res: Results) -> list[str]:
                     counts[0] += 1
                     counts[1] += int(step["teacher"]) == p
                     counts[2] += ces[p]
-                    counts[3] += statistics.fmean(others) if others else float("nan")
+                    counts[3] += statistics.fmean(others)  # a group has 2 or more networks
             if by_op:
                 ops += [op for op in by_op if op not in ops]
                 rows.append((group, method, by_op))

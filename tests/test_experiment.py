@@ -239,7 +239,8 @@ def test_verdict_names_what_beats_independent_training_and_dml_clearly(tmp_path)
     # ind: 100 images/s (median epoch) in both runs, cd 50: twice the time, whatever the runs' seconds
     assert "| g | mean | cd | 90.75 ± 0.25 | +0.00 ± 0.35 (within noise) | — | 2.00x |" \
         in "\n".join(verdict(Results(timed, grid_dir), {}))
-    timed[3]["run_dir"] = str(tmp_path / "gone")  # one run's folder missing: every run's seconds (999 each)
+    timed[3]["run_dir"] = str(tmp_path / "gone")  # one run's folder missing, here and in the grid folder:
+    (grid_dir / "g" / "cd" / "seed-1" / "epochs.jsonl").unlink()  # every run's seconds (999 each)
     assert "| g | mean | cd | 90.75 ± 0.25 | +0.00 ± 0.35 (within noise) | — | 1.00x |" \
         in "\n".join(verdict(Results(timed, grid_dir), {}))
     worse = [run("ind", s, [0.95 + s / 100] * 2, 1) for s in (0, 1, 2)] + \
