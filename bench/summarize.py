@@ -89,10 +89,11 @@ def host_overhead(out: Path) -> list[str]:
     return lines
 
 
-def tests_line(out: Path, name: str, what: str) -> str:
+def tests_line(out: Path, name: str, what: str, status: str = "ok") -> str:
+    """The counts of one junit file; ``status`` is its step's (a timed-out step's counts are partial)."""
     path = out / name
     if not path.is_file():
-        return f"{what}: not run"
+        return f"{what}: not run" + ("" if status == "ok" else f", step {status}")
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:  # a run killed while writing its XML
@@ -103,6 +104,8 @@ def tests_line(out: Path, name: str, what: str) -> str:
               if case.find("failure") is not None or case.find("error") is not None]
     line = (f"{what}: {get('tests') - get('failures') - get('errors') - get('skipped')} passed, "
             f"{get('failures')} failed, {get('errors')} errors, {get('skipped')} skipped")
+    if status.startswith("timed out"):  # pytest stopped by SIGINT still writes what it ran
+        line += f" (cut short: the step {status}, the tests after that point did not run)"
     return line + ("".join(f"\n  - FAILED {name}" for name in failed[:20]))
 
 
@@ -226,12 +229,14 @@ def main(out: str) -> str:
     env = read_lines(out, "raw/environment.txt", "environment.txt")[:5]
     lines = ["# gpu-check summary", "", *[f"- {line}" for line in env], ""]
     steps = read_lines(out, "raw/steps.tsv", "steps.tsv")[1:]
-    if steps:
-        rows = [r.split("\t") for r in steps if r.strip()]
+    rows = [r.split("\t") for r in steps if r.strip()]
+    if rows:
         lines += ["| step | status | seconds |", "|---|---|---|", *[f"| {' | '.join(r)} |" for r in rows], ""]
-    lines += [tests_line(out, "junit-cuda.xml", "CUDA tests"), "",
-              tests_line(out, "raw/junit-cuda-compile.xml", "CUDA tests that compile"), "",
-              tests_line(out, "junit.xml", "other tests"), "",
+    status = {r[0]: r[1] for r in rows if len(r) > 1}
+    lines += [tests_line(out, "junit-cuda.xml", "CUDA tests", status.get("cuda tests", "ok")), "",
+              tests_line(out, "raw/junit-cuda-compile.xml", "CUDA tests that compile",
+                         status.get("cuda compile tests", "ok")), "",
+              tests_line(out, "junit.xml", "other tests", status.get("other tests", "ok")), "",
               "## Targets", "", *targets_table(out), *host_overhead(out), *target_forms(out), *engine_targets(out), *engines_table(out)]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)

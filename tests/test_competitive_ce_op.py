@@ -135,6 +135,7 @@ def test_torch_compile_fullgraph():
     assert teacher == teacher2
 
 
+@pytest.mark.op_error
 def test_bad_input_errors_come_from_the_op():
     logits, targets, targets_b, lam = make((2, 4), 5, "cpu", torch.float32, mixed=True)
     cases = [
@@ -326,6 +327,7 @@ def test_smoothing_with_masked_classes_gives_an_infinite_ce_as_torch(device):
     torch.testing.assert_close(ce, want)
 
 
+@pytest.mark.op_error
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_label_smoothing_and_labels_beside_the_ignored_ones_are_refused(device):
     logits, targets, _, _ = make((2, 4), 6, device, torch.float32)
@@ -408,6 +410,7 @@ def test_one_hot_probabilities_give_the_class_index_ce(device):
             torch.testing.assert_close(a, b_)
 
 
+@pytest.mark.op_error
 @pytest.mark.parametrize("device", DEVICES)
 def test_class_probabilities_refuse_ignore_index_and_mixed_kinds(device):
     logits, targets, _, lam = make((2, 4), 6, device, torch.float32, mixed=True)

@@ -85,3 +85,14 @@ def test_summary_of_an_empty_folder_says_nothing_ran(tmp_path):
     assert "CUDA tests: not run" in text and "other tests: not run" in text
     assert "PASS" not in text and "FAIL" not in text
     assert "## Engine targets" not in text
+
+
+def test_counts_of_a_step_that_timed_out_are_marked_partial(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "steps.tsv").write_text("step\tstatus\tseconds\ncuda tests\ttimed out after 150s\t165\n"
+                                                "other tests\tskipped (deadline)\t0\n")
+    (tmp_path / "junit-cuda.xml").write_text(JUNIT)  # pytest stopped by SIGINT writes what it ran
+    text = summarize.main(str(tmp_path))
+    assert ("CUDA tests: 1 passed, 1 failed, 0 errors, 1 skipped (cut short: the step timed out after 150s, "
+            "the tests after that point did not run)") in text
+    assert "other tests: not run, step skipped (deadline)" in text

@@ -21,6 +21,13 @@ from cdfast.models import build_model
 from helpers import graph_engine_on_cpu as on_cpu
 
 
+@pytest.fixture
+def deterministic_cudnn():
+    """cuDNN deterministic, no autotuning, for this test only (later tests keep their own settings)."""
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        yield
+
+
 def sgd(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
 
@@ -258,11 +265,10 @@ def cuda_pair(engine, models=("resnet8", "resnet8"), **kw):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("engine", ["graph", "fused+graph"])
-def test_cuda_graph_engine_matches_eager_after_many_steps(engine):
+def test_cuda_graph_engine_matches_eager_after_many_steps(engine, deterministic_cudnn):
     # fp32, cuDNN deterministic: the replays must do what the eager steps do, for every pair.
     # Each graph engine against its own eager engine (grouped convolutions round differently from
     # separate ones, so fused is compared with fused).
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     graphed, eager = cuda_pair(engine), cuda_pair(engine.removesuffix("+graph").replace("graph", "sequential"))
     data = [(x.cuda(), y.cuda()) for x, y in batches(60)]
     for x, y in data:
@@ -341,8 +347,7 @@ def test_cuda_auto_picks_a_measured_engine_and_trains_on():
 
 
 @pytest.mark.cuda
-def test_cuda_graph_engine_resumes_from_a_checkpoint_like_an_uninterrupted_run():
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+def test_cuda_graph_engine_resumes_from_a_checkpoint_like_an_uninterrupted_run(deterministic_cudnn):
     data = [(x.cuda(), y.cuda()) for x, y in batches(50)]
     straight, first = cuda_pair("graph"), cuda_pair("graph")
     for x, y in data:
@@ -376,8 +381,7 @@ CUDA_VARIANTS = {
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", list(CUDA_VARIANTS))
-def test_cuda_graph_engine_variants_with_a_schedule_and_a_short_last_batch(variant):
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+def test_cuda_graph_engine_variants_with_a_schedule_and_a_short_last_batch(variant, deterministic_cudnn):
     kw = CUDA_VARIANTS[variant]
     graphed, eager = cuda_pair("graph", **kw), cuda_pair("sequential", **kw)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + 0.1 * s))
