@@ -480,9 +480,10 @@ class CompetitiveDistillation(nn.Module):
             return CF.group_student_loss(logits, stacked, teacher, **kw)
         weights = CF.distillation_weights(score.detach(), self.mode, self.teachers, teacher=teacher)
         feature_l2 = None
-        if self.feature_loss:
+        if self.feature_loss:  # only the columns someone learns from: a diverged network reaches no one
             feature_l2 = CF.pairwise_feature_l2(stacked if stacked is not None else feats,
-                                                None if stacked is not None else self.adapters.adapt)
+                                                None if stacked is not None else self.adapters.adapt,
+                                                teachers=(weights != 0).any(0))
         return CF.weighted_student_loss(logits, feature_l2, weights, **kw)
 
     def _matched_distillation(self, logits: Tensor, feats: list, stacked: Tensor | None, score: Tensor,
@@ -514,20 +515,22 @@ class CompetitiveDistillation(nn.Module):
             return CF.group_student_loss(logits, stacked, teacher, temperature=self.temperature, alpha=self.alpha,
                                          beta=self.beta, target_logits=per_student(clean_logits, pert_logits),
                                          target_feats=target_feats)
+        weights = CF.distillation_weights(score.detach(), self.mode, self.teachers, teacher=teacher)
+        used = weights != 0  # only the columns someone learns from: a diverged network reaches no one
+        cols = used.any(0)
         row_is_r = (torch.arange(n, device=logits.device) == r).unsqueeze(1)
-        kl = torch.where(row_is_r, CF.pairwise_kl(logits, self.temperature, pert_logits),
-                         CF.pairwise_kl(logits, self.temperature, clean_logits))
+        kl = torch.where(row_is_r, CF.pairwise_kl(logits, self.temperature, pert_logits, teachers=cols),
+                         CF.pairwise_kl(logits, self.temperature, clean_logits, teachers=cols))
         pair = self.alpha * self.temperature ** 2 * kl
         if self.feature_loss:  # (feature_loss is off when beta is 0)
             if stacked is not None:
-                l2_clean = CF.pairwise_feature_l2(stacked, None, torch.stack(clean_feats))
-                l2_pert = CF.pairwise_feature_l2(stacked, None, torch.stack(pert_feats))
+                l2_clean = CF.pairwise_feature_l2(stacked, None, torch.stack(clean_feats), teachers=cols)
+                l2_pert = CF.pairwise_feature_l2(stacked, None, torch.stack(pert_feats), teachers=cols)
             else:
-                l2_clean = CF.pairwise_feature_l2(feats, self.adapters.adapt, clean_feats)
-                l2_pert = CF.pairwise_feature_l2(feats, self.adapters.adapt, pert_feats)
+                l2_clean = CF.pairwise_feature_l2(feats, self.adapters.adapt, clean_feats, teachers=cols)
+                l2_pert = CF.pairwise_feature_l2(feats, self.adapters.adapt, pert_feats, teachers=cols)
             pair = pair + self.beta * torch.where(row_is_r, l2_pert, l2_clean)
-        weights = CF.distillation_weights(score.detach(), self.mode, self.teachers, teacher=teacher)
-        return (weights.to(pair.dtype) * pair).sum(1)
+        return torch.where(used, weights.to(pair.dtype) * pair, 0.0).sum(1)
 
     def step(self, x: Tensor, y: Tensor, perturbed: Perturbed | None = None) -> StepResult:
         """One full training iteration: perturbation, forwards, election, losses, backward, N optimizer steps.

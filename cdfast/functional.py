@@ -1,7 +1,8 @@
 """The functional API: the competitive-distillation losses for your own training loop.
 
 Every function checks its arguments (clear errors, no host sync on GPU
-tensors) and then dispatches to the fastest implementation available for the
+tensors; ``pairwise_kl`` and ``pairwise_feature_l2`` are the reference's own
+functions, unchecked) and then dispatches to the fastest implementation available for the
 tensors' device: :func:`competitive_ce` runs the compiled op
 ``torch.ops.cdfast.competitive_ce`` (C++ on CPU, CUDA on GPU) when
 ``cdfast._C`` is built; :func:`group_student_loss` runs the fused Triton
@@ -46,6 +47,10 @@ def _stack(logits: Tensor | Sequence[Tensor], name: str = "logits") -> Tensor:
     """A stacked ``[N, ...]`` tensor from a tensor or a list of the N networks' tensors."""
     if isinstance(logits, Tensor):
         return logits
+    if isinstance(logits, (list, tuple)) and name == "feats" and any(z is None for z in logits):
+        missing = [i for i, z in enumerate(logits) if z is None]
+        raise ValueError(f"feats of networks {missing} are None (logits-only networks); pass every network's "
+                         "features (cdfast.models.FeatureTap takes them from a layer) or turn the feature loss off")
     if not isinstance(logits, (list, tuple)) or not all(isinstance(z, Tensor) for z in logits):
         raise TypeError(f"{name} must be a tensor stacked per network or a list of the networks' tensors, "
                         f"got {type(logits).__name__}")
@@ -53,6 +58,12 @@ def _stack(logits: Tensor | Sequence[Tensor], name: str = "logits") -> Tensor:
         raise ValueError(f"{name} is an empty list; pass the outputs of N >= 2 networks")
     shapes = [tuple(z.shape) for z in logits]
     if len(set(shapes)) != 1:
+        if name == "feats":
+            raise ValueError(
+                f"the networks' features have different shapes {shapes}; map them to one shape first "
+                "(cdfast.CompetitiveDistillation builds adapters for this: cdfast.models.FeatureAdapters), "
+                "or turn the feature loss off"
+            )
         raise ValueError(
             f"the networks' {name} have different shapes {shapes}; every network of a group "
             "must see the same batch and predict the same number of classes"
@@ -155,12 +166,15 @@ def competitive_ce(
             -100). Every form runs the compiled op where it has a kernel for the device, except
             where the targets or ``lam`` need a gradient (the op differentiates the logits only).
         targets_b, lam: for mixed labels (mixup/cutmix): second label set like
-            ``targets`` and a per-network weight ``lam [*G, N]`` of ``targets``.
+            ``targets`` and the weight of ``targets``: per network ``lam [*G, N]``, or one for
+            every network (a float or a 0-d tensor).
         process_group: under data parallelism (each rank scores its shard of the batch),
             a ``torch.distributed`` process group (or ``"auto"``: the default one when
             initialised): the CEs are all-reduced, weighted by the shards' sizes, and the
             teacher is elected from the global batch, the same on every rank. ``ce`` stays
-            this rank's mean (its gradient, averaged across ranks, is the global one).
+            this rank's mean (its gradient, averaged across ranks, is the global one). The
+            default, None, elects from this process's batch alone (per shard under torchrun;
+            :class:`cdfast.CompetitiveDistillation` defaults to ``"auto"``).
     Returns:
         ``(ce [*G, N], teacher [*G] int64)`` (0-d for one group; ce float32, float64 for
         float64 logits); ties elect the lowest index.
@@ -185,6 +199,8 @@ def competitive_ce(
         raise ValueError("mixed labels need both targets_b and lam (or neither)")
     if targets_b is not None:
         _check_tensor(targets_b, "targets_b", logits.device)
+        if isinstance(lam, (int, float)) and not isinstance(lam, bool):  # a fill: no host-to-device copy
+            lam = torch.full((), float(lam), dtype=torch.float32, device=logits.device)
         _check_tensor(lam, "lam", logits.device)
         if targets_b.is_floating_point():
             targets_b = targets_b.to(targets.dtype if not hard else torch.float32)
@@ -192,8 +208,11 @@ def competitive_ce(
         if targets_b.is_floating_point() != targets.is_floating_point():
             raise TypeError("targets and targets_b must both be class indices or both class probabilities")
         _check_labels(targets_b, k, "targets_b", values=not checked_by_op, ignore_index=ignore_index)
+        if lam.dim() == 0:  # one mixing weight for the whole group (the usual mixup lam)
+            lam = lam.expand(logits.shape[:-2])
         if tuple(lam.shape) != tuple(logits.shape[:-2]):
-            raise ValueError(f"lam must have one weight per network, shape {list(logits.shape[:-2])}, got {list(lam.shape)}")
+            raise ValueError(f"lam must be one weight for the group or one per network, shape "
+                             f"{list(logits.shape[:-2])}, got {list(lam.shape)}")
     # ignore_index applies to class indices only (as in F.cross_entropy)
     ignore = int(ignore_index) if hard and ignore_index is not None else None
     ce, teacher = ce_op.competitive_ce(logits, targets, targets_b, lam, label_smoothing, ignore)
@@ -330,6 +349,9 @@ def weighted_student_loss(
     n = logits.shape[0]
     if tuple(weights.shape) != (n, n):
         raise ValueError(f"weights must be [N, N] = [{n}, {n}], got {list(weights.shape)}")
+    if feature_l2 is not None and tuple(feature_l2.shape) != (n, n):
+        raise ValueError(f"feature_l2 must be the [N, N] = [{n}, {n}] matrix of pairwise_feature_l2, got "
+                         f"{list(feature_l2.shape)}")
     return reference.weighted_student_loss(
         logits, feature_l2, weights, temperature=temperature, alpha=alpha, beta=beta
     )

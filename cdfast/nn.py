@@ -32,8 +32,10 @@ class CompetitiveLoss(nn.Module):
     ``targets_b`` / ``lam [N]`` for mixed labels; ``label_smoothing`` / ``ignore_index`` as in
     ``F.cross_entropy``.
     ``mode`` / ``teachers`` / weights as :class:`cdfast.CompetitiveDistillation` takes them;
-    ``process_group``: elect from the global batch under data parallelism (see
-    :func:`cdfast.competitive_ce`). No parameters; nothing is read on the host.
+    ``process_group``: None (the default) elects from this process's batch; under data
+    parallelism pass ``"auto"`` (or a group) to elect from the global batch, as
+    :class:`cdfast.CompetitiveDistillation` does by default (see :func:`cdfast.competitive_ce`).
+    No parameters; nothing is read on the host.
     """
 
     def __init__(self, *, mode: str = "competitive", teachers: str = "best", temperature: float = 1.0,
@@ -66,7 +68,7 @@ class CompetitiveLoss(nn.Module):
             group = resolve_process_group(self.process_group)
             score = global_mean(ce, logits.shape[-2], group) if group is not None else ce.detach()
             weights = CF.distillation_weights(score, self.mode, self.teachers, teacher=teacher)
-            pair = CF.pairwise_feature_l2(feats) if feats is not None else None
+            pair = CF.pairwise_feature_l2(feats, teachers=(weights != 0).any(0)) if feats is not None else None
             distill = CF.weighted_student_loss(logits, pair, weights, **kw)
         per_network = ce + distill
         return CompetitiveLossOutput(per_network.sum(), per_network, ce, distill, teacher)

@@ -158,7 +158,8 @@ class NetworkPerRank:
                 distill = CF.group_student_loss(stacked_logits, stacked_feats, teacher, **kw)
             else:
                 weights = CF.distillation_weights(all_ce, self.mode, self.teachers, teacher=teacher)
-                pair_l2 = CF.pairwise_feature_l2(stacked_feats) if stacked_feats is not None else None
+                pair_l2 = (CF.pairwise_feature_l2(stacked_feats, teachers=(weights != 0).any(0))
+                           if stacked_feats is not None else None)
                 distill = CF.weighted_student_loss(stacked_logits, pair_l2, weights, **kw)
         (ce + distill[me]).backward()  # the other rows are constants: only this rank's network gets gradients
         self.optimizer.step()

@@ -200,30 +200,41 @@ def group_student_loss_backward(
     return grad_logits.to(logits.dtype), grad_feats
 
 
-def pairwise_kl(logits: Tensor, temperature: float = 1.0, targets: Tensor | None = None) -> Tensor:
-    """``M[i, j] = KL(q_j || p_i)`` for a group ``[N, B, K]``, with ``q_j`` constant. ``[N, N]``.
+def pairwise_kl(logits: Tensor, temperature: float = 1.0, targets: Tensor | None = None, *,
+                teachers: Tensor | None = None) -> Tensor:
+    """``M[i, j] = KL(q_j || p_i)`` for a group ``[N, B, K]``, with ``q_j`` constant. ``[N, N]``, float32
+    (float64 for float64 logits) whatever autocast is on.
 
     ``q_j`` is network j's softmax on the same logits, or on ``targets [N, B, K]`` when given
     (e.g. every network's output on another input: the teachers' view of a perturbed student's batch).
+    ``teachers``: bool ``[N]``, the columns to compute; the others are 0 and read nothing of
+    network j, so a diverged teacher's NaN outputs reach no other network, in value or gradient.
     """
-    logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
-    logp = logp.clamp(min=torch.finfo(logp.dtype).min)  # -inf logits (masked classes): 0 * -inf would be NaN
-    if targets is None:
-        logq = logp.detach()
-    else:
-        logq = torch.log_softmax(_acc(targets.detach()) / temperature, dim=-1).to(logp.dtype)
-        logq = logq.clamp(min=torch.finfo(logq.dtype).min)
-    q = logq.exp()
-    batch = logits.shape[1]
-    neg_entropy = (q * logq).sum(-1).mean(-1)  # [N], indexed by j
-    cross = torch.einsum("jbk,ibk->ij", q, logp) / batch
-    return neg_entropy.unsqueeze(0) - cross
+    with torch.autocast(logits.device.type, enabled=False):  # the einsum would run in bf16/fp16 under autocast
+        logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
+        logp = logp.clamp(min=torch.finfo(logp.dtype).min)  # -inf logits (masked classes): 0 * -inf would be NaN
+        if targets is None:
+            logq = logp.detach()
+        else:
+            logq = torch.log_softmax(_acc(targets.detach()) / temperature, dim=-1).to(logp.dtype)
+            logq = logq.clamp(min=torch.finfo(logq.dtype).min)
+        if teachers is not None:
+            logq = torch.where(teachers.view(-1, 1, 1), logq, 0.0)
+        q = logq.exp()
+        if teachers is not None:
+            q = torch.where(teachers.view(-1, 1, 1), q, 0.0)
+        batch = logits.shape[1]
+        neg_entropy = (q * logq).sum(-1).mean(-1)  # [N], indexed by j
+        cross = torch.einsum("jbk,ibk->ij", q, logp) / batch
+        return neg_entropy.unsqueeze(0) - cross
 
 
 def pairwise_feature_l2(
     feats: Tensor | Sequence[Tensor],
     adapt: Callable[[int, int, Tensor], Tensor] | None = None,
     targets: Tensor | Sequence[Tensor] | None = None,
+    *,
+    teachers: Tensor | None = None,
 ) -> Tensor:
     """``L[i, j] = mean((A_ij(F_i) - G_j)^2)`` with G_j constant. ``[N, N]`` float32 (float64 for float64 features).
 
@@ -231,14 +242,19 @@ def pairwise_feature_l2(
     tensors (shapes may differ). ``adapt(i, j, F_i)`` maps student i's
     features to network j's shape; None means the shapes already agree.
     ``G_j`` is ``F_j``, or ``targets[j]`` when given (shaped like ``feats``).
-    The diagonal is 0.
+    The diagonal is 0. ``teachers``: bool ``[N]``, the columns to compute (the others are 0
+    and read nothing of network j, as in :func:`pairwise_kl`).
     """
     n = len(feats)
     goal = feats if targets is None else targets
     if adapt is None and isinstance(feats, Tensor):
         flat = _acc(feats.flatten(2))
-        diff = flat.unsqueeze(1) - _acc(goal.flatten(2)).detach().unsqueeze(0)  # [i, j, B, D]
-        return diff.square().flatten(2).mean(-1)
+        goal_flat = _acc(goal.flatten(2)).detach()
+        if teachers is not None:
+            goal_flat = torch.where(teachers.view(-1, 1, 1), goal_flat, 0.0)
+        diff = flat.unsqueeze(1) - goal_flat.unsqueeze(0)  # [i, j, B, D]
+        l2 = diff.square().flatten(2).mean(-1)
+        return l2 if teachers is None else torch.where(teachers.unsqueeze(0), l2, 0.0)
     rows = []
     for i in range(n):
         row = []
@@ -247,7 +263,9 @@ def pairwise_feature_l2(
                 row.append(torch.zeros((), device=feats[i].device))
                 continue
             student = adapt(i, j, feats[i]) if adapt is not None else feats[i]
-            row.append(_feature_mse(student.flatten(1), goal[j].flatten(1)))
+            target = goal[j] if teachers is None else torch.where(teachers[j], goal[j].detach(), 0.0)
+            mse = _feature_mse(student.flatten(1), target.flatten(1))
+            row.append(mse if teachers is None else torch.where(teachers[j], mse, 0.0))
         rows.append(torch.stack(row))
     return torch.stack(rows)
 
@@ -266,12 +284,16 @@ def weighted_student_loss(
     ``loss_i = sum_j weights[i, j] * (alpha * T^2 * KL(p_j || p_i) + beta * L[i, j])``
     where ``feature_l2`` is the ``[N, N]`` matrix of :func:`pairwise_feature_l2`
     (or None for no feature term) and ``weights`` comes from
-    :func:`distillation_weights`. A row of zero weights gives exactly 0.
+    :func:`distillation_weights`. A row of zero weights gives exactly 0, and a network
+    no one learns from (a zero column: e.g. a non-finite CE) reaches no other network's
+    loss or gradient, if ``feature_l2`` was computed with ``teachers=`` the used columns
+    (``(weights != 0).any(0)``), as :class:`cdfast.CompetitiveDistillation` does.
     """
-    pair = alpha * temperature**2 * pairwise_kl(logits, temperature)
+    used = weights != 0
+    pair = alpha * temperature**2 * pairwise_kl(logits, temperature, teachers=used.any(0))
     if feature_l2 is not None and beta != 0.0:
         pair = pair + beta * feature_l2
-    return (weights.to(pair.dtype) * pair).sum(1)
+    return torch.where(used, weights.to(pair.dtype) * pair, 0.0).sum(1)
 
 
 def distillation_weights(ce: Tensor, mode: str = "competitive", teachers: str = "best", *,

@@ -181,11 +181,15 @@ def _direct(kernel):
     return kernel
 
 
-def _targets(logits, feats, target_logits, target_feats):
+def _targets(logits, feats, teacher, target_logits, target_feats):
     """The target tensors the kernels read, and whether they are per student (else: the teacher's rows)."""
     if target_logits is None:
         return logits, feats, False
-    return target_logits.contiguous(), (target_feats.contiguous() if target_feats is not None else feats), True
+    if target_feats is None:  # per-student logits, the teacher's own features: its rows, once per student
+        # (clamped: an out-of-range teacher gives NaN through the logits' bounds check, not a device assert)
+        row = teacher.reshape(1).clamp(0, feats.shape[0] - 1)
+        target_feats = feats.index_select(0, row).expand_as(feats)
+    return target_logits.contiguous(), target_feats.contiguous(), True
 
 
 def student_loss_forward(logits: torch.Tensor, feats: torch.Tensor, teacher: torch.Tensor,
@@ -201,7 +205,7 @@ def student_loss_forward(logits: torch.Tensor, feats: torch.Tensor, teacher: tor
     n, b, k = logits.shape
     d = feats.shape[-1]
     logits, feats = logits.contiguous(), feats.contiguous()
-    tgt_logits, tgt_feats, per_student = _targets(logits, feats, target_logits, target_feats)
+    tgt_logits, tgt_feats, per_student = _targets(logits, feats, teacher, target_logits, target_feats)
     rows = torch.empty(n, b, device=logits.device, dtype=torch.float32)
     lse = torch.empty(n, b, device=logits.device, dtype=torch.float32)
     if n * b == 0 or k == 0:
@@ -223,7 +227,7 @@ def student_loss_backward(grad: torch.Tensor, logits: torch.Tensor, feats: torch
     n, b, k = logits.shape
     d = feats.shape[-1]
     logits, feats = logits.contiguous(), feats.contiguous()
-    tgt_logits, tgt_feats, per_student = _targets(logits, feats, target_logits, target_feats)
+    tgt_logits, tgt_feats, per_student = _targets(logits, feats, teacher, target_logits, target_feats)
     # the targets' log-sum-exp: the students' own (kept by the forward) when the teacher's rows are the targets
     tgt_lse = torch.logsumexp(tgt_logits.float() / temperature, dim=-1) if per_student else lse.contiguous()
     grad_logits = torch.empty_like(logits)

@@ -726,6 +726,54 @@ def test_all_better_never_learns_from_a_non_finite_network():
     assert w[:, [0, 1, 3]].sum() == 0 and w[0, 2] == 1 and w[1, 2] == 1  # +inf students learn from the finite one
 
 
+def test_a_diverged_network_reaches_no_other_through_the_weighted_losses():
+    # all-better: network 1's NaN outputs teach no one, so no other network's loss or gradient may
+    # turn NaN (0 * NaN in a contraction would); its own loss shows the failure
+    torch.manual_seed(0)
+    logits, feats, y = torch.randn(3, 8, 5), torch.randn(3, 8, 4), torch.randint(0, 5, (8,))
+    logits[1], feats[1] = float("nan"), float("nan")
+    z, f = logits.clone().requires_grad_(), feats.clone().requires_grad_()
+    out = cdfast.CompetitiveLoss(mode="competitive", teachers="all-better")(z, y, f)
+    out.per_network.sum().backward()
+    assert torch.isnan(out.per_network[1]) and torch.isfinite(out.per_network[[0, 2]]).all()
+    assert torch.isfinite(z.grad[[0, 2]]).all() and torch.isfinite(f.grad[[0, 2]]).all()
+    # the same through the functions, with per-network feature lists (the adapter path)
+    z, f = logits.clone().requires_grad_(), feats.clone().requires_grad_()
+    ce, _ = cdfast.competitive_ce(z, y)
+    w = cdfast.distillation_weights(ce.detach(), "competitive", "all-better")
+    l2 = cdfast.pairwise_feature_l2(list(f), lambda i, j, x: x, teachers=(w != 0).any(0))
+    distill = cdfast.weighted_student_loss(z, l2, w)
+    distill[[0, 2]].sum().backward()
+    assert torch.isfinite(distill[[0, 2]]).all()
+    assert torch.isfinite(z.grad[[0, 2]]).all() and torch.isfinite(f.grad[[0, 2]]).all()
+
+
+def test_feature_mistakes_in_the_functions_get_feature_errors():
+    logits, y = torch.randn(2, 4, 5), torch.randint(0, 5, (4,))
+    with pytest.raises(ValueError, match=r"features have different shapes .*FeatureAdapters"):
+        cdfast.group_student_loss(logits, [torch.randn(4, 8), torch.randn(4, 16)], 0)
+    with pytest.raises(ValueError, match=r"feats of networks \[1\] are None"):
+        cdfast.CompetitiveLoss()(logits, y, [torch.randn(4, 8), None])
+    w = cdfast.distillation_weights(torch.tensor([0.1, 0.2]), "dml")
+    with pytest.raises(ValueError, match=r"feature_l2 must be the \[N, N\] = \[2, 2\] matrix"):
+        cdfast.weighted_student_loss(logits, torch.ones(2), w)
+
+
+def test_the_pairwise_losses_stay_float32_under_autocast():
+    torch.manual_seed(0)
+    logits, feats = 3 * torch.randn(3, 16, 100), torch.randn(3, 16, 32)
+    logits[:, :, 7] = float("-inf")  # a masked class: low precision turns the clamp into -inf, 0 * -inf into NaN
+    want_kl, want_l2 = cdfast.functional.pairwise_kl(logits), cdfast.pairwise_feature_l2(feats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kl, l2 = cdfast.functional.pairwise_kl(logits), cdfast.pairwise_feature_l2(feats)
+        w = cdfast.distillation_weights(torch.tensor([0.1, 0.2, 0.3]), "dml")
+        loss = cdfast.weighted_student_loss(logits, l2, w)
+    assert kl.dtype == l2.dtype == loss.dtype == torch.float32 and torch.isfinite(kl).all()
+    torch.testing.assert_close(kl, want_kl, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(l2, want_l2)
+    torch.testing.assert_close(loss, cdfast.weighted_student_loss(logits, want_l2, w), atol=1e-6, rtol=1e-6)
+
+
 def test_planted_link_named_like_the_target_is_replaced_not_followed(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")

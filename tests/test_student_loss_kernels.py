@@ -237,20 +237,25 @@ def test_float64_is_served_by_the_reference_in_float64():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("feature_targets", [True, False], ids=["both-targets", "logit-targets-only"])
 @pytest.mark.parametrize("n,b,k,d", [(2, 3, 10, 8), (3, 5, 5000, 0), (4, 2, 100, 33)])
-def test_per_student_targets_match_the_reference(n, b, k, d, device):
-    # Matched inputs: student i's target row is row i of the targets, not the teacher's row.
+def test_per_student_targets_match_the_reference(n, b, k, d, device, feature_targets):
+    # Matched inputs: student i's target row is row i of the targets, not the teacher's row. Logit
+    # targets alone: the features' target stays the teacher's own rows (as the reference).
     from cdfast.kernels.student_loss import student_loss_backward, student_loss_forward
 
     logits, feats = inputs(n, b, k, d, torch.float32, device, seed=1)
     target_logits, target_feats = inputs(n, b, k, d, torch.float32, device, seed=2)
+    if not feature_targets:
+        target_feats = None
     for t in range(n):
         teacher = torch.tensor(t, device=device)
         loss, lse = student_loss_forward(logits, feats, teacher, 2.0, 0.7, 0.3,
                                          target_logits=target_logits, target_feats=target_feats)
         z, f = logits.clone().requires_grad_(), feats.clone().requires_grad_()
         ref = R.group_student_loss(z, f if d else None, teacher, temperature=2.0, alpha=0.7, beta=0.3,
-                                   target_logits=target_logits, target_feats=target_feats if d else None)
+                                   target_logits=target_logits,
+                                   target_feats=target_feats if (d and target_feats is not None) else None)
         torch.testing.assert_close(loss, ref.detach(), **TOL[torch.float32])
         grad = torch.linspace(0.5, 1.5, n, device=device)
         (ref * grad).sum().backward()
@@ -262,6 +267,8 @@ def test_per_student_targets_match_the_reference(n, b, k, d, device):
         closed = R.group_student_loss_backward(grad, logits, feats, teacher, temperature=2.0, alpha=0.7, beta=0.3,
                                                target_logits=target_logits, target_feats=target_feats)
         torch.testing.assert_close(closed[0], z.grad, **TOL[torch.float32])
+        if d:
+            torch.testing.assert_close(closed[1], f.grad, **TOL[torch.float32])
 
 
 def test_op_with_per_student_targets_opcheck_and_functional_checks():

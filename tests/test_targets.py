@@ -120,3 +120,13 @@ def test_ignored_rows_count_for_nothing_even_with_inf_or_nan_logits(smoothing):
     want = torch.stack([F.cross_entropy(z[[0, 3]], y[[0, 3]], label_smoothing=smoothing) for z in logits])
     torch.testing.assert_close(ce, want)
 
+
+
+def test_one_lam_for_the_whole_group_equals_the_same_lam_per_network():
+    torch.manual_seed(0)
+    logits, y_a, y_b = torch.randn(3, 6, 5), torch.randint(0, 5, (6,)), torch.randint(0, 5, (6,))
+    want = cdfast.competitive_ce(logits, y_a, y_b, torch.full((3,), 0.3))
+    for lam in (0.3, torch.tensor(0.3)):
+        got = cdfast.competitive_ce(logits, y_a, y_b, lam)
+        torch.testing.assert_close(got[0], want[0])
+        assert int(got[1]) == int(want[1])
