@@ -26,7 +26,7 @@ help:
 # itself, which compiles cdfast._C (csrc/: CPU kernels, and CUDA kernels when CUDA_HOME is set).
 $(STAMP): pyproject.toml setup.py $(CSRC)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "setuptools>=64" wheel
+	$(PY) -m pip install --quiet "setuptools>=64" wheel ninja pybind11
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,viz,dali]"
 	@$(PY) -c "from cdfast.ops import competitive_ce as _ops; print('cdfast: compiled ops', 'built (CPU' + (' + CUDA' if _ops.WITH_CUDA else '') + ' kernels)' if _ops.HAS_EXTENSION else 'missing: using the PyTorch reference')"

@@ -13,15 +13,15 @@ import typing
 from pathlib import Path
 
 from cdfast import presets
-from cdfast.train.config import TrainConfig
+from cdfast.train.config import RESUME_FREE, TrainConfig
 
-EPILOG = """Settings come from the defaults, then --config FILE (YAML with the same keys, '-' or '_'),
+EPILOG = f"""Settings come from the defaults, then --config FILE (YAML with the same keys, '-' or '_'),
 then the flags given here. --resume DIR continues a run from its last checkpoint (or from step 0
 if it stopped before its first one) with the settings stored in it; flags may then change only
-how it executes and reports (engine, compile, channels-last, fused-sgd, threads,
-eval-batch-size, log-interval, tensorboard, plots, progress). Any other change is refused,
-listing the differences, unless --resume-with-changes is given: then it applies from the next
-step on and is recorded in the run's changes.jsonl."""
+how it executes, evaluates and reports ({", ".join(k.replace("_", "-") for k in RESUME_FREE if k != "out")}).
+Any other change is refused, listing the differences, unless --resume-with-changes is given: then
+it applies from the next step on and is recorded in the run's changes.jsonl. A resumed run stays
+in its own folder (--out cannot move it)."""
 
 
 def _base_type(tp):

@@ -371,11 +371,13 @@ def test_a_run_without_a_checkpoint_is_resumable_and_restartable(tmp_path, capsy
     for k, v in straight.group.state_dict().items():
         assert torch.equal(v, resumed[k]), k
     # a fresh run into such a folder starts it again, with no duplicated rows
-    (out / "checkpoint.pt").unlink()
-    (out / "checkpoint.prev.pt").unlink()
-    code, err = run_cli(tiny_args(out), capsys)
+    again = tmp_path / "again"
+    Trainer(TrainConfig(**TINY, data_dir=str(FMNIST), out=str(again))).fit(until_epoch=1)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (again / name).unlink(missing_ok=True)
+    code, err = run_cli(tiny_args(again), capsys)
     assert code == 0, err
-    assert (out / "steps.csv").read_text() == (tmp_path / "straight" / "steps.csv").read_text()
+    assert (again / "steps.csv").read_text() == (tmp_path / "straight" / "steps.csv").read_text()
 
 
 def test_resume_of_a_folder_with_nothing_says_how_to_start(tmp_path, capsys):
@@ -649,18 +651,54 @@ def test_unreadable_checkpoints_say_how_to_start_again(run_copy, capsys):
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         (run_copy / name).write_bytes(b"junk")
     code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress"], capsys)
-    assert code == 2 and "move checkpoint.pt and checkpoint.prev.pt out of the folder" in err
+    assert code == 2 and "start it again in another --out folder" in err
+    assert "move checkpoint.pt and checkpoint.prev.pt out of the folder" in err
+    records = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file() and not p.name.endswith(".pt")}
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         (run_copy / name).rename(run_copy.parent / name)
-    code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress"], capsys)  # starts again from step 0
-    assert code == 0, err
-    assert load_checkpoint(run_copy / "checkpoint.pt")["epoch"] == 2
+    # two finished epochs recorded: starting over would erase them, so it is refused, nothing touched
+    code, err = run_cli(["train", "--resume", str(run_copy), "--no-progress"], capsys)
+    assert code == 2 and "holds the records of 2 finished epoch(s) but no readable checkpoint" in err
+    code, err = run_cli(tiny_args(run_copy), capsys)
+    assert code == 2 and "starting it again would erase those records" in err
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == records
 
 
-def test_resume_from_a_named_checkpoint_file(run_copy):
+def test_a_finished_grid_run_whose_checkpoints_were_deleted_stays_done(run_copy):
+    from cdfast.train.run_folder import run_state
+
+    assert run_state(run_copy, 2) == "done"
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (run_copy / name).unlink()
+    assert run_state(run_copy, 2) == "done"
+    # the last epoch recorded but the run not summarised (a crash before its final checkpoint): continue it
+    (run_copy / "summary.txt").unlink()
+    assert run_state(run_copy, 2) == "partial"
+
+
+def test_resume_from_a_named_checkpoint_file(run_copy, capsys):
+    (run_copy / "checkpoint.superseded.pt").write_bytes(b"set aside by an earlier resume")
     trainer = Trainer(resume=run_copy / "checkpoint.prev.pt")
     assert (trainer.epoch, trainer.step) == (1, 2)
+    # the epoch-2 checkpoint belongs to the abandoned line: set aside (nothing earlier overwritten), so
+    # a plain --resume after a crash, or the next save's 'previous', cannot come from it
+    assert not (run_copy / "checkpoint.pt").exists()
+    assert load_checkpoint(run_copy / "checkpoint.superseded-2.pt")["epoch"] == 2
+    assert (run_copy / "checkpoint.superseded.pt").read_bytes() == b"set aside by an earlier resume"
+    assert "checkpoint.pt (after it) is set aside as checkpoint.superseded-2.pt" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in (run_copy / "epochs.jsonl").read_text().splitlines()] == [1]
     trainer.close()
+    trainer = Trainer(resume=run_copy)  # the line resumed from the named file
+    assert (trainer.epoch, trainer.step) == (1, 2)
+    trainer.fit()
+    assert load_checkpoint(run_copy / "checkpoint.pt")["epoch"] == 2
+    assert load_checkpoint(run_copy / "checkpoint.prev.pt")["epoch"] == 1
+
+
+def test_resume_into_another_out_folder_is_refused(run_copy, tmp_path, capsys):
+    code, err = run_cli(["train", "--resume", str(run_copy), "--out", str(tmp_path / "fork"), "--epochs", "3",
+                         "--resume-with-changes", "--no-progress"], capsys)
+    assert code == 2 and "a resumed run continues in its own folder" in err and not (tmp_path / "fork").exists()
 
 
 def test_changes_on_a_finished_run_are_refused(run_copy):
@@ -816,3 +854,19 @@ def test_tensorboard_link_is_refused(tmp_path):
     (tmp_path / "tensorboard").symlink_to(tmp_path.parent)
     with pytest.raises(WriteError, match="tensorboard is a link or a file"):
         RunLogger(tmp_path, 2, tensorboard=True)
+
+
+def test_checkpoints_with_every_gpus_rng_state_still_load(run_copy):
+    # before 2026-11-27 a checkpoint held the RNG state of every visible GPU ([] on a CPU machine)
+    from cdfast.train.checkpoint import save_atomic
+
+    state = load_checkpoint(run_copy / "checkpoint.pt")
+    assert state["rng"]["cuda"] is None  # now: only the run's own GPU, none for a CPU run
+    state["rng"]["cuda"] = []
+    for rank_state in state["rng_ranks"]:
+        rank_state["cuda"] = []
+    state.pop("format_version")
+    save_atomic(state, run_copy / "checkpoint.pt")
+    trainer = Trainer(resume=run_copy)
+    assert (trainer.epoch, trainer.step) == (2, 4)
+    trainer.close()

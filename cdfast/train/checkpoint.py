@@ -127,14 +127,20 @@ def load_latest(folder: str | Path) -> Loaded | None:
         return Loaded(state, path, corrupt)
     if errors:
         names = " and ".join(p.name for p in corrupt)
-        raise CheckpointError(f"{errors[0]}. No readable checkpoint is left in {folder}: move {names} out of the "
-                              f"folder to start the run again from step 0 with --resume {folder}, or start a new "
-                              "run in another --out folder")
+        raise CheckpointError(f"{errors[0]}. No readable checkpoint is left in {folder}, so the run cannot "
+                              f"continue: start it again in another --out folder (or, if it recorded at most one "
+                              f"epoch, move {names} out of the folder and --resume {folder} starts it from step 0)")
     return None
 
 
-def set_aside(path: Path) -> Path:
-    """Rename an unreadable checkpoint out of the rotation (it must never become the 'previous' one)."""
-    target = path.with_name(path.name.replace(".pt", ".corrupt.pt"))
+def set_aside(path: Path, why: str = "corrupt") -> Path:
+    """Rename a checkpoint out of the rotation (it must never become the 'previous' one), to
+    ``<name>.<why>.pt`` (``.<why>-2.pt``, ... where that name is taken: nothing set aside earlier
+    is overwritten)."""
+    stem = path.name.removesuffix(".pt")
+    target, k = path.with_name(f"{stem}.{why}.pt"), 1
+    while target.exists() or target.is_symlink():
+        k += 1
+        target = path.with_name(f"{stem}.{why}-{k}.pt")
     os.replace(path, target)
     return target

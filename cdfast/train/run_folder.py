@@ -40,7 +40,8 @@ GRID_FILE, RESULTS_FILE = "grid.yaml", "results.jsonl"  # of a grid folder
 
 __all__ = ["MARKER", "CONFIG_FILE", "CHANGES_FILE", "SUMMARY_FILE", "STEPS_FILE", "EPOCHS_FILE", "TENSORBOARD_DIR",
            "GRID_FILE", "RESULTS_FILE",
-           "RunFolderError", "is_run_folder", "has_checkpoint", "claim_new", "resolve_resume", "run_state",
+           "RunFolderError", "is_run_folder", "has_checkpoint", "claim_new", "check_restartable", "resolve_resume",
+           "run_state",
            "lock_folder", "unlock_folder", "mark", "read_epochs", "truncate_records", "reset_records",
            "write_changes", "remove_stale_temp"]
 
@@ -118,6 +119,7 @@ def claim_new(path: str | Path) -> tuple[int, bool]:
             raise FileExistsError(f"{path} already holds a run; continue it with --resume {path}, "
                                   "or pass another --out folder (nothing there was touched)")
         if entries:
+            check_restartable(path)
             reset_records(path)
         mark(path)
     except BaseException:
@@ -147,13 +149,30 @@ def resolve_resume(path: str | Path) -> Path:
     return folder
 
 
+def check_restartable(path: str | Path) -> None:
+    """Refuse to start a run folder over when its records hold more than a first epoch, or a
+    summary: a finished run whose checkpoints were deleted (or set aside as unreadable) would lose
+    results no checkpoint can give back. (A run that died between its first epoch's record and
+    its first checkpoint loses nothing by starting again.)"""
+    path = Path(path)
+    epochs = read_epochs(path)
+    if len(epochs) > 1 or (path / SUMMARY_FILE).is_file():
+        raise RunFolderError(
+            f"{path} holds the records of {len(epochs)} finished epoch(s) but no readable checkpoint (deleted, or "
+            "set aside as unreadable), so the run cannot continue, and starting it again would erase those records. "
+            "Nothing there was touched: leave the folder as it is to keep its results (cdfast report reads them), "
+            "or move it aside (or delete it) to train that run again")
+
+
 def run_state(path: str | Path, epochs: int) -> str:
-    """'done' (all epochs finished and checkpointed), 'partial' (a run folder to continue) or 'new'."""
+    """'done' (all epochs recorded and the run's summary written, which happens after its last
+    checkpoint; the checkpoints themselves may have been deleted since), 'partial' (a run folder
+    to continue) or 'new'."""
     path = Path(path)
     if not is_run_folder(path):
         return "new"
     finished = read_epochs(path)
-    if finished and finished[-1]["epoch"] >= epochs and (path / CHECKPOINT).is_file():
+    if finished and finished[-1]["epoch"] >= epochs and (path / SUMMARY_FILE).is_file():
         return "done"
     return "partial"
 

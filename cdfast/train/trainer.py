@@ -20,7 +20,7 @@ from cdfast.distributed import any_rank, broadcast_state, gather_objects, rank_a
 from cdfast.data import BadImageError, load_data
 from cdfast.safe_write import WriteError, atomic_write
 from cdfast.train import run_folder
-from cdfast.train.checkpoint import load_checkpoint, load_latest, save_checkpoint, set_aside
+from cdfast.train.checkpoint import CHECKPOINT, PREV_CHECKPOINT, load_checkpoint, load_latest, save_checkpoint, set_aside
 from cdfast.train.config import RESUME_FIXED, RESUME_FREE, TrainConfig, upgrade_legacy_keys
 from cdfast.train.evaluate import evaluate_group
 from cdfast.train.group import build_group, sgd_options
@@ -104,6 +104,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig | None = None, resume: str | Path | None = None, *,
                  overrides: dict[str, Any] | None = None, allow_changes: bool = False):
         self.lock = None
+        self._resumed_file: Path | None = None  # a checkpoint file named by --resume
         # Data parallel (torch.distributed initialised with several ranks, e.g. under torchrun): every rank
         # trains on its shard; rank 0 alone owns the run folder, the others write into a scratch folder
         # that is removed at the end, so every code path is the same on every rank.
@@ -121,7 +122,7 @@ class Trainer:
             # Only now, with everything built and loaded, is the folder brought up to date.
             run_folder.mark(self.out)
             for path in self.corrupt if self.is_main else []:  # rank 0 alone touches the run folder
-                print(f"cdfast: set the unreadable {path.name} aside as {set_aside(path).name}")
+                print(f"cdfast: set the unreadable {path.name} aside as {set_aside(path, 'corrupt').name}")
             self.cfg.save(self.out / CONFIG_FILE)
             run_folder.write_changes(self.out, self.changes)
         except BaseException:
@@ -157,12 +158,19 @@ class Trainer:
         self.run_dir = folder
         self.lock = run_folder.lock_folder(folder) if self.is_main else None  # the others only read it
         try:
-            if Path(resume).is_file():  # a checkpoint named explicitly: that one, no fallback
+            out = overrides.get("out")
+            if out and Path(out).resolve() != folder.resolve():
+                raise ValueError(f"--out {out} with --resume {resume}: a resumed run continues in its own folder "
+                                 f"({folder}). To branch it off, copy that folder and resume the copy")
+            self._resumed_file = Path(resume) if Path(resume).is_file() else None
+            if self._resumed_file is not None:  # a checkpoint named explicitly: that one, no fallback
                 state = load_checkpoint(resume)
             else:
                 loaded = load_latest(folder)
                 state = loaded.state if loaded else None
                 self.corrupt = loaded.corrupt if loaded else []
+            if state is None and self.is_main:  # the run starts again from step 0: only if that loses nothing
+                run_folder.check_restartable(folder)
             saved = state["config"] if state else self._saved_config(folder)
             base = cfg if cfg is not None else TrainConfig.from_dict(saved)
             self.cfg = dataclasses.replace(base, **{**overrides, "out": str(folder)}).validate()
@@ -358,13 +366,27 @@ class Trainer:
             "rng_ranks": gather_objects(self._rng_state(), self.process_group),
         }
 
-    @staticmethod
-    def _rng_state() -> dict[str, Any]:
+    def _cuda_index(self) -> int | None:
+        """The index of the run's GPU, or None for a run on another device."""
+        if self.device.type != "cuda":
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def _rng_state(self) -> dict[str, Any]:
+        # only the run's own GPU: a run resumed where fewer GPUs are visible (CUDA_VISIBLE_DEVICES) still loads
+        index = self._cuda_index()
         return {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state(index) if index is not None else None,
             "python": random.getstate(),
         }
+
+    def _set_cuda_rng_state(self, saved) -> None:
+        index = self._cuda_index()
+        if isinstance(saved, (list, tuple)):  # checkpoints before 2026-11-27 hold every visible GPU's state
+            saved = saved[index] if index is not None and index < len(saved) else None
+        if saved is not None and index is not None:
+            torch.cuda.set_rng_state(saved, index)
 
     def _load(self, state: dict[str, Any]) -> None:
         saved_keys, keys = set(state["group"]), set(self.group.state_dict())
@@ -386,14 +408,25 @@ class Trainer:
             self.data.train.load_state_dict(state["train_loader"])
             rng = (state.get("rng_ranks") or [state["rng"]])[self.rank]
             torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            self._set_cuda_rng_state(rng.get("cuda"))
             python_state = rng["python"]
             random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             raise ValueError(f"the checkpoint in {self.out} does not fit this group of networks: {e}") from e
         self._apply_hyperparameters()
+        if self._resumed_file is not None and self.is_main:
+            self._supersede_newer_checkpoints()
         run_folder.truncate_records(self.out, self.step, self.epoch)
+
+    def _supersede_newer_checkpoints(self) -> None:
+        """Resuming from a checkpoint named explicitly (e.g. checkpoint.prev.pt) abandons what came
+        after it: the rotation's other files are set aside, so a later plain --resume, or the
+        'previous' checkpoint after the next save, can never mix the abandoned line with this one."""
+        for name in (CHECKPOINT, PREV_CHECKPOINT):
+            path = self.out / name
+            if path.is_file() and not path.samefile(self._resumed_file):
+                print(f"cdfast: resuming from {self._resumed_file.name}, so {name} (after it) is set aside as "
+                      f"{set_aside(path, 'superseded').name}")
 
     def save_checkpoint(self) -> Path:
         state = self.state_dict()  # on every rank: it gathers the ranks' perturbation streams
