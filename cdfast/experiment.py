@@ -15,7 +15,10 @@ and resumes interrupted ones from their checkpoints, so a grid can be stopped
 at any time; a grid may also grow (seeds, groups, methods) in the same folder,
 as long as what its finished runs were trained with stays the same.
 ``<out>/results.jsonl`` (one record per finished run) is rebuilt from the run
-folders after every run.
+folders after every run. A run that fails on its own (a non-finite loss: it
+diverged; an unreadable image) is recorded as failed (``failed.txt`` in its
+folder, a record in results.jsonl, a line in the report) and the grid goes on;
+later invocations skip it until that file is deleted.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from cdfast.safe_write import atomic_write
 from cdfast.train.config import TrainConfig, read_yaml_mapping
 from cdfast.train.metrics import summarize_epochs
 from cdfast.train.run_folder import CONFIG_FILE, GRID_FILE, RESULTS_FILE, has_checkpoint, read_epochs, run_state
+
+FAILED_FILE = "failed.txt"  # in a run folder: why the run failed (the grid skips it until the file is deleted)
 
 # Group and method names become folder names: plain names only, never a path.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
@@ -87,6 +92,21 @@ class Grid:
         spec = self.groups[group]
         return list(spec.get("methods") or self.methods) if isinstance(spec, dict) else list(self.methods)
 
+    def union(self, saved: "Grid") -> "Grid":
+        """This grid grown by what the ``saved`` one (of the same folder) had beyond it: its other
+        groups, methods, seeds and a group's other methods, so that a smaller grid run in the folder
+        keeps the runs it does not name in grid.yaml, results.jsonl and the report. This grid's
+        settings and report section win (a conflict was refused before)."""
+        methods = {**saved.methods, **self.methods}
+        seeds = list(dict.fromkeys([*self.seeds, *saved.seeds]))
+        groups: dict[str, Any] = {}
+        for group in dict.fromkeys([*self.groups, *saved.groups]):
+            runs = list(dict.fromkeys([*(self.methods_of(group) if group in self.groups else []),
+                                       *(saved.methods_of(group) if group in saved.groups else [])]))
+            models = self.models(group) if group in self.groups else saved.models(group)
+            groups[group] = models if set(runs) == set(methods) else {"models": models, "methods": runs}
+        return Grid(base=self.base, groups=groups, methods=methods, seeds=seeds, report=self.report)
+
     def validate(self) -> None:
         for key, value in (("base", self.base), ("groups", self.groups), ("methods", self.methods)):
             if not isinstance(value, dict):
@@ -131,6 +151,11 @@ def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
     for group, method, seed in grid.runs():
         path = run_dir(out, group, method, seed)
         cfg = grid.config(group, method, seed, out)
+        if (path / FAILED_FILE).is_file():
+            reason = (path / FAILED_FILE).read_text(errors="replace").strip()
+            records.append({"group": group, "method": method, "seed": seed, "failed": reason[:2000],
+                            "epochs_done": len(read_epochs(path)), "run_dir": str(path)})
+            continue
         if run_state(path, cfg.epochs) != "done":
             continue
         epochs = read_epochs(path)
@@ -182,12 +207,13 @@ def grid_conflict(saved: dict[str, Any], grid: Grid) -> str | None:
 
 def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = None) -> Path:
     """Run every missing or unfinished run of the grid; returns the results file."""
+    from cdfast.data.folder import BadImageError
     from cdfast.train import Trainer
+    from cdfast.train.metrics import NonFiniteLossError
     from cdfast.train.trainer import ResumeChangeError, _listed
 
     out = Path(out)
     saved = out / GRID_FILE
-    description = yaml.safe_dump(dataclasses.asdict(grid), sort_keys=False)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     if out.is_dir() and not saved.is_file() and any(out.iterdir()):
@@ -195,21 +221,26 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
                          "folder, or the folder of this grid (nothing there was touched)")
     out.mkdir(parents=True, exist_ok=True)
 
+    whole = grid  # what the folder holds: this grid, and what an earlier, larger one ran there
     if saved.exists():
-        conflict = grid_conflict(read_yaml_mapping(saved, "saved grid"), grid)
+        raw = read_yaml_mapping(saved, "saved grid")
+        conflict = grid_conflict(raw, grid)
         if conflict:
             raise ValueError(f"{out} holds another grid ({conflict}); use another --out folder, or restore the "
                              "original grid file to resume it")
-    atomic_write(saved, description)
+        whole = grid.union(Grid(base=grid.base, groups=raw.get("groups") or {}, methods=raw.get("methods") or {},
+                                seeds=list(raw.get("seeds") or [])))
+    atomic_write(saved, yaml.safe_dump(dataclasses.asdict(whole), sort_keys=False))
     runs = grid.runs()
     overrides = overrides or {}
     for k, (group, method, seed) in enumerate(runs, start=1):
         cfg = dataclasses.replace(grid.config(group, method, seed, out), **overrides)
         path = run_dir(out, group, method, seed)
-        state = run_state(path, cfg.epochs)
+        state = "failed" if (path / FAILED_FILE).is_file() else run_state(path, cfg.epochs)
         print(f"cdfast experiment [{k}/{len(runs)}] {group} / {method} / seed {seed}: "
-              + {"done": "finished earlier, skipped", "partial": "resuming", "new": "training"}[state], flush=True)
-        if state == "done":
+              + {"done": "finished earlier, skipped", "partial": "resuming", "new": "training",
+                 "failed": f"failed earlier, skipped (delete {path / FAILED_FILE} to try it again)"}[state], flush=True)
+        if state in ("done", "failed"):
             continue
         t0 = time.perf_counter()
         if state == "partial" and has_checkpoint(path):
@@ -221,9 +252,16 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
                                  f"continue that run alone with `cdfast train --resume {path}`") from None
         else:  # new, or stopped before its first checkpoint: starts (again) from step 0
             trainer = Trainer(cfg)
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except (NonFiniteLossError, BadImageError) as e:  # this run's own failure: record it and go on
+            atomic_write(path / FAILED_FILE, f"{type(e).__name__}: {e}\n")
+            print(f"cdfast experiment [{k}/{len(runs)}] FAILED: {e}\n  recorded in {path / FAILED_FILE}; the grid "
+                  "goes on", flush=True)
+            write_results(whole, out)
+            continue
         accs = ", ".join(f"{100 * a:.2f}%" for a in summary["final_acc"])
         print(f"cdfast experiment [{k}/{len(runs)}] final test accuracy {accs} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        write_results(grid, out)
-    return write_results(grid, out)
+        write_results(whole, out)
+    return write_results(whole, out)

@@ -55,6 +55,7 @@ def _fmt(values: list[float] | None) -> str:
 class Results:
     def __init__(self, records: list[dict[str, Any]], grid_dir: Path | None = None):
         self.records = records
+        self.failed: list[dict[str, Any]] = []  # runs that failed (diverged, ...): in no statistic, listed apart
         self.grid_dir = grid_dir
         self.groups = list(dict.fromkeys(r["group"] for r in records))
         self.methods = list(dict.fromkeys(r["method"] for r in records))
@@ -86,10 +87,14 @@ def load(grid_dir: Path) -> tuple[Results, dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is corrupt at line {e.lineno} ({e.msg}); rerun `cdfast experiment` on this "
                          "folder to rebuild it from the run folders") from None
+    failed = [r for r in records if "failed" in r]
+    records = [r for r in records if "failed" not in r]
     if not records:
-        raise ValueError(f"{path} holds no finished runs yet")
+        raise ValueError(f"{path} holds no finished runs yet" + (f" ({len(failed)} failed)" if failed else ""))
     grid = read_yaml_mapping(grid_dir / GRID_FILE, "grid file") if (grid_dir / GRID_FILE).exists() else {}
-    return Results(records, grid_dir), (grid.get("report") or {})
+    res = Results(records, grid_dir)
+    res.failed = failed
+    return res, (grid.get("report") or {})
 
 
 def accuracy_table(res: Results, spec: dict[str, Any], key: str) -> list[str]:
@@ -394,7 +399,13 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
                                 if recal else ", evaluated with BatchNorm's running statistics") + ". A difference "
              "is called clear when a two-sided Welch t-test rejects no difference at 5 % (about 2.8 standard "
              "errors with 3 seeds a side, 4.3 with 2).",
-             "", "## Accuracy (like the paper's Table 2), last epoch", ""]
+             ""]
+    if res.failed:
+        lines += ["**Failed runs** (in no table below; a diverged run is itself a result):", ""]
+        lines += [f"- {r['group']} / {r['method']} / seed {r['seed']}, after {r.get('epochs_done', '?')} epoch(s): "
+                  f"{r['failed'].splitlines()[0][:300]}" for r in res.failed]
+        lines += [""]
+    lines += ["## Accuracy (like the paper's Table 2), last epoch", ""]
     lines += accuracy_table(res, spec, "final_acc")
     lines += ["", "## Accuracy, best epoch (for comparison only)", ""]
     lines += accuracy_table(res, spec, "best_acc")

@@ -72,6 +72,32 @@ def test_grid_resumes_an_interrupted_run(tmp_path, fmnist_root):
     assert [json.loads(e)["epoch"] for e in epochs] == [1, 2]
 
 
+def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path, fmnist_root, monkeypatch, capsys):
+    from cdfast.train.metrics import NonFiniteLossError
+
+    grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root))
+    grid.methods = {"ind": grid.methods["ind"], "cd": grid.methods["cd"]}
+    grid.seeds = [0]
+    out = tmp_path / "grid"
+    real_fit = Trainer.fit
+
+    def diverge_in_cd(self, *a, **k):
+        if self.cfg.mode == "competitive":
+            raise NonFiniteLossError("the loss became nan at step 1 (net 0): try a lower --lr")
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "fit", diverge_in_cd)
+    records = [json.loads(line) for line in run_grid(grid, out).read_text().splitlines()]
+    assert [(r["method"], "failed" in r) for r in records] == [("ind", False), ("cd", True)]
+    assert "the loss became nan" in (run_dir(out, "pair", "cd", 0) / "failed.txt").read_text()
+    assert "FAILED: the loss became nan" in capsys.readouterr().out
+    text = write_report(out).read_text()
+    assert "**Failed runs**" in text and "pair / cd / seed 0, after 0 epoch(s): NonFiniteLossError" in text
+    monkeypatch.setattr(Trainer, "fit", real_fit)
+    run_grid(grid, out)  # a failed run is skipped until its failed.txt is deleted
+    assert "failed earlier, skipped" in capsys.readouterr().out
+
+
 def test_a_group_may_run_a_subset_of_the_methods(tmp_path, fmnist_root):
     spec = yaml.safe_load(grid_file(tmp_path, fmnist_root).read_text())
     spec["groups"]["big"] = {"models": ["resnet8", "resnet20"], "methods": ["cd"]}
@@ -92,6 +118,26 @@ def test_a_group_may_run_a_subset_of_the_methods(tmp_path, fmnist_root):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="needs 'models'"):
         Grid.from_yaml(path)
+
+
+def test_a_smaller_grid_in_the_same_folder_keeps_the_other_runs(tmp_path, fmnist_root, monkeypatch):
+    grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root))
+    grid.seeds = [0]
+    out = tmp_path / "grid"
+    run_grid(grid, out)
+
+    def must_not_train(self, *a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(Trainer, "fit", must_not_train)
+    small = Grid.from_yaml(grid_file(tmp_path, fmnist_root))
+    small.methods = {"ind": small.methods["ind"]}
+    small.seeds = [0]
+    records = [json.loads(line) for line in run_grid(small, out).read_text().splitlines()]
+    assert sorted(r["method"] for r in records) == ["cd", "dml", "ind"]
+    saved = Grid.from_yaml(out / "grid.yaml")
+    assert set(saved.methods) == {"ind", "dml", "cd"} and saved.groups == {"pair": ["resnet8", "resnet14"]}
+    assert "| dml |" in write_report(out).read_text()
 
 
 def test_a_grid_may_grow_but_not_change_what_it_trained(tmp_path, fmnist_root, monkeypatch):
