@@ -870,3 +870,20 @@ def test_checkpoints_with_every_gpus_rng_state_still_load(run_copy):
     trainer = Trainer(resume=run_copy)
     assert (trainer.epoch, trainer.step) == (2, 4)
     trainer.close()
+
+
+def test_a_resume_on_another_kind_of_device_is_a_change(run_copy, capsys):
+    # device=auto compares equal as a setting; what it resolved to is in the checkpoint
+    from cdfast.train.checkpoint import save_atomic
+
+    state = load_checkpoint(run_copy / "checkpoint.pt")
+    assert state["device_type"] == "cpu" and state["torch_version"] == torch.__version__
+    state.update(device_type="cuda", torch_version="0.0.1")
+    state.pop("format_version")
+    save_atomic(state, run_copy / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"device: 'cpu, ran on cuda' -> 'cpu, now cpu'"):
+        Trainer(resume=run_copy)
+    trainer = Trainer(resume=run_copy, overrides={"epochs": 3}, allow_changes=True)
+    assert trainer.changes[-1]["changes"]["device"] == {"from": "cpu, ran on cuda", "to": "cpu, now cpu"}
+    assert "trained under torch 0.0.1 and resumes under" in capsys.readouterr().out
+    trainer.close()

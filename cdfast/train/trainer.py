@@ -179,7 +179,10 @@ class Trainer:
             self.changes = list(state.get("changes", [])) if state else []
             self.epoch, self.step = (state["epoch"], state["step"]) if state else (0, 0)
             self.saved_at = (self.epoch, self.step) if state else None  # (epoch, step) of the checkpoint on disk
-            self._check_changes(saved, state is not None, allow_changes)
+            self._check_changes(saved, state is not None, allow_changes, state.get("device_type") if state else None)
+            if state is not None and state.get("torch_version", torch.__version__) != torch.__version__ and self.is_main:
+                print(f"cdfast: warning: {folder} was trained under torch {state['torch_version']} and resumes under "
+                      f"{torch.__version__}: the run goes on, but not bit for bit as it would have")
             if state is not None and not allow_changes and self.is_main:
                 self._warn_if_config_file_differs(saved)
             if state is not None and state.get("world_size", 1) != self.world:
@@ -203,9 +206,13 @@ class Trainer:
                 f"again with `cdfast train --out {folder}` and its settings (a folder without a checkpoint is accepted)")
         return TrainConfig.from_yaml(folder / CONFIG_FILE).to_dict()
 
-    def _check_changes(self, saved: dict[str, Any], has_state: bool, allow: bool) -> None:
+    def _check_changes(self, saved: dict[str, Any], has_state: bool, allow: bool,
+                       saved_device: str | None = None) -> None:
         folder = self.out
         changes = config_changes(saved, self.cfg)
+        if saved_device and saved_device != self.device.type and "device" not in changes:
+            # the same setting (e.g. auto) resolved to another kind of device: other random draws, other kernels
+            changes["device"] = (f"{saved.get('device')}, ran on {saved_device}", f"{self.cfg.device}, now {self.device.type}")
         if not changes:
             return
         fixed = {k: v for k, v in changes.items() if k in RESUME_FIXED}
@@ -362,6 +369,8 @@ class Trainer:
             "model_io": {"num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape)},
             "train_loader": self.data.train.state_dict(),
             "changes": self.changes,
+            "device_type": self.device.type,  # what device=auto resolved to: a resume elsewhere is a change
+            "torch_version": str(torch.__version__),  # a plain str: TorchVersion would not load with weights_only
             "rng": self._rng_state(),  # rank 0's (and the one of a single process)
             "rng_ranks": gather_objects(self._rng_state(), self.process_group),
         }
