@@ -18,7 +18,8 @@ sample, black fill), ``flip`` (left-right and upside-down, each p = 1/2, per
 sample) and ``rotate`` (+-30 deg). One op per batch: the group's mixed-label
 loss takes one ``lam`` per network. DALI has no elastic warp on the CPU (and
 none at all before ``fn.experimental.remap``), so ``elastic``, and the authors'
-``noise-clamp`` / ``jitter-blur``, stay with the torch path.
+``noise-clamp`` / ``jitter-blur`` (and the ``authors-code`` preset's batch-wide
+ops), stay with the torch path.
 
 Randomness is seeded and reproducible: the order of the files (one permutation per
 epoch, the same on every rank), the per-batch numbers (op, lam, box, noise std:

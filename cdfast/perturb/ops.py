@@ -35,6 +35,10 @@ __all__ = [
     "JitterBlur",
     "RandomFlip",
     "RandomRotation",
+    "BatchRotation",
+    "HorizontalFlip",
+    "VerticalFlip",
+    "BatchJitterBlur",
 ]
 
 
@@ -234,17 +238,24 @@ class RandomAffine:
     name = "affine"
     fill = None  # per-channel value outside the image (set by the pool: the normalized black)
 
+    per_batch = False  # one draw for the whole batch (torchvision's transforms on a batch tensor) or one per sample
+
     def __init__(self, degrees: float = 30.0, scale: tuple[float, float] = (0.8, 1.2),
                  shear: float = 15.0, translate: float = 0.15):
         self.degrees, self.scale, self.shear, self.translate = degrees, scale, shear, translate
 
     def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
         b = x.shape[0]
-        angle = torch.deg2rad(_uniform(-self.degrees, self.degrees, b, x, rng))
-        shear = torch.tan(torch.deg2rad(_uniform(-self.shear, self.shear, b, x, rng)))
-        inv_scale = 1.0 / _uniform(*self.scale, b, x, rng)
-        tx = _uniform(-self.translate, self.translate, b, x, rng) * 2
-        ty = _uniform(-self.translate, self.translate, b, x, rng) * 2
+        n = 1 if self.per_batch else b
+
+        def draw(low: float, high: float) -> Tensor:
+            return _uniform(low, high, n, x, rng).expand(b)
+
+        angle = torch.deg2rad(draw(-self.degrees, self.degrees))
+        shear = torch.tan(torch.deg2rad(draw(-self.shear, self.shear)))
+        inv_scale = 1.0 / draw(*self.scale)
+        tx = draw(-self.translate, self.translate) * 2
+        ty = draw(-self.translate, self.translate) * 2
         cos, sin = angle.cos() * inv_scale, angle.sin() * inv_scale
         # theta maps output to input coordinates: rotation/scale, then a shear along x.
         theta = torch.stack([
@@ -341,3 +352,101 @@ class RandomRotation(RandomAffine):
 
     def __init__(self, degrees: float = 30.0):
         super().__init__(degrees=degrees, scale=(1.0, 1.0), shear=0.0, translate=0.0)
+
+
+# ---- the authors' pool as their code applies it: torchvision transforms on the whole batch tensor,
+# so one draw per batch; hflip and vflip are two ops of their own. ----------------------------------
+
+class BatchRotation(RandomRotation):
+    """Rotation of the whole batch by one angle uniform in ``[-degrees, degrees]`` (torchvision's
+    ``RandomRotation(30)`` on a batch tensor, as the authors' code applies it)."""
+
+    name = "rotate-batch"
+    per_batch = True
+
+
+class HorizontalFlip:
+    """The whole batch mirrored left-right (the authors' ``hflip``)."""
+
+    name = "hflip"
+    deterministic = True  # no draw: the op itself is the randomness (the pool picks it)
+
+    def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
+        return _same_labels(x.flip(-1), y)
+
+
+class VerticalFlip:
+    """The whole batch turned upside-down (the authors' ``vflip``)."""
+
+    name = "vflip"
+    deterministic = True  # no draw: the op itself is the randomness (the pool picks it)
+
+    def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
+        return _same_labels(x.flip(-2), y)
+
+
+class BatchJitterBlur:
+    """The authors' colour op: torchvision's ``ColorJitter(brightness=0.25, contrast=0.15,
+    saturation=0.15, hue=0.15)`` then ``GaussianBlur(kernel_size=(7, 9))`` (sigma uniform in
+    [0.1, 2.0]) on the whole batch tensor, as their code applies them: one factor of each kind and
+    one sigma per batch, in pixel space (the normalized ``[black, white]`` mapped to [0, 1], clamped
+    there like torchvision's float images). The factors are drawn on the device; the four
+    adjustments run in torchvision's listed order (it shuffles the order per call). Saturation and
+    hue leave 1-channel images unchanged, as torchvision's do. Without the pool's levels the batch
+    is taken as pixel values already."""
+
+    name = "jitter-blur-batch"
+    fill = None   # the normalized black per channel (set by the pool)
+    white = None  # the normalized white per channel (set by the pool)
+
+    def __init__(self, brightness: float = 0.25, contrast: float = 0.15, saturation: float = 0.15,
+                 hue: float = 0.15, blur: tuple[float, float] = (0.1, 2.0), kernel: tuple[int, int] = (7, 9)):
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        self.blur, self.kernel = blur, kernel  # kernel: (width, height), torchvision's order
+
+    def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
+        from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+        b, c, h, w = x.shape
+        black, white = _per_channel(self.fill, x), _per_channel(self.white, x)
+        levels = black is not None and white is not None
+        p = ((x - black) / (white - black)).float() if levels else x.float()
+        u = _uniform(0.0, 1.0, 5, x, rng)
+        factor = lambda k, s: 1.0 - s + 2.0 * s * u[k]  # noqa: E731 - uniform in [1 - s, 1 + s]
+        clamp = (lambda t: t.clamp(0.0, 1.0)) if levels else (lambda t: t)  # noqa: E731
+        p = clamp(p * factor(0, self.brightness))
+        gray = p if c == 1 else rgb_to_grayscale(p)
+        p = clamp(gray.mean((1, 2, 3), keepdim=True) + factor(1, self.contrast) * (p - gray.mean((1, 2, 3), keepdim=True)))
+        if c == 3:
+            gray = rgb_to_grayscale(p)
+            p = clamp(gray + factor(2, self.saturation) * (p - gray))
+            p = _shift_hue(p, (u[3] - 0.5) * 2.0 * self.hue)
+        p = _blur(p, _uniform(*self.blur, 1, x, rng), self.kernel)
+        out = p * (white - black) + black if levels else p
+        return _same_labels(out.to(x.dtype), y)
+
+
+def _shift_hue(p: Tensor, shift: Tensor) -> Tensor:
+    """RGB images in [0, 1] with their hue turned by ``shift`` (a fraction of the circle; a device tensor)."""
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+    hsv = _rgb_to_hsv(p)
+    hue = torch.remainder(hsv[:, :1] + shift, 1.0)
+    return _hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], 1))
+
+
+def _blur(p: Tensor, sigma: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """One Gaussian blur for the whole batch, ``sigma`` a device tensor, ``kernel`` (width, height),
+    reflected borders (torchvision's ``gaussian_blur``)."""
+    b, c, h, w = p.shape
+    kx, ky = kernel
+
+    def taps(k: int) -> Tensor:
+        offsets = torch.arange(k, device=p.device, dtype=torch.float32) - (k - 1) / 2
+        g = torch.exp(-0.5 * (offsets / sigma).square())
+        return g / g.sum()
+
+    weight = (taps(ky)[:, None] * taps(kx)[None, :]).expand(c, 1, ky, kx)
+    mode = "reflect" if h > ky // 2 and w > kx // 2 else "replicate"
+    padded = F.pad(p, (kx // 2, kx // 2, ky // 2, ky // 2), mode=mode)
+    return F.conv2d(padded, weight.to(p.dtype), groups=c)
