@@ -30,6 +30,7 @@ from cdfast.options import (ELECTIONS, MODES, PERTURBED_BN, RANGES, TEACHER_RULE
 from cdfast.models import split_output
 from cdfast.models.adapters import FeatureAdapters, probe_feature_shapes
 from cdfast.perturb import PerturbationPool, Perturbed, PerturbOp
+from cdfast.perturb.pool import group_pool
 
 log = logging.getLogger("cdfast")
 
@@ -113,6 +114,9 @@ class CompetitiveDistillation(nn.Module):
             text, default) or e.g. 10 (the authors' code perturbs one batch in ten).
         perturb_ops: op names or callables for the pool (default: crop, noise, mixup,
             cutmix, affine), or a ready :class:`~cdfast.perturb.PerturbationPool`.
+        normalization: ``(mean, std)`` per channel that your images were normalized with: the
+            perturbations then fill warped corners with true black and clamp to the pixel range
+            (without it they use 0, the mean colour, and a warning says so).
         seed: seed of the pool's randomness.
         perturbed_bn: the perturbed network's BatchNorm running statistics: ``"frozen"`` (the
             perturbed batch does not update them; default: evaluation sees clean images, and
@@ -185,6 +189,7 @@ class CompetitiveDistillation(nn.Module):
         feature_layers: Sequence[str | None] | None = None,
         label_smoothing: float = 0.0,
         ignore_index: int | None = None,
+        normalization: tuple[Sequence[float], Sequence[float]] | None = None,
     ):
         super().__init__()
         networks = list(networks)
@@ -219,7 +224,7 @@ class CompetitiveDistillation(nn.Module):
         self.perturb_prob = perturb_prob
         self.perturbed_bn = perturbed_bn
         self.matched_inputs, self.election = matched_inputs, election
-        self.pool = perturb_ops if isinstance(perturb_ops, PerturbationPool) else PerturbationPool(perturb_ops, seed=seed)
+        self.pool = group_pool(perturb_ops, seed, normalization, self.perturb)
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be True/False or a dict of torch.compile options, got {compile!r}")

@@ -35,7 +35,7 @@ from cdfast.distributed import rank_and_world, resolve_process_group
 from cdfast.engines.batchnorm import frozen_batchnorm_stats
 from cdfast.models import split_output
 from cdfast.options import RANGES, check_choice, check_flag, check_number, check_option, check_teachers
-from cdfast.perturb import PerturbationPool
+from cdfast.perturb.pool import group_pool
 
 __all__ = ["NetworkPerRank"]
 
@@ -54,7 +54,7 @@ class NetworkPerRank:
                  process_group="auto", mode: str = "competitive", teachers: str = "best", alpha: float = 1.0,
                  beta: float = 1.0, temperature: float = 1.0, feature_loss: bool = True, perturb: bool | None = None,
                  perturb_prob: float = 1.0, perturb_every: int = 1, perturb_ops=None, seed: int = 0,
-                 perturbed_bn: str = "frozen", autocast_dtype: torch.dtype | None = None):
+                 perturbed_bn: str = "frozen", autocast_dtype: torch.dtype | None = None, normalization=None):
         self.process_group = resolve_process_group(process_group)
         if self.process_group is None:
             raise RuntimeError("NetworkPerRank places one network per rank: initialise torch.distributed with one "
@@ -77,7 +77,7 @@ class NetworkPerRank:
         self.perturbed_bn, self.autocast_dtype = perturbed_bn, autocast_dtype
         # The same seed on every rank: the same choices of network and op; rank 0's device draws for
         # the one rank that perturbs (the pool of one process).
-        self.pool = perturb_ops if isinstance(perturb_ops, PerturbationPool) else PerturbationPool(perturb_ops, seed=seed)
+        self.pool = group_pool(perturb_ops, seed, normalization, self.perturb)
         params = list(network.parameters())
         self.optimizer = optimizer or torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
         self._shapes_checked = False

@@ -297,3 +297,17 @@ def test_authors_code_preset_flips_and_rotates_the_whole_batch():
     assert not torch.equal(rot, same)
     per_sample = OPS["rotate"]()(same, y, PerturbRNG(4)).x
     assert not torch.allclose(per_sample, per_sample[:1].expand_as(per_sample))
+
+
+def test_a_group_without_its_images_levels_says_so_and_takes_them_from_the_normalization():
+    import cdfast
+    from cdfast.models import build_model
+
+    nets = [build_model("resnet8", 10, 1) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"\['crop', 'affine'\] fill, clamp or scale with the black and white"):
+        cdfast.CompetitiveDistillation(nets)
+    group = cdfast.CompetitiveDistillation(nets, normalization=((0.25,), (0.5,)))
+    assert OPS["affine"] is type(group.pool.ops[4]) and group.pool.ops[4].fill == (-0.5,)
+    assert group.pool.fill == (-0.5,) and group.pool.white == (1.5,)
+    with pytest.raises(ValueError, match="a ready PerturbationPool takes them itself"):
+        cdfast.CompetitiveDistillation(nets, perturb_ops=PerturbationPool(None), normalization=((0.25,), (0.5,)))

@@ -12,6 +12,7 @@ from cdfast.data.folder import BadImageError, FolderLoader, folder_mean_std, ima
 from cdfast.data.idx import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from cdfast.data.idx import load_fashion_mnist
 from cdfast.data.loader import TensorLoader
+from cdfast.perturb.pool import pixel_levels
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
 LOADERS = ("torch", "dali")
@@ -50,9 +51,6 @@ class DataBundle:
     calibration: Callable[[int], Any] | None = None
 
 
-def _black_and_white(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """A black and a white pixel after normalization, per channel: ``-mean / std``, ``(1 - mean) / std``."""
-    return tuple(-m / s for m, s in zip(mean, std)), tuple((1 - m) / s for m, s in zip(mean, std))
 
 
 def _check_labels(name: str, split: str, labels: torch.Tensor, num_classes: int) -> None:
@@ -137,7 +135,7 @@ def load_data(
 
         return DataBundle(name, train, test, len(classes), (in_channels, image_size, image_size),
                           len(train.loader.dataset), len(test.loader.dataset),
-                          *_black_and_white(*folder_mean_std(in_channels)), calibration=folder_calibration)
+                          *pixel_levels(*folder_mean_std(in_channels)), calibration=folder_calibration)
     num_classes, _, mean, std, pad = IN_MEMORY[name]
     train_x, train_y, test_x, test_y = _in_memory_splits(name, root, train_subset, test_subset, seed)
     common = dict(mean=mean, std=std, device=device)
@@ -150,7 +148,7 @@ def load_data(
         return TensorLoader(train_x[pick], train_y[pick], batch_size, **common)
 
     return DataBundle(name, train, test, num_classes, tuple(train_x.shape[1:]), train_x.shape[0], test_x.shape[0],
-                      *_black_and_white(mean, std), calibration=calibration)
+                      *pixel_levels(mean, std), calibration=calibration)
 
 
 def _load_with_dali(name, root, *, batch_size, eval_batch_size, seed, device, train_subset, test_subset, image_size,
@@ -177,7 +175,7 @@ def _load_with_dali(name, root, *, batch_size, eval_batch_size, seed, device, tr
                                           batch_size=batch_size, subset=n, **{**common, "seed": seed + 1})
 
         return DataBundle(name, train, test, len(classes), (in_channels, image_size, image_size),
-                          len(train.samples), len(test.samples), *_black_and_white(mean, std),
+                          len(train.samples), len(test.samples), *pixel_levels(mean, std),
                           calibration=folder_calibration)
     num_classes, channels, mean, std, pad = IN_MEMORY[name]
     train_x, train_y, test_x, test_y = _in_memory_splits(name, root, train_subset, test_subset, seed)
@@ -191,7 +189,7 @@ def _load_with_dali(name, root, *, batch_size, eval_batch_size, seed, device, tr
         return DaliLoader.from_arrays(train_x[pick], train_y[pick], train=False, batch_size=batch_size, **common)
 
     return DataBundle(name, train, test, num_classes, tuple(train_x.shape[1:]), train_x.shape[0], test_x.shape[0],
-                      *_black_and_white(mean, std), calibration=calibration)
+                      *pixel_levels(mean, std), calibration=calibration)
 
 
 __all__ = ["load_data", "DataBundle", "DATASETS", "LOADERS", "TensorLoader", "FolderLoader", "BadImageError",

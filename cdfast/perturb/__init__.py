@@ -14,10 +14,11 @@ from cdfast.perturb.ops import (
     RandomResizedCrop,
     RandomRotation,
 )
-from cdfast.perturb.pool import DEFAULT_OPS, OPS, PRESETS, PerturbationPool, PerturbOp, expand_presets
+from cdfast.perturb.pool import DEFAULT_OPS, OPS, PRESETS, PerturbationPool, PerturbOp, expand_presets, pixel_levels
 
 __all__ = [
     "PerturbationPool", "PerturbOp", "Perturbed", "PerturbRNG", "OPS", "DEFAULT_OPS", "PRESETS", "expand_presets",
+    "pixel_levels",
     "RandomResizedCrop", "GaussianNoise", "Mixup", "CutMix", "RandomAffine", "ElasticWarp",
     "ClampedNoise", "JitterBlur", "RandomFlip", "RandomRotation",
 ]

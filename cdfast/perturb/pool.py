@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Sequence, Union
 
 import torch
@@ -26,7 +27,7 @@ from cdfast.perturb.ops import (
     VerticalFlip,
 )
 
-__all__ = ["PerturbationPool", "OPS", "DEFAULT_OPS", "PRESETS", "PerturbOp", "expand_presets"]
+__all__ = ["PerturbationPool", "OPS", "DEFAULT_OPS", "PRESETS", "PerturbOp", "expand_presets", "pixel_levels"]
 
 PerturbOp = Callable[[Tensor, Tensor, PerturbRNG], Perturbed]
 
@@ -47,6 +48,33 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "authors": ("mixup", "noise-clamp", "jitter-blur", "flip", "rotate"),
     "authors-code": ("mixup", "noise-clamp", "jitter-blur-batch", "hflip", "vflip", "rotate-batch"),
 }
+
+
+def pixel_levels(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalized black and white pixel per channel, ``-mean / std`` and ``(1 - mean) / std``:
+    the pool's ``fill`` and ``white`` for images normalized with ``(mean, std)``."""
+    return tuple(-m / s for m, s in zip(mean, std)), tuple((1 - m) / s for m, s in zip(mean, std))
+
+
+def group_pool(perturb_ops, seed: int, normalization, perturb: bool) -> "PerturbationPool":
+    """The pool of a group (:class:`cdfast.CompetitiveDistillation`, :class:`cdfast.NetworkPerRank`):
+    a ready pool as it is, else one built from op names with the levels of ``normalization``
+    (``(mean, std)``); warns when perturbing with ops that need levels the pool lacks."""
+    if isinstance(perturb_ops, PerturbationPool):
+        if normalization is not None:
+            raise ValueError("normalization= sets the levels of the pool cdfast builds; a ready PerturbationPool "
+                             "takes them itself: PerturbationPool(ops, seed, *cdfast.perturb.pixel_levels(mean, std))")
+        pool = perturb_ops
+    else:
+        fill, white = pixel_levels(*normalization) if normalization is not None else (None, None)
+        pool = PerturbationPool(perturb_ops, seed=seed, fill=fill, white=white)
+    unset = [_op_name(op) for op in pool.ops
+             if (hasattr(op, "fill") and op.fill is None) or (hasattr(op, "white") and op.white is None)]
+    if perturb and unset:
+        warnings.warn(f"the perturbations {unset} fill, clamp or scale with the black and white pixel levels, and "
+                      "this group has none: they use 0 (the mean colour) and no clamp. Pass normalization=(mean, "
+                      "std) of your images to use the true black and white (cdfast train does)", stacklevel=3)
+    return pool
 
 
 def expand_presets(ops: Iterable) -> list:
