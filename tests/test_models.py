@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cdfast.models import FeatureAdapters, build_model
+from cdfast.models import TorchvisionClassifier, FeatureAdapters, build_model
 
 CIFAR_NAMES = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet8x4", "wrn-16-2", "mobilenetv2"]
 
@@ -34,6 +34,17 @@ def test_torchvision_models(name):
     model = build_model(name, num_classes=5, in_channels=1)
     logits, feats = model(torch.randn(2, 1, 32, 32))
     assert logits.shape == (2, 5) and feats.dim() == 2
+
+
+def test_imagenet_resnet_names_are_torchvisions_even_where_the_depth_is_6n_plus_2():
+    # resnet50 (6*8+2) and resnet152 (6*25+2) once built 16/32/64-channel CIFAR networks
+    from cdfast.models import _resolve
+
+    for name in ("resnet50", "resnet152", "resnet18", "resnet101"):
+        assert _resolve(name)[0] is TorchvisionClassifier, name
+    for name in ("resnet8", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "resnet1202"):
+        assert _resolve(name)[0] is not TorchvisionClassifier, name
+    assert sum(p.numel() for p in build_model("resnet50", 1000).parameters()) > 25e6
 
 
 def test_unknown_and_bad_models():

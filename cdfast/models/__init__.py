@@ -39,7 +39,8 @@ def _resolve(name: str):
     if not key.startswith("tv:"):
         if m := _CIFAR_RESNET.match(key):
             depth, wide = int(m.group(1)), m.group(2) is not None
-            if (depth - 2) % 6 == 0 and depth >= 8:
+            # a 6n+2 depth, unless torchvision has the name: resnet50 and resnet152 are ImageNet's
+            if (depth - 2) % 6 == 0 and depth >= 8 and (wide or key not in torchvision_names()):
                 return cifar_resnet, dict(depth=depth, wide=wide)
         if m := _WRN.match(key):
             return WideResNet, dict(depth=int(m.group(1)), width=int(m.group(2)))
@@ -64,7 +65,8 @@ def check_model_name(name: str) -> None:
 def build_model(name: str, num_classes: int, in_channels: int = 3, features: str = "pooled") -> nn.Module:
     """Build a model by name.
 
-    CIFAR-style (small images, any size): ``resnet8 ... resnet110`` (6n+2),
+    CIFAR-style (small images, any size): ``resnet8 ... resnet110`` (6n+2, except the names
+    torchvision has: ``resnet50`` and ``resnet152`` are the ImageNet ResNets),
     ``resnet8x4``, ``resnet32x4``, ``wrn-D-K``, ``mobilenetv2``.
     Any torchvision classification model by its name (``resnet18``, ``resnet50``,
     ``mobilenet_v3_small``, ...), or with a ``tv:`` prefix to force torchvision.
