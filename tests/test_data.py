@@ -144,3 +144,12 @@ def test_padding_of_white_images_is_black_not_grey():
     x, _ = next(iter(loader))
     values = set(torch.round(x * 1000).unique().tolist())
     assert values <= {2000.0, -2000.0} and -2000.0 in values  # white (1 - .5)/.25 and black (0 - .5)/.25
+
+
+def test_every_seed_is_scored_on_the_same_test_subset(fmnist_root):
+    a = load_data("fashion-mnist", str(fmnist_root), seed=0, train_subset=64, test_subset=50, workers=0, batch_size=32)
+    b = load_data("fashion-mnist", str(fmnist_root), seed=1, train_subset=64, test_subset=50, workers=0, batch_size=32)
+    xa, ya = next(iter(a.test))
+    xb, yb = next(iter(b.test))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)  # the same 50 test images whatever the run's seed
+    assert not torch.equal(next(iter(a.train))[0], next(iter(b.train))[0])  # training subsets still follow it

@@ -61,6 +61,10 @@ def _check_labels(name: str, split: str, labels: torch.Tensor, num_classes: int)
         raise ValueError(f"{name} {split} labels lie in [{lo}, {hi}], outside [0, {num_classes}); the files are corrupt or mislabelled")
 
 
+# Test subsets come from this fixed seed, not the run's: every seed of a grid is scored on the same images.
+TEST_SUBSET_SEED = 0
+
+
 def _subset(images: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int):
     if n is None or n >= images.shape[0]:
         return images, labels
@@ -76,7 +80,7 @@ def _in_memory_splits(name: str, root, train_subset, test_subset, seed: int):
     splits = load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, num_classes)
     for split, (_, labels) in splits.items():
         _check_labels(name, split, labels, num_classes)
-    return (*_subset(*splits["train"], train_subset, seed), *_subset(*splits["test"], test_subset, seed))
+    return (*_subset(*splits["train"], train_subset, seed), *_subset(*splits["test"], test_subset, TEST_SUBSET_SEED))
 
 
 def load_data(
@@ -126,8 +130,8 @@ def load_data(
         train_dir, val_dir, classes = image_folder_splits(root)
         train = FolderLoader(train_dir, True, batch_size, workers, image_size, in_channels, seed, train_subset,
                              skip_bad_images, rank, world)
-        test = FolderLoader(val_dir, False, eval_batch_size, workers, image_size, in_channels, seed, test_subset,
-                            skip_bad_images, rank, world)
+        test = FolderLoader(val_dir, False, eval_batch_size, workers, image_size, in_channels, TEST_SUBSET_SEED,
+                            test_subset, skip_bad_images, rank, world)
 
         def folder_calibration(n: int):  # the test transform on a fixed subset of the training images
             return FolderLoader(train_dir, False, batch_size, workers, image_size, in_channels, seed + 1, n,

@@ -48,7 +48,7 @@ class TrainConfig:
     data: str = _f("fashion-mnist", f"data set: {', '.join(DATASETS)}", choices=DATASETS)
     data_dir: str | None = _f(None, "folder of the data set (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
     train_subset: int | None = _f(None, "train on a random subset of this many images", ge=1)
-    test_subset: int | None = _f(None, "evaluate on a random subset of this many images", ge=1)
+    test_subset: int | None = _f(None, "evaluate on a random subset of this many test images (the same for every seed)", ge=1)
     image_size: int = _f(224, "crop size for imagefolder data", ge=8)
     workers: int = _f(4, "DataLoader workers for imagefolder data", ge=0)
     loader: str = _f("torch", "input pipeline: torch (in-memory batches; a DataLoader for image folders) or dali "
