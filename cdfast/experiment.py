@@ -36,7 +36,8 @@ import yaml
 from cdfast.safe_write import atomic_write
 from cdfast.train.config import TrainConfig, read_yaml_mapping
 from cdfast.train.metrics import summarize_epochs
-from cdfast.train.run_folder import CONFIG_FILE, GRID_FILE, RESULTS_FILE, has_checkpoint, read_epochs, run_state
+from cdfast.train.run_folder import (CONFIG_FILE, GRID_FILE, RESULTS_FILE, RunFolderError, has_checkpoint, read_epochs,
+                                     run_state)
 
 FAILED_FILE = "failed.txt"  # in a run folder: why the run failed (the grid skips it until the file is deleted)
 
@@ -96,7 +97,8 @@ class Grid:
         """This grid grown by what the ``saved`` one (of the same folder) had beyond it: its other
         groups, methods, seeds and a group's other methods, so that a smaller grid run in the folder
         keeps the runs it does not name in grid.yaml, results.jsonl and the report. This grid's
-        settings and report section win (a conflict was refused before)."""
+        settings and report section win (a conflict was refused before). Seeds are the grid's, not a
+        group's: the union runs every seed on every group if it is run itself."""
         methods = {**saved.methods, **self.methods}
         seeds = list(dict.fromkeys([*self.seeds, *saved.seeds]))
         groups: dict[str, Any] = {}
@@ -105,7 +107,7 @@ class Grid:
                                        *(saved.methods_of(group) if group in saved.groups else [])]))
             models = self.models(group) if group in self.groups else saved.models(group)
             groups[group] = models if set(runs) == set(methods) else {"models": models, "methods": runs}
-        return Grid(base=self.base, groups=groups, methods=methods, seeds=seeds, report=self.report)
+        return Grid(base=self.base, groups=groups, methods=methods, seeds=seeds, report=self.report or saved.report)
 
     def validate(self) -> None:
         for key, value in (("base", self.base), ("groups", self.groups), ("methods", self.methods)):
@@ -208,9 +210,7 @@ def grid_conflict(saved: dict[str, Any], grid: Grid) -> str | None:
 def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = None) -> Path:
     """Run every missing or unfinished run of the grid; returns the results file."""
     from cdfast.data.folder import BadImageError
-    from cdfast.train import Trainer
     from cdfast.train.metrics import NonFiniteLossError
-    from cdfast.train.trainer import ResumeChangeError, _listed
 
     out = Path(out)
     saved = out / GRID_FILE
@@ -229,7 +229,7 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
             raise ValueError(f"{out} holds another grid ({conflict}); use another --out folder, or restore the "
                              "original grid file to resume it")
         whole = grid.union(Grid(base=grid.base, groups=raw.get("groups") or {}, methods=raw.get("methods") or {},
-                                seeds=list(raw.get("seeds") or [])))
+                                seeds=list(raw.get("seeds") or []), report=raw.get("report") or {}))
     atomic_write(saved, yaml.safe_dump(dataclasses.asdict(whole), sort_keys=False))
     runs = grid.runs()
     overrides = overrides or {}
@@ -243,25 +243,41 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
         if state in ("done", "failed"):
             continue
         t0 = time.perf_counter()
-        if state == "partial" and has_checkpoint(path):
-            try:  # the run continues with its own settings (the grid cannot have changed: see grid_conflict)
-                trainer = Trainer(resume=path, overrides=overrides)
-            except ResumeChangeError as e:
-                raise ValueError(f"run {group} / {method} / seed {seed} in {path} was started with other settings "
-                                 f"than this command gives ({_listed(e.changes)}); rerun without those options, or "
-                                 f"continue that run alone with `cdfast train --resume {path}`") from None
-        else:  # new, or stopped before its first checkpoint: starts (again) from step 0
-            trainer = Trainer(cfg)
+        try:
+            trainer = _open_run(cfg, path, state, overrides, (group, method, seed))
+        except RunFolderError as e:  # this run's folder cannot be continued nor started over: record it, go on
+            _record_failure(whole, out, path, e, f"cdfast experiment [{k}/{len(runs)}]")
+            continue
         try:
             summary = trainer.fit()
         except (NonFiniteLossError, BadImageError) as e:  # this run's own failure: record it and go on
-            atomic_write(path / FAILED_FILE, f"{type(e).__name__}: {e}\n")
-            print(f"cdfast experiment [{k}/{len(runs)}] FAILED: {e}\n  recorded in {path / FAILED_FILE}; the grid "
-                  "goes on", flush=True)
-            write_results(whole, out)
+            _record_failure(whole, out, path, e, f"cdfast experiment [{k}/{len(runs)}]")
             continue
         accs = ", ".join(f"{100 * a:.2f}%" for a in summary["final_acc"])
         print(f"cdfast experiment [{k}/{len(runs)}] final test accuracy {accs} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         write_results(whole, out)
     return write_results(whole, out)
+
+
+def _record_failure(whole: Grid, out: Path, path: Path, error: Exception, prefix: str) -> None:
+    atomic_write(path / FAILED_FILE, f"{type(error).__name__}: {error}\n")
+    print(f"{prefix} FAILED: {error}\n  recorded in {path / FAILED_FILE}; the grid goes on (delete that file to try "
+          "the run again: a run that diverged diverges again unless its settings change)", flush=True)
+    write_results(whole, out)
+
+
+def _open_run(cfg: TrainConfig, path: Path, state: str, overrides: dict[str, Any], run: tuple[str, str, int]):
+    """The trainer of one grid run: resumed from its checkpoint, or started (again) from step 0."""
+    from cdfast.train import Trainer
+    from cdfast.train.trainer import ResumeChangeError, _listed
+
+    if state == "partial" and has_checkpoint(path):
+        try:  # the run continues with its own settings (the grid cannot have changed: see grid_conflict)
+            return Trainer(resume=path, overrides=overrides)
+        except ResumeChangeError as e:
+            group, method, seed = run
+            raise ValueError(f"run {group} / {method} / seed {seed} in {path} was started with other settings "
+                             f"than this command gives ({_listed(e.changes)}); rerun without those options, or "
+                             f"continue that run alone with `cdfast train --resume {path}`") from None
+    return Trainer(cfg)  # new, or stopped before its first checkpoint: starts (again) from step 0

@@ -403,7 +403,7 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     if res.failed:
         lines += ["**Failed runs** (in no table below; a diverged run is itself a result):", ""]
         lines += [f"- {r['group']} / {r['method']} / seed {r['seed']}, after {r.get('epochs_done', '?')} epoch(s): "
-                  f"{r['failed'].splitlines()[0][:300]}" for r in res.failed]
+                  f"{(r['failed'].splitlines() or ['(no reason recorded)'])[0][:300]}" for r in res.failed]
         lines += [""]
     lines += ["## Accuracy (like the paper's Table 2), last epoch", ""]
     lines += accuracy_table(res, spec, "final_acc")

@@ -96,6 +96,24 @@ def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path, fmnist_root, 
     monkeypatch.setattr(Trainer, "fit", real_fit)
     run_grid(grid, out)  # a failed run is skipped until its failed.txt is deleted
     assert "failed earlier, skipped" in capsys.readouterr().out
+    (run_dir(out, "pair", "cd", 0) / "failed.txt").write_text("")  # e.g. touched by hand to skip a run
+    run_grid(grid, out)
+    assert "pair / cd / seed 0, after 0 epoch(s): (no reason recorded)" in write_report(out).read_text()
+
+
+def test_a_run_folder_that_cannot_go_on_is_recorded_as_failed(tmp_path, fmnist_root, capsys):
+    grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root, epochs=2))
+    grid.methods = {"ind": grid.methods["ind"]}
+    grid.seeds = [0, 1]
+    out = tmp_path / "grid"
+    run_grid(grid, out)
+    first = run_dir(out, "pair", "ind", 0)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "summary.txt"):  # two epochs recorded, nothing to resume
+        (first / name).unlink()
+    records = [json.loads(line) for line in run_grid(grid, out).read_text().splitlines()]
+    assert [("failed" in r, r["seed"]) for r in records] == [(True, 0), (False, 1)]
+    assert "holds the records of 2 finished epoch(s)" in (first / "failed.txt").read_text()
+    assert (first / "epochs.jsonl").read_text().count("\n") == 2  # nothing erased
 
 
 def test_a_group_may_run_a_subset_of_the_methods(tmp_path, fmnist_root):

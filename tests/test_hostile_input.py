@@ -685,14 +685,28 @@ def test_resume_from_a_named_checkpoint_file(run_copy, capsys):
     assert not (run_copy / "checkpoint.pt").exists()
     assert load_checkpoint(run_copy / "checkpoint.superseded-2.pt")["epoch"] == 2
     assert (run_copy / "checkpoint.superseded.pt").read_bytes() == b"set aside by an earlier resume"
-    assert "checkpoint.pt (after it) is set aside as checkpoint.superseded-2.pt" in capsys.readouterr().out
+    assert "from checkpoint.prev.pt, so checkpoint.pt is set aside as checkpoint.superseded-2.pt" in capsys.readouterr().out
     assert [json.loads(line)["epoch"] for line in (run_copy / "epochs.jsonl").read_text().splitlines()] == [1]
+    assert not (run_copy / "summary.txt").exists()  # the abandoned line's summary: the run is unfinished again
     trainer.close()
     trainer = Trainer(resume=run_copy)  # the line resumed from the named file
     assert (trainer.epoch, trainer.step) == (1, 2)
     trainer.fit()
     assert load_checkpoint(run_copy / "checkpoint.pt")["epoch"] == 2
     assert load_checkpoint(run_copy / "checkpoint.prev.pt")["epoch"] == 1
+
+
+def test_resume_from_the_latest_by_name_or_from_a_copy(run_copy):
+    Trainer(resume=run_copy / "checkpoint.pt").close()  # the latest itself: nothing is set aside
+    assert (run_copy / "checkpoint.prev.pt").exists() and not list(run_copy.glob("*.superseded*"))
+    shutil.copyfile(run_copy / "checkpoint.prev.pt", run_copy / "epoch1.pt")
+    trainer = Trainer(resume=run_copy / "epoch1.pt")  # a copy outside the rotation: it becomes the latest
+    assert (trainer.epoch, trainer.step) == (1, 2)
+    assert load_checkpoint(run_copy / "checkpoint.pt")["epoch"] == 1 and not (run_copy / "checkpoint.prev.pt").exists()
+    assert sorted(p.name for p in run_copy.glob("*.superseded*")) == ["checkpoint.prev.superseded.pt",
+                                                                      "checkpoint.superseded.pt"]
+    trainer.close()
+    assert (Trainer(resume=run_copy).epoch) == 1  # a plain resume continues that line
 
 
 def test_resume_into_another_out_folder_is_refused(run_copy, tmp_path, capsys):

@@ -45,6 +45,7 @@ def test_imagenet_resnet_names_are_torchvisions_even_where_the_depth_is_6n_plus_
     for name in ("resnet8", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "resnet1202"):
         assert _resolve(name)[0] is not TorchvisionClassifier, name
     assert sum(p.numel() for p in build_model("resnet50", 1000).parameters()) > 25e6
+    assert _resolve("cifar:resnet50") == (_resolve("resnet56")[0], dict(depth=50, wide=False))
 
 
 def test_unknown_and_bad_models():

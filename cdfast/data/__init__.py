@@ -172,7 +172,8 @@ def _load_with_dali(name, root, *, batch_size, eval_batch_size, seed, device, tr
         train = DaliLoader.from_folder(train_dir, classes, skip_bad_images=skip_bad_images, train=True,
                                        batch_size=batch_size, ops=perturb_ops, subset=train_subset, **common, **shard)
         test = DaliLoader.from_folder(val_dir, classes, skip_bad_images=skip_bad_images, train=False,
-                                      batch_size=eval_batch_size, subset=test_subset, **common, **shard)
+                                      batch_size=eval_batch_size, subset=test_subset,
+                                      **{**common, "seed": TEST_SUBSET_SEED}, **shard)
 
         def folder_calibration(n: int):  # the evaluation pipeline on a fixed subset of the training images
             return DaliLoader.from_folder(train_dir, classes, skip_bad_images=skip_bad_images, train=False,

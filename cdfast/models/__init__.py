@@ -36,11 +36,13 @@ def available_models() -> dict[str, list[str]]:
 def _resolve(name: str):
     """(constructor, kwargs) for a model name, or a ValueError listing what exists."""
     key = name.strip().lower()
+    forced = key.startswith("cifar:")  # cifar:resnet50: the CIFAR network even where torchvision has the name
+    key = key.removeprefix("cifar:")
     if not key.startswith("tv:"):
         if m := _CIFAR_RESNET.match(key):
             depth, wide = int(m.group(1)), m.group(2) is not None
             # a 6n+2 depth, unless torchvision has the name: resnet50 and resnet152 are ImageNet's
-            if (depth - 2) % 6 == 0 and depth >= 8 and (wide or key not in torchvision_names()):
+            if (depth - 2) % 6 == 0 and depth >= 8 and (forced or wide or key not in torchvision_names()):
                 return cifar_resnet, dict(depth=depth, wide=wide)
         if m := _WRN.match(key):
             return WideResNet, dict(depth=int(m.group(1)), width=int(m.group(2)))
@@ -66,7 +68,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, features: str
     """Build a model by name.
 
     CIFAR-style (small images, any size): ``resnet8 ... resnet110`` (6n+2, except the names
-    torchvision has: ``resnet50`` and ``resnet152`` are the ImageNet ResNets),
+    torchvision has: ``resnet50`` and ``resnet152`` are the ImageNet ResNets; ``cifar:resnet50``
+    forces the CIFAR one, as the name built before 2026-11-27),
     ``resnet8x4``, ``resnet32x4``, ``wrn-D-K``, ``mobilenetv2``.
     Any torchvision classification model by its name (``resnet18``, ``resnet50``,
     ``mobilenet_v3_small``, ...), or with a ``tv:`` prefix to force torchvision.

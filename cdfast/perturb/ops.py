@@ -408,9 +408,12 @@ class BatchJitterBlur:
         from torchvision.transforms.v2.functional import rgb_to_grayscale
 
         b, c, h, w = x.shape
-        black, white = _per_channel(self.fill, x), _per_channel(self.white, x)
+        if c not in (1, 3):
+            raise ValueError(f"jitter-blur-batch takes 1- or 3-channel images (torchvision's ColorJitter), got {c} channels")
+        xf = x.float()  # the pixel mapping in float32 even for bf16/fp16 batches
+        black, white = _per_channel(self.fill, xf), _per_channel(self.white, xf)
         levels = black is not None and white is not None
-        p = ((x - black) / (white - black)).float() if levels else x.float()
+        p = (xf - black) / (white - black) if levels else xf
         u = _uniform(0.0, 1.0, 5, x, rng)
         factor = lambda k, s: 1.0 - s + 2.0 * s * u[k]  # noqa: E731 - uniform in [1 - s, 1 + s]
         clamp = (lambda t: t.clamp(0.0, 1.0)) if levels else (lambda t: t)  # noqa: E731
@@ -427,12 +430,32 @@ class BatchJitterBlur:
 
 
 def _shift_hue(p: Tensor, shift: Tensor) -> Tensor:
-    """RGB images in [0, 1] with their hue turned by ``shift`` (a fraction of the circle; a device tensor)."""
-    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+    """RGB images in [0, 1] with their hue turned by ``shift`` (a fraction of the circle; a device
+    tensor): to HSV, turn, back (the standard hexcone formulas, as torchvision's ``adjust_hue``,
+    written here with no host tensor, so the op stays capturable in a CUDA graph)."""
+    r, g, b = p.unbind(1)
+    v, low = p.amax(1), p.amin(1)
+    chroma = v - low
+    flat = chroma == 0
+    s = chroma / torch.where(flat, torch.ones_like(v), v)
+    div = torch.where(flat, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (v - r) / div, (v - g) / div, (v - b) / div
+    hue = torch.where(v == r, bc - gc, torch.where(v == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(flat, torch.zeros_like(hue), hue)
+    hue = torch.remainder(hue / 6.0 + shift, 1.0)
+    h6 = hue * 6.0
+    sector = torch.floor(h6)
+    f = h6 - sector
+    sector = torch.remainder(sector, 6.0)
+    lo, down, up = v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))
 
-    hsv = _rgb_to_hsv(p)
-    hue = torch.remainder(hsv[:, :1] + shift, 1.0)
-    return _hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], 1))
+    def pick(*values: Tensor) -> Tensor:  # the value of each pixel's sector, 0..5
+        out = values[5]
+        for k in range(4, -1, -1):
+            out = torch.where(sector == k, values[k], out)
+        return out
+
+    return torch.stack([pick(v, down, lo, lo, up, v), pick(up, v, v, down, lo, lo), pick(lo, lo, up, v, v, down)], 1)
 
 
 def _blur(p: Tensor, sigma: Tensor, kernel: tuple[int, int]) -> Tensor:

@@ -425,17 +425,27 @@ class Trainer:
         self._apply_hyperparameters()
         if self._resumed_file is not None and self.is_main:
             self._supersede_newer_checkpoints()
+        if self.is_main and self.epoch < self.cfg.epochs:  # the run goes on: its old summary no longer holds
+            (self.out / SUMMARY_FILE).unlink(missing_ok=True)
         run_folder.truncate_records(self.out, self.step, self.epoch)
 
     def _supersede_newer_checkpoints(self) -> None:
-        """Resuming from a checkpoint named explicitly (e.g. checkpoint.prev.pt) abandons what came
-        after it: the rotation's other files are set aside, so a later plain --resume, or the
-        'previous' checkpoint after the next save, can never mix the abandoned line with this one."""
-        for name in (CHECKPOINT, PREV_CHECKPOINT):
-            path = self.out / name
-            if path.is_file() and not path.samefile(self._resumed_file):
-                print(f"cdfast: resuming from {self._resumed_file.name}, so {name} (after it) is set aside as "
+        """Resuming from a checkpoint named explicitly abandons what came after it, so that a later
+        plain --resume, or the 'previous' checkpoint after the next save, never mixes the abandoned
+        line with this one: from checkpoint.prev.pt, checkpoint.pt is set aside; from a file outside
+        the rotation (a copy), both are, and the file named becomes checkpoint.pt."""
+        latest, prev, named = self.out / CHECKPOINT, self.out / PREV_CHECKPOINT, self._resumed_file
+        if latest.is_file() and latest.samefile(named):
+            return  # the latest itself: nothing came after it
+        in_rotation = prev.is_file() and prev.samefile(named)
+        for path in (latest,) if in_rotation else (latest, prev):
+            if path.is_file():
+                print(f"cdfast: resuming from {named.name}, so {path.name} is set aside as "
                       f"{set_aside(path, 'superseded').name}")
+        if not in_rotation:  # the named state becomes the run's latest (copied whole, then put in place)
+            staged = latest.with_name(f".{CHECKPOINT}.copy.tmp")
+            shutil.copyfile(named, staged)
+            os.replace(staged, latest)
 
     def save_checkpoint(self) -> Path:
         state = self.state_dict()  # on every rank: it gathers the ranks' perturbation streams
