@@ -418,8 +418,8 @@ class BatchJitterBlur:
         factor = lambda k, s: 1.0 - s + 2.0 * s * u[k]  # noqa: E731 - uniform in [1 - s, 1 + s]
         clamp = (lambda t: t.clamp(0.0, 1.0)) if levels else (lambda t: t)  # noqa: E731
         p = clamp(p * factor(0, self.brightness))
-        gray = p if c == 1 else rgb_to_grayscale(p)
-        p = clamp(gray.mean((1, 2, 3), keepdim=True) + factor(1, self.contrast) * (p - gray.mean((1, 2, 3), keepdim=True)))
+        mean = (p if c == 1 else rgb_to_grayscale(p)).mean((1, 2, 3), keepdim=True)  # per image, as torchvision
+        p = clamp(mean + factor(1, self.contrast) * (p - mean))
         if c == 3:
             gray = rgb_to_grayscale(p)
             p = clamp(gray + factor(2, self.saturation) * (p - gray))

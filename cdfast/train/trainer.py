@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from cdfast.distributed import any_rank, broadcast_state, gather_objects, rank_and_world, resolve_process_group
 from cdfast.data import BadImageError, load_data
-from cdfast.safe_write import WriteError, atomic_write
+from cdfast.safe_write import WriteError, atomic_write, fsync_dir
 from cdfast.train import run_folder
 from cdfast.train.checkpoint import CHECKPOINT, PREV_CHECKPOINT, load_checkpoint, load_latest, save_checkpoint, set_aside
 from cdfast.train.config import RESUME_FIXED, RESUME_FREE, TrainConfig, upgrade_legacy_keys
@@ -445,7 +445,10 @@ class Trainer:
         if not in_rotation:  # the named state becomes the run's latest (copied whole, then put in place)
             staged = latest.with_name(f".{CHECKPOINT}.copy.tmp")
             shutil.copyfile(named, staged)
+            with open(staged, "rb") as f:  # on disk before it replaces anything, as save_checkpoint's staging
+                os.fsync(f.fileno())
             os.replace(staged, latest)
+            fsync_dir(self.out)
 
     def save_checkpoint(self) -> Path:
         state = self.state_dict()  # on every rank: it gathers the ranks' perturbation streams
