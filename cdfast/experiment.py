@@ -14,8 +14,11 @@ as an ordinary cdfast run folder. Running the grid again skips finished runs
 and resumes interrupted ones from their checkpoints, so a grid can be stopped
 at any time; a grid may also grow (seeds, groups, methods) in the same folder,
 as long as what its finished runs were trained with stays the same.
-``<out>/results.jsonl`` (one record per finished run) is rebuilt from the run
-folders after every run. A run that fails on its own (a non-finite loss: it
+``<out>/results.jsonl`` (one record per finished run) is rewritten from the run
+folders after every run; it is also the grid's ledger: a finished run whose folder
+was deleted afterwards (to free its checkpoints' disk, or on a fresh checkout of
+a grid whose results were kept) keeps its record and is not trained again until
+its line is deleted. A run that fails on its own (a non-finite loss: it
 diverged; an unreadable image) is recorded as failed (``failed.txt`` in its
 folder, a record in results.jsonl, a line in the report) and the grid goes on;
 later invocations skip it until that file is deleted.
@@ -147,12 +150,37 @@ def run_dir(out: Path, group: str, method: str, seed: int) -> Path:
     return Path(out) / group / method / f"seed-{seed}"
 
 
+def read_ledger(out: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The finished runs recorded in ``<out>/results.jsonl`` (failed ones excluded), by (group, method, seed)."""
+    path = out / RESULTS_FILE
+    if not path.is_file():
+        return {}
+    ledger = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            key = (record["group"], record["method"], int(record["seed"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} line {number} is not a run record ({e}); fix or delete that line (a run "
+                             "whose folder still exists is recorded again from it)") from None
+        if "failed" not in record:
+            ledger[key] = record
+    return ledger
+
+
 def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
-    """One record per finished run, read back from the run folders."""
+    """One record per finished run: read back from its folder, or kept from results.jsonl where the
+    folder is gone."""
+    ledger = read_ledger(out)
     records = []
     for group, method, seed in grid.runs():
         path = run_dir(out, group, method, seed)
         cfg = grid.config(group, method, seed, out)
+        if not path.exists() and (group, method, seed) in ledger:
+            records.append(ledger[group, method, seed])
+            continue
         if (path / FAILED_FILE).is_file():
             reason = (path / FAILED_FILE).read_text(errors="replace").strip()
             records.append({"group": group, "method": method, "seed": seed, "failed": reason[:2000],
@@ -221,6 +249,7 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
                          "folder, or the folder of this grid (nothing there was touched)")
     out.mkdir(parents=True, exist_ok=True)
 
+    ledger = read_ledger(out)  # before anything is written: a damaged results.jsonl stops the grid here
     whole = grid  # what the folder holds: this grid, and what an earlier, larger one ran there
     if saved.exists():
         raw = read_yaml_mapping(saved, "saved grid")
@@ -236,11 +265,16 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
     for k, (group, method, seed) in enumerate(runs, start=1):
         cfg = dataclasses.replace(grid.config(group, method, seed, out), **overrides)
         path = run_dir(out, group, method, seed)
-        state = "failed" if (path / FAILED_FILE).is_file() else run_state(path, cfg.epochs)
+        if not path.exists() and (group, method, seed) in ledger:
+            state = "recorded"
+        else:
+            state = "failed" if (path / FAILED_FILE).is_file() else run_state(path, cfg.epochs)
         print(f"cdfast experiment [{k}/{len(runs)}] {group} / {method} / seed {seed}: "
               + {"done": "finished earlier, skipped", "partial": "resuming", "new": "training",
+                 "recorded": f"finished earlier (its record in {RESULTS_FILE} is kept; its folder is gone), skipped "
+                             "(delete its line there to train it again)",
                  "failed": f"failed earlier, skipped (delete {path / FAILED_FILE} to try it again)"}[state], flush=True)
-        if state in ("done", "failed"):
+        if state in ("done", "failed", "recorded"):
             continue
         t0 = time.perf_counter()
         try:

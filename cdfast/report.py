@@ -85,8 +85,9 @@ def load(grid_dir: Path) -> tuple[Results, dict[str, Any]]:
     try:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is corrupt at line {e.lineno} ({e.msg}); rerun `cdfast experiment` on this "
-                         "folder to rebuild it from the run folders") from None
+        raise ValueError(f"{path} is corrupt at line {e.lineno} ({e.msg}); fix or delete that line, then "
+                         "rerun `cdfast experiment` on this folder: it records again every run whose folder "
+                         "exists (a record whose folder is gone exists nowhere else)") from None
     failed = [r for r in records if "failed" in r]
     records = [r for r in records if "failed" not in r]
     if not records:

@@ -56,6 +56,37 @@ def test_grid_runs_reports_and_skips_finished_runs(tmp_path, fmnist_root, monkey
     assert "| CD | " in write_report(out).read_text() and "| — |" in write_report(out).read_text()
 
 
+def test_a_recorded_run_whose_folder_is_gone_is_kept_not_retrained(tmp_path, fmnist_root, monkeypatch, capsys):
+    """results.jsonl is the grid's ledger: a fresh checkout that kept it (and grid.yaml) but not the run
+    folders, or a user who deleted a folder for its disk, keeps the record; deleting the line retrains."""
+    import shutil
+
+    grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root))
+    grid.methods = {"ind": grid.methods["ind"]}
+    out = tmp_path / "grid"
+    results = run_grid(grid, out)
+    before = results.read_text().splitlines()
+    shutil.rmtree(run_dir(out, "pair", "ind", 0))
+
+    trained = []
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: trained.append(self.out))
+    capsys.readouterr()
+    assert run_grid(grid, out).read_text().splitlines() == before  # the record of seed 0 is kept as it was
+    assert trained == [] and "its folder is gone), skipped" in capsys.readouterr().out
+    assert "| pair |" in write_report(out).read_text()
+
+    results.write_text(before[1] + "\n")  # the user deletes seed 0's line: it is trained again
+    with pytest.raises(TypeError):  # the stubbed fit returns no summary: enough to show it was called
+        run_grid(grid, out)
+    assert trained == [run_dir(out, "pair", "ind", 0)]
+
+    saved = (out / "grid.yaml").read_text()
+    results.write_text(before[0] + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"results.jsonl line 2 is not a run record.*fix or delete that line"):
+        run_grid(grid, out)
+    assert results.read_text() == before[0] + "\n{not json\n" and (out / "grid.yaml").read_text() == saved
+
+
 def test_grid_resumes_an_interrupted_run(tmp_path, fmnist_root):
     grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root, epochs=2))
     grid.methods = {"cd": grid.methods["cd"]}

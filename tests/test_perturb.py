@@ -60,6 +60,28 @@ def test_crop_area_scale():
     assert area.max() - area.min() > 0.3  # the scale is drawn per sample
 
 
+def test_crop_stays_inside_the_image_with_no_black_at_its_edges():
+    # A crop region lies inside the image: on a flat image every output pixel keeps its value (zero
+    # padding used to blend the outside into crops that touch the border).
+    x = torch.full((400, 1, 8, 8), 0.7)
+    out = OPS["crop"]()(x, torch.zeros(400, dtype=torch.long), PerturbRNG(0)).x
+    torch.testing.assert_close(out, x)
+
+
+def test_affine_moves_the_image_by_the_translation_whatever_the_rotation_scale_and_shear():
+    # The image centre goes to the drawn shift t (at most translate x the side), not to A^-1 t.
+    n, size, translate = 400, 32, 0.2
+    r = torch.arange(size) - (size - 1) / 2
+    blob = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / 4).expand(n, 1, size, size).contiguous()
+    out = OPS["affine"](degrees=30.0, scale=(0.8, 1.2), shear=15.0, translate=translate)(
+        blob, torch.zeros(n, dtype=torch.long), PerturbRNG(0)).x[:, 0]
+    mass = out.sum((1, 2))
+    dx, dy = (out * r[None, :]).sum((1, 2)) / mass, (out * r[:, None]).sum((1, 2)) / mass
+    bound = translate * size
+    assert dx.abs().max() <= bound + 0.1 and dy.abs().max() <= bound + 0.1
+    assert dx.abs().max() > 0.9 * bound and dy.abs().max() > 0.9 * bound  # the whole range is drawn
+
+
 def test_pool_chooses_one_network_uniformly_and_respects_prob():
     pool = PerturbationPool(seed=0)
     picks = [pool.choose_network(3) for _ in range(600)]
@@ -304,7 +326,7 @@ def test_a_group_without_its_images_levels_says_so_and_takes_them_from_the_norma
     from cdfast.models import build_model
 
     nets = [build_model("resnet8", 10, 1) for _ in range(2)]
-    with pytest.warns(UserWarning, match=r"\['crop', 'affine'\] fill, clamp or scale with the black and white"):
+    with pytest.warns(UserWarning, match=r"\['affine'\] fill, clamp or scale with the black and white"):
         cdfast.CompetitiveDistillation(nets)
     group = cdfast.CompetitiveDistillation(nets, normalization=((0.25,), (0.5,)))
     assert OPS["affine"] is type(group.pool.ops[4]) and group.pool.ops[4].fill == (-0.5,)

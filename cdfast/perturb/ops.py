@@ -149,7 +149,6 @@ class RandomResizedCrop:
     """Crop a random region of ``scale`` of the area (per sample) and resize it back."""
 
     name = "crop"
-    fill = None  # per-channel value outside the image (set by the pool: the normalized black)
 
     def __init__(self, scale: tuple[float, float] = (0.3, 0.7), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         if not 0 < scale[0] <= scale[1] <= 1:
@@ -167,7 +166,12 @@ class RandomResizedCrop:
         cy = (2 * _uniform(0.0, 1.0, b, x, rng) - 1) * (1 - h)
         zero = torch.zeros_like(w)
         theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
-        return _same_labels(_warp(x, theta, self.fill), y)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        # The region lies inside the image, but its outer samples fall up to half an input pixel beyond
+        # the outer pixel centres: "border" interpolates them from the edge pixels, as a real crop
+        # does, where zero padding would blend black into the crop's edges (up to (1 - w) / 2 of it).
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return _same_labels(out, y)
 
 
 class GaussianNoise:
@@ -254,13 +258,16 @@ class RandomAffine:
         angle = torch.deg2rad(draw(-self.degrees, self.degrees))
         shear = torch.tan(torch.deg2rad(draw(-self.shear, self.shear)))
         inv_scale = 1.0 / draw(*self.scale)
-        tx = draw(-self.translate, self.translate) * 2
+        tx = draw(-self.translate, self.translate) * 2  # the shift of the output, in [-1, 1] coords
         ty = draw(-self.translate, self.translate) * 2
         cos, sin = angle.cos() * inv_scale, angle.sin() * inv_scale
-        # theta maps output to input coordinates: rotation/scale, then a shear along x.
+        # theta maps output to input coordinates: rotation/scale, then a shear along x (the matrix A),
+        # and -A t, so that the image moves by exactly t whatever A (a bare t would be a shift of the
+        # input, which A turns and scales).
+        a, b_, c, d = cos + shear * sin, -sin + shear * cos, sin, cos
         theta = torch.stack([
-            torch.stack([cos + shear * sin, -sin + shear * cos, tx], 1),
-            torch.stack([sin, cos, ty], 1),
+            torch.stack([a, b_, -(a * tx + b_ * ty)], 1),
+            torch.stack([c, d, -(c * tx + d * ty)], 1),
         ], 1)
         return _same_labels(_warp(x, theta, self.fill), y)
 
