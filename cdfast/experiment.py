@@ -173,6 +173,8 @@ def read_ledger(out: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
 def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
     """One record per finished run: read back from its folder, or kept from results.jsonl where the
     folder is gone."""
+    from cdfast.report import median_speed, perturbation_counts, read_steps
+
     ledger = read_ledger(out)
     records = []
     for group, method, seed in grid.runs():
@@ -194,6 +196,7 @@ def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError, TypeError):
             pass
         summary = summarize_epochs(epochs)
+        steps = read_steps(path)
         records.append({
             "group": group, "method": method, "seed": seed, "models": cfg.models,
             "final_acc": summary["final_acc"],
@@ -202,6 +205,9 @@ def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
             "teacher_share": summary["teacher_share"],
             "curves": [e["test_acc"] for e in epochs],
             "train_seconds": sum(e["train_seconds"] for e in epochs),
+            # what the report reads from the folder, kept here for when the folder is gone
+            "images_per_second": median_speed(path),
+            "perturbation_counts": perturbation_counts(steps, len(cfg.models)) if steps else None,
             "run_dir": str(path),
             "config": {k: v for k, v in cfg.to_dict().items() if k != "out"},
         })

@@ -206,7 +206,7 @@ def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
 
     # a run's cost: seconds per image from its median epoch's images/s (robust to a few epochs slowed
     # by other load) when every run has them, else every run's whole training time
-    speeds = [_median_speed(res.run_dir(r)) for r in res.records]
+    speeds = [median_speed(res.run_dir(r), r) for r in res.records]
     costs = [1.0 / v for v in speeds] if all(speeds) else [r.get("train_seconds") for r in res.records]
 
     def step_time(group: str, method: str) -> float | None:
@@ -264,11 +264,12 @@ def verdict(res: Results, spec: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _median_speed(run_dir: Path | None) -> float | None:
-    """The median over a run's epochs of its training images/s (None without an epochs.jsonl)."""
+def median_speed(run_dir: Path | None, record: dict[str, Any] | None = None) -> float | None:
+    """The median over a run's epochs of its training images/s: from its epochs.jsonl, else as its
+    record kept it (None without either)."""
     path = run_dir / "epochs.jsonl" if run_dir is not None else None
     if path is None or not path.is_file():
-        return None
+        return (record or {}).get("images_per_second")
     speeds = []
     for line in path.read_text().splitlines():
         try:
@@ -278,7 +279,7 @@ def _median_speed(run_dir: Path | None) -> float | None:
     return statistics.median(speeds) if speeds else None
 
 
-def _steps(run_dir: Path | None) -> list[dict[str, str]]:
+def read_steps(run_dir: Path | None) -> list[dict[str, str]]:
     path = run_dir / "steps.csv" if run_dir is not None else None
     if path is None or not path.exists():
         return []
@@ -286,27 +287,44 @@ def _steps(run_dir: Path | None) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def perturbation_counts(steps: list[dict[str, str]], networks: int) -> dict[str, list[float]]:
+    """Per perturbation op over a run's steps.csv rows: [perturbed steps, steps the perturbed network was
+    elected, sum of its CE, sum of the other networks' mean CE]."""
+    by_op: dict[str, list[float]] = {}
+    for step in steps:
+        p = int(step["perturbed"])
+        if p < 0:
+            continue
+        ces = [float(step[f"ce_{k}"]) for k in range(networks)]
+        counts = by_op.setdefault(step["perturbation"], [0, 0, 0.0, 0.0])
+        counts[0] += 1
+        counts[1] += int(step["teacher"]) == p
+        counts[2] += ces[p]
+        counts[3] += statistics.fmean(c for k, c in enumerate(ces) if k != p)  # a group has 2 or more networks
+    return by_op
+
+
 def perturbation_table(res: Results) -> list[str]:
     """How often the perturbed network won the election, per group and method (the mechanism of the paper:
     a perturbation that helps wins and spreads; one that hurts loses), and how much harder its batch was:
-    its cross-entropy against the other networks' on their clean batches, per op. Needs the runs'
-    steps.csv files."""
-    rows, ops = [], []
+    its cross-entropy against the other networks' on their clean batches, per op. From the runs' steps.csv
+    files, else the counts their records kept."""
+    rows, ops, missing = [], [], 0
     for group in res.groups:
         for method in res.methods:
             by_op: dict[str, list[float]] = {}  # op: [steps, elected, CE of the perturbed, mean CE of the others]
             for run in (r for r in res.records if r["group"] == group and r["method"] == method):
-                for step in _steps(res.run_dir(run)):
-                    p = int(step["perturbed"])
-                    if p < 0:
-                        continue
-                    ces = [float(step[f"ce_{k}"]) for k in range(len(run["models"]))]
-                    others = [c for k, c in enumerate(ces) if k != p]
-                    counts = by_op.setdefault(step["perturbation"], [0, 0, 0.0, 0.0])
-                    counts[0] += 1
-                    counts[1] += int(step["teacher"]) == p
-                    counts[2] += ces[p]
-                    counts[3] += statistics.fmean(others)  # a group has 2 or more networks
+                steps = read_steps(res.run_dir(run))
+                counts = perturbation_counts(steps, len(run["models"])) if steps else run.get("perturbation_counts")
+                if counts is None:
+                    config = run.get("config") or {}
+                    perturb = config.get("perturb")  # None: on in competitive mode (TrainConfig.perturbs)
+                    missing += bool(perturb if perturb is not None else config.get("mode") == "competitive")
+                    continue
+                for op, c in counts.items():
+                    total = by_op.setdefault(op, [0, 0, 0.0, 0.0])
+                    for i in range(4):
+                        total[i] += c[i]
             if by_op:
                 ops += [op for op in by_op if op not in ops]
                 rows.append((group, method, by_op))
@@ -328,6 +346,9 @@ def perturbation_table(res: Results) -> list[str]:
         cells = [f"{by_op[op][2] / by_op[op][0]:.2f} / {by_op[op][3] / by_op[op][0]:.2f}" if op in by_op else "—"
                  for op in ops]
         lines.append(f"| {group} | {method} | {steps} | {total} | " + " | ".join(cells) + " |")
+    if missing:
+        lines += ["", f"Not counted: {missing} perturbed run(s) whose steps.csv is gone (a folder deleted after its "
+                  "run, from a grid older than the counts in results.jsonl)."]
     return lines
 
 
@@ -371,7 +392,7 @@ def plot_timeline(res: Results, spec: dict[str, Any], out: Path) -> tuple[Path, 
     method = timeline.get("method", spec.get("cd", "cd"))
     run = next((r for r in res.records if r["group"] == group and r["method"] == method), None)
     folder = res.run_dir(run) if run is not None else None
-    teachers = [int(step["teacher"]) for step in _steps(folder)]
+    teachers = [int(step["teacher"]) for step in read_steps(folder)]
     if not teachers:
         return None
     plot_run(folder, run["models"])

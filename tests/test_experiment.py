@@ -62,23 +62,31 @@ def test_a_recorded_run_whose_folder_is_gone_is_kept_not_retrained(tmp_path, fmn
     import shutil
 
     grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root))
-    grid.methods = {"ind": grid.methods["ind"]}
+    grid.methods = {"cd": grid.methods["cd"]}
     out = tmp_path / "grid"
     results = run_grid(grid, out)
     before = results.read_text().splitlines()
-    shutil.rmtree(run_dir(out, "pair", "ind", 0))
+    report = write_report(out).read_text()
+    counted = [line for line in report.splitlines() if line.startswith("| pair | cd | ")]
+    assert len(counted) == 2 and "Not counted" not in report  # the perturbation tables
+    shutil.rmtree(run_dir(out, "pair", "cd", 0))
 
     trained = []
     monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: trained.append(self.out))
     capsys.readouterr()
     assert run_grid(grid, out).read_text().splitlines() == before  # the record of seed 0 is kept as it was
     assert trained == [] and "its folder is gone), skipped" in capsys.readouterr().out
-    assert "| pair |" in write_report(out).read_text()
+    # the report still counts its elections and its speed (kept in the record)
+    assert [line for line in write_report(out).read_text().splitlines() if line.startswith("| pair | cd | ")] \
+        == counted
+    old_record = {k: v for k, v in json.loads(before[0]).items() if k != "perturbation_counts"}
+    results.write_text(json.dumps(old_record) + "\n" + before[1] + "\n")  # a record from an older grid
+    assert "Not counted: 1 perturbed run(s) whose steps.csv is gone" in write_report(out).read_text()
 
     results.write_text(before[1] + "\n")  # the user deletes seed 0's line: it is trained again
     with pytest.raises(TypeError):  # the stubbed fit returns no summary: enough to show it was called
         run_grid(grid, out)
-    assert trained == [run_dir(out, "pair", "ind", 0)]
+    assert trained == [run_dir(out, "pair", "cd", 0)]
 
     saved = (out / "grid.yaml").read_text()
     results.write_text(before[0] + "\n{not json\n")
