@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from cdfast.safe_write import atomic_write
-from cdfast.train.config import TrainConfig, read_yaml_mapping
+from cdfast.train.config import RESUME_FREE, TrainConfig, read_yaml_mapping
 from cdfast.train.metrics import summarize_epochs
 from cdfast.train.run_folder import (CONFIG_FILE, GRID_FILE, RESULTS_FILE, RunFolderError, has_checkpoint, read_epochs,
                                      run_state)
@@ -161,7 +161,9 @@ def read_ledger(out: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-            key = (record["group"], record["method"], int(record["seed"]))
+            key = (record["group"], record["method"], record["seed"])
+            if not (isinstance(key[0], str) and isinstance(key[1], str) and type(key[2]) is int):
+                raise TypeError("group and method must be names, seed an integer")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} line {number} is not a run record ({e}); fix or delete that line (a run "
                              "whose folder still exists is recorded again from it)") from None
@@ -170,18 +172,46 @@ def read_ledger(out: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
     return ledger
 
 
+# Settings a recorded run may differ in from the grid and still be its run: where and how it ran,
+# not what it trained (the settings a resume may change, but BatchNorm recalibration changes the
+# reported accuracy; the data's folder, which another machine has elsewhere).
+_LEDGER_FREE = (set(RESUME_FREE) - {"bn_recalibration"}) | {"device", "data_dir"}
+
+
+def ledger_conflict(grid: Grid, out: Path, ledger: dict[tuple[str, str, int], dict[str, Any]]) -> str | None:
+    """Why a record kept for a run whose folder is gone is not that run of ``grid`` (other models or
+    settings than the grid gives it: results.jsonl from another grid), or None."""
+    for group, method, seed in grid.runs():
+        record = ledger.get((group, method, seed))
+        if record is None or run_dir(out, group, method, seed).exists():
+            continue
+        expected = grid.config(group, method, seed, out).to_dict()
+        recorded = record.get("config") or {}
+        # every setting both know (a record from an older cdfast lacks the newer ones), defaults
+        # included: a default changed since is a run trained otherwise
+        differ = sorted(k for k in (set(recorded) & set(expected)) - _LEDGER_FREE if recorded[k] != expected[k])
+        if record.get("models") != expected["models"]:
+            differ.insert(0, "models")
+        if differ:
+            said = [f"{k}={recorded.get(k, record.get(k))!r} where the grid gives {expected[k]!r}" for k in differ]
+            return f"its record of {group} / {method} / seed {seed} was trained with {'; '.join(said)}"
+    return None
+
+
 def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
-    """One record per finished run: read back from its folder, or kept from results.jsonl where the
-    folder is gone."""
-    from cdfast.report import median_speed, perturbation_counts, read_steps
+    """One record per finished run: read back from its folder where it finished there, else kept from
+    results.jsonl (its folder deleted or emptied since); records of runs the grid does not name are
+    kept at the end."""
+    from cdfast.report import iter_steps, median_speed, perturbation_counts
 
     ledger = read_ledger(out)
     records = []
     for group, method, seed in grid.runs():
         path = run_dir(out, group, method, seed)
         cfg = grid.config(group, method, seed, out)
-        if not path.exists() and (group, method, seed) in ledger:
-            records.append(ledger[group, method, seed])
+        kept = ledger.pop((group, method, seed), None)
+        if kept is not None and not (path / FAILED_FILE).is_file() and run_state(path, cfg.epochs) != "done":
+            records.append({**kept, "run_dir": str(path)})  # where its folder would be now
             continue
         if (path / FAILED_FILE).is_file():
             reason = (path / FAILED_FILE).read_text(errors="replace").strip()
@@ -196,22 +226,30 @@ def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError, TypeError):
             pass
         summary = summarize_epochs(epochs)
-        steps = read_steps(path)
+        curves = [e["test_acc"] for e in epochs]
+        if kept is not None and kept.get("curves") == curves and "perturbation_counts" in kept:
+            speed, counts = kept.get("images_per_second"), kept["perturbation_counts"]  # read already
+        else:
+            speed = median_speed(path)
+            try:
+                counts = perturbation_counts(iter_steps(path), len(cfg.models)) or None
+            except (OSError, ValueError, KeyError, IndexError):  # a steps.csv cdfast cannot read: no counts
+                counts = None
         records.append({
             "group": group, "method": method, "seed": seed, "models": cfg.models,
             "final_acc": summary["final_acc"],
             "best_acc": summary["best_acc"],
             "ensemble_acc": summary["ensemble_acc"],
             "teacher_share": summary["teacher_share"],
-            "curves": [e["test_acc"] for e in epochs],
+            "curves": curves,
             "train_seconds": sum(e["train_seconds"] for e in epochs),
             # what the report reads from the folder, kept here for when the folder is gone
-            "images_per_second": median_speed(path),
-            "perturbation_counts": perturbation_counts(steps, len(cfg.models)) if steps else None,
+            "images_per_second": speed,
+            "perturbation_counts": counts,
             "run_dir": str(path),
             "config": {k: v for k, v in cfg.to_dict().items() if k != "out"},
         })
-    return records
+    return records + list(ledger.values())  # runs the grid no longer names: their record is all there is
 
 
 def write_results(grid: Grid, out: Path) -> Path:
@@ -265,19 +303,22 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
                              "original grid file to resume it")
         whole = grid.union(Grid(base=grid.base, groups=raw.get("groups") or {}, methods=raw.get("methods") or {},
                                 seeds=list(raw.get("seeds") or []), report=raw.get("report") or {}))
+    conflict = ledger_conflict(whole, out, ledger)
+    if conflict:
+        raise ValueError(f"{out / RESULTS_FILE} does not belong to this grid: {conflict}; use another --out "
+                         "folder, or delete that record to train the run again (nothing was written)")
     atomic_write(saved, yaml.safe_dump(dataclasses.asdict(whole), sort_keys=False))
     runs = grid.runs()
     overrides = overrides or {}
     for k, (group, method, seed) in enumerate(runs, start=1):
         cfg = dataclasses.replace(grid.config(group, method, seed, out), **overrides)
         path = run_dir(out, group, method, seed)
-        if not path.exists() and (group, method, seed) in ledger:
-            state = "recorded"
-        else:
-            state = "failed" if (path / FAILED_FILE).is_file() else run_state(path, cfg.epochs)
+        state = "failed" if (path / FAILED_FILE).is_file() else run_state(path, cfg.epochs)
+        if (group, method, seed) in ledger and state not in ("done", "failed"):
+            state = "recorded"  # its folder is gone or no longer holds the finished run: the record stands
         print(f"cdfast experiment [{k}/{len(runs)}] {group} / {method} / seed {seed}: "
               + {"done": "finished earlier, skipped", "partial": "resuming", "new": "training",
-                 "recorded": f"finished earlier (its record in {RESULTS_FILE} is kept; its folder is gone), skipped "
+                 "recorded": f"finished earlier (its record in {RESULTS_FILE} is kept; its folder no longer holds the run), skipped "
                              "(delete its line there to train it again)",
                  "failed": f"failed earlier, skipped (delete {path / FAILED_FILE} to try it again)"}[state], flush=True)
         if state in ("done", "failed", "recorded"):

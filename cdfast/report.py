@@ -27,7 +27,7 @@ import csv
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 
 from cdfast.safe_write import atomic_write
@@ -279,15 +279,20 @@ def median_speed(run_dir: Path | None, record: dict[str, Any] | None = None) -> 
     return statistics.median(speeds) if speeds else None
 
 
-def read_steps(run_dir: Path | None) -> list[dict[str, str]]:
+def iter_steps(run_dir: Path | None) -> Iterator[dict[str, str]]:
+    """A run's steps.csv rows, one at a time (an ImageNet run has hundreds of thousands); none without it."""
     path = run_dir / "steps.csv" if run_dir is not None else None
     if path is None or not path.exists():
-        return []
+        return
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        yield from csv.DictReader(f)
 
 
-def perturbation_counts(steps: list[dict[str, str]], networks: int) -> dict[str, list[float]]:
+def read_steps(run_dir: Path | None) -> list[dict[str, str]]:
+    return list(iter_steps(run_dir))
+
+
+def perturbation_counts(steps: Iterable[dict[str, str]], networks: int) -> dict[str, list[float]]:
     """Per perturbation op over a run's steps.csv rows: [perturbed steps, steps the perturbed network was
     elected, sum of its CE, sum of the other networks' mean CE]."""
     by_op: dict[str, list[float]] = {}
@@ -309,7 +314,7 @@ def perturbation_table(res: Results) -> list[str]:
     a perturbation that helps wins and spreads; one that hurts loses), and how much harder its batch was:
     its cross-entropy against the other networks' on their clean batches, per op. From the runs' steps.csv
     files, else the counts their records kept."""
-    rows, ops, missing = [], [], 0
+    rows, ops, missing = [], [], []
     for group in res.groups:
         for method in res.methods:
             by_op: dict[str, list[float]] = {}  # op: [steps, elected, CE of the perturbed, mean CE of the others]
@@ -319,7 +324,8 @@ def perturbation_table(res: Results) -> list[str]:
                 if counts is None:
                     config = run.get("config") or {}
                     perturb = config.get("perturb")  # None: on in competitive mode (TrainConfig.perturbs)
-                    missing += bool(perturb if perturb is not None else config.get("mode") == "competitive")
+                    if perturb if perturb is not None else config.get("mode") == "competitive":
+                        missing.append(f"{group} / {method} / seed {run['seed']}")
                     continue
                 for op, c in counts.items():
                     total = by_op.setdefault(op, [0, 0, 0.0, 0.0])
@@ -328,8 +334,10 @@ def perturbation_table(res: Results) -> list[str]:
             if by_op:
                 ops += [op for op in by_op if op not in ops]
                 rows.append((group, method, by_op))
+    uncounted = [f"Not counted: {len(missing)} perturbed run(s) whose steps.csv is gone (a folder deleted after "
+                 f"its run, from a grid older than the counts in results.jsonl): {', '.join(missing)}."] if missing else []
     if not rows:
-        return []
+        return uncounted
     head = "| group | method | perturbed steps | all ops | " + " | ".join(ops) + " |"
     rule = "|" + "---|" * (4 + len(ops))
     lines = ["Share of the perturbed steps in which the perturbed network was elected:", "", head, rule]
@@ -346,10 +354,7 @@ def perturbation_table(res: Results) -> list[str]:
         cells = [f"{by_op[op][2] / by_op[op][0]:.2f} / {by_op[op][3] / by_op[op][0]:.2f}" if op in by_op else "—"
                  for op in ops]
         lines.append(f"| {group} | {method} | {steps} | {total} | " + " | ".join(cells) + " |")
-    if missing:
-        lines += ["", f"Not counted: {missing} perturbed run(s) whose steps.csv is gone (a folder deleted after its "
-                  "run, from a grid older than the counts in results.jsonl)."]
-    return lines
+    return lines + ([""] + uncounted if uncounted else [])
 
 
 def plot_curves(res: Results, out: Path) -> list[Path]:
@@ -390,10 +395,12 @@ def plot_timeline(res: Results, spec: dict[str, Any], out: Path) -> tuple[Path, 
     timeline = spec.get("timeline") or {}
     group = timeline.get("group") or next((g for g in res.groups if len(set(res.models(g))) > 1), None)
     method = timeline.get("method", spec.get("cd", "cd"))
-    run = next((r for r in res.records if r["group"] == group and r["method"] == method), None)
-    folder = res.run_dir(run) if run is not None else None
-    teachers = [int(step["teacher"]) for step in read_steps(folder)]
-    if not teachers:
+    for run in (r for r in res.records if r["group"] == group and r["method"] == method):
+        folder = res.run_dir(run)
+        teachers = [int(step["teacher"]) for step in read_steps(folder)]
+        if teachers:  # the first run whose steps.csv is there
+            break
+    else:
         return None
     plot_run(folder, run["models"])
     target = out / f"teacher-timeline-{group}-{method}.png"
@@ -442,7 +449,7 @@ def write_report(grid_dir: str | Path, out: str | Path | None = None, title: str
     perturbations = perturbation_table(res)
     if perturbations:
         lines += ["", "## Did perturbations win the election?", "",
-                  "All seeds pooled, overall and per perturbation op. In independent training the election is "
+                  "The seeds pooled, overall and per perturbation op. In independent training the election is "
                   "recorded but used by nobody: there it says which network would have been the teacher.",
                   ""] + perturbations
     lines += ["", "## Learning curves", ""]

@@ -61,6 +61,9 @@ def test_a_recorded_run_whose_folder_is_gone_is_kept_not_retrained(tmp_path, fmn
     folders, or a user who deleted a folder for its disk, keeps the record; deleting the line retrains."""
     import shutil
 
+    class Trained(Exception):
+        pass
+
     grid = Grid.from_yaml(grid_file(tmp_path, fmnist_root))
     grid.methods = {"cd": grid.methods["cd"]}
     out = tmp_path / "grid"
@@ -70,29 +73,39 @@ def test_a_recorded_run_whose_folder_is_gone_is_kept_not_retrained(tmp_path, fmn
     counted = [line for line in report.splitlines() if line.startswith("| pair | cd | ")]
     assert len(counted) == 2 and "Not counted" not in report  # the perturbation tables
     shutil.rmtree(run_dir(out, "pair", "cd", 0))
+    for f in run_dir(out, "pair", "cd", 1).iterdir():  # emptied, the folder itself left
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
 
-    trained = []
-    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: trained.append(self.out))
+    def fit(self, *a, **k):
+        raise Trained(self.out)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
     capsys.readouterr()
-    assert run_grid(grid, out).read_text().splitlines() == before  # the record of seed 0 is kept as it was
-    assert trained == [] and "its folder is gone), skipped" in capsys.readouterr().out
-    # the report still counts its elections and its speed (kept in the record)
+    assert run_grid(grid, out).read_text().splitlines() == before  # both records are kept as they were
+    assert capsys.readouterr().out.count("its folder no longer holds the run), skipped") == 2
+    # the report still counts their elections and their speed (kept in the records)
     assert [line for line in write_report(out).read_text().splitlines() if line.startswith("| pair | cd | ")] \
         == counted
-    old_record = {k: v for k, v in json.loads(before[0]).items() if k != "perturbation_counts"}
-    results.write_text(json.dumps(old_record) + "\n" + before[1] + "\n")  # a record from an older grid
-    assert "Not counted: 1 perturbed run(s) whose steps.csv is gone" in write_report(out).read_text()
-
-    results.write_text(before[1] + "\n")  # the user deletes seed 0's line: it is trained again
-    with pytest.raises(TypeError):  # the stubbed fit returns no summary: enough to show it was called
-        run_grid(grid, out)
-    assert trained == [run_dir(out, "pair", "cd", 0)]
+    older = [json.dumps({k: v for k, v in json.loads(line).items() if k != "perturbation_counts"}) for line in before]
+    results.write_text("\n".join(older) + "\n")  # records from a grid older than the counts
+    assert ("Not counted: 2 perturbed run(s) whose steps.csv is gone (a folder deleted after its run, from a grid "
+            "older than the counts in results.jsonl): pair / cd / seed 0, pair / cd / seed 1.") \
+        in write_report(out).read_text()
 
     saved = (out / "grid.yaml").read_text()
-    results.write_text(before[0] + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"results.jsonl line 2 is not a run record.*fix or delete that line"):
+    for bad, error in ((before[0] + "\n{not json\n", r"line 2 is not a run record.*fix or delete that line"),
+                       (before[0].replace('"seed": 0', '"seed": "0"'), r"line 1 is not a run record"),
+                       (before[0].replace('"lr": 0.1', '"lr": 0.2'),
+                        r"does not belong to this grid: its record of pair / cd / seed 0 was trained with lr=0.2 "
+                        r"where the grid gives 0.1")):
+        results.write_text(bad)
+        with pytest.raises(ValueError, match=error):
+            run_grid(grid, out)
+        assert results.read_text() == bad and (out / "grid.yaml").read_text() == saved  # nothing written
+
+    results.write_text(before[1] + "\n")  # the user deletes seed 0's line: it is trained again
+    with pytest.raises(Trained, match="seed-0"):
         run_grid(grid, out)
-    assert results.read_text() == before[0] + "\n{not json\n" and (out / "grid.yaml").read_text() == saved
 
 
 def test_grid_resumes_an_interrupted_run(tmp_path, fmnist_root):
@@ -149,6 +162,7 @@ def test_a_run_folder_that_cannot_go_on_is_recorded_as_failed(tmp_path, fmnist_r
     first = run_dir(out, "pair", "ind", 0)
     for name in ("checkpoint.pt", "checkpoint.prev.pt", "summary.txt"):  # two epochs recorded, nothing to resume
         (first / name).unlink()
+    (out / "results.jsonl").unlink()  # and no record of it (with one, the record would stand: the ledger)
     records = [json.loads(line) for line in run_grid(grid, out).read_text().splitlines()]
     assert [("failed" in r, r["seed"]) for r in records] == [(True, 0), (False, 1)]
     assert "holds the records of 2 finished epoch(s)" in (first / "failed.txt").read_text()

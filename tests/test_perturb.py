@@ -60,16 +60,24 @@ def test_crop_area_scale():
     assert area.max() - area.min() > 0.3  # the scale is drawn per sample
 
 
-def test_crop_stays_inside_the_image_with_no_black_at_its_edges():
-    # A crop region lies inside the image: on a flat image every output pixel keeps its value (zero
-    # padding used to blend the outside into crops that touch the border).
+def test_crop_stays_inside_the_image_with_no_black_at_its_edges(monkeypatch):
+    import torch.nn.functional as F
+
+    grids = []
+    sample = F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda x, grid, **kw: grids.append(grid) or sample(x, grid, **kw))
     x = torch.full((400, 1, 8, 8), 0.7)
     out = OPS["crop"]()(x, torch.zeros(400, dtype=torch.long), PerturbRNG(0)).x
+    assert len(grids) == 1 and grids[0].abs().max() <= 1.0  # every sample point lies inside the image
+    # and the samples beyond the outer pixel centres take the edge pixels (zero padding blended the
+    # outside into crops that touch the border): a flat image stays flat
     torch.testing.assert_close(out, x)
 
 
 def test_affine_moves_the_image_by_the_translation_whatever_the_rotation_scale_and_shear():
-    # The image centre goes to the drawn shift t (at most translate x the side), not to A^-1 t.
+    # The image centre goes to the drawn shift t (a fraction of the side), not to A^-1 t.
+    from cdfast.perturb.ops import _uniform
+
     n, size, translate = 400, 32, 0.2
     r = torch.arange(size) - (size - 1) / 2
     blob = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / 4).expand(n, 1, size, size).contiguous()
@@ -77,9 +85,13 @@ def test_affine_moves_the_image_by_the_translation_whatever_the_rotation_scale_a
         blob, torch.zeros(n, dtype=torch.long), PerturbRNG(0)).x[:, 0]
     mass = out.sum((1, 2))
     dx, dy = (out * r[None, :]).sum((1, 2)) / mass, (out * r[:, None]).sum((1, 2)) / mass
-    bound = translate * size
-    assert dx.abs().max() <= bound + 0.1 and dy.abs().max() <= bound + 0.1
-    assert dx.abs().max() > 0.9 * bound and dy.abs().max() > 0.9 * bound  # the whole range is drawn
+    rng = PerturbRNG(0)  # the op's draws again, in its order: angle, shear, scale, then the shift
+    for low, high in ((-30.0, 30.0), (-15.0, 15.0), (0.8, 1.2)):
+        _uniform(low, high, n, blob, rng)
+    tx, ty = (_uniform(-translate, translate, n, blob, rng) * size for _ in range(2))
+    torch.testing.assert_close(dx, tx, atol=0.1, rtol=0)
+    torch.testing.assert_close(dy, ty, atol=0.1, rtol=0)
+    assert tx.abs().max() > 0.9 * translate * size  # the whole range is drawn
 
 
 def test_pool_chooses_one_network_uniformly_and_respects_prob():
