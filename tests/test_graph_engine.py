@@ -65,7 +65,9 @@ def test_engine_names():
 def test_replayed_steps_train_exactly_like_the_eager_engine(engine):
     # 2 networks x 5 ops: 40 steps cover warm-ups, captures and replays of many pairs; the results of
     # every step are read only at the end, as a trainer reading every log_interval steps does.
-    graphed, eager = make(engine), make("sequential")
+    # the eager twin does the same arithmetic: float32 grouped convolutions (fused) round otherwise than
+    # one network at a time, and 40 SGD steps amplify that past any tight tolerance
+    graphed, eager = make(engine), make(engine.removesuffix("+graph").replace("graph", "sequential"))
     gs = on_cpu(graphed)
     sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in graphed.optimizers]
     sched_e = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in eager.optimizers]
@@ -83,8 +85,7 @@ def test_replayed_steps_train_exactly_like_the_eager_engine(engine):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-6)
         replayed += a.loss.data_ptr() != b.loss.data_ptr() and a.loss._base is gs.ring
     assert replayed > 20  # most steps came from the ring
-    if engine == "graph":  # the same arithmetic in the same order: bit for bit
-        assert_same_state(graphed, eager)
+    assert_same_state(graphed, eager)  # the same arithmetic in the same order: bit for bit
     lr = graphed.optimizers[0].param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and lr is gs.lr[0][0]
     assert float(lr) == pytest.approx(0.05 / 41)

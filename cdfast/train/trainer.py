@@ -356,6 +356,7 @@ class Trainer:
 
     # ---- output folder, checkpoints ---------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        pool, rng = self.group.pool.state_dict(), self._rng_state()  # this rank's, read once
         return {
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
@@ -363,16 +364,16 @@ class Trainer:
             "group": self.group.state_dict(),
             "optimizers": [portable_optimizer_state(opt) for opt in self.group.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
-            "pool": self.group.pool.state_dict(),
-            "pool_ranks": gather_objects(self.group.pool.state_dict(), self.process_group),
+            "pool": pool,
+            "pool_ranks": gather_objects(pool, self.process_group),
             "world_size": self.world,
             "model_io": {"num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape)},
             "train_loader": self.data.train.state_dict(),
             "changes": self.changes,
             "device_type": self.device.type,  # what device=auto resolved to: a resume elsewhere is a change
             "torch_version": str(torch.__version__),  # a plain str: TorchVersion would not load with weights_only
-            "rng": self._rng_state(),  # rank 0's (and the one of a single process)
-            "rng_ranks": gather_objects(self._rng_state(), self.process_group),
+            "rng": rng,  # rank 0's (and the one of a single process)
+            "rng_ranks": gather_objects(rng, self.process_group),
         }
 
     def _cuda_index(self) -> int | None:
