@@ -150,6 +150,11 @@ def run_dir(out: Path, group: str, method: str, seed: int) -> Path:
     return Path(out) / group / method / f"seed-{seed}"
 
 
+def folder_state(path: Path, epochs: int) -> str:
+    """A run folder's state: "failed" (a failed.txt), else run_state's "done", "partial" or "new"."""
+    return "failed" if (path / FAILED_FILE).is_file() else run_state(path, epochs)
+
+
 def read_ledger(out: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
     """The finished runs recorded in ``<out>/results.jsonl`` (failed ones excluded), by (group, method, seed)."""
     path = out / RESULTS_FILE
@@ -179,13 +184,16 @@ _LEDGER_FREE = (set(RESUME_FREE) - {"bn_recalibration"}) | {"device", "data_dir"
 
 
 def ledger_conflict(grid: Grid, out: Path, ledger: dict[tuple[str, str, int], dict[str, Any]]) -> str | None:
-    """Why a record kept for a run whose folder is gone is not that run of ``grid`` (other models or
-    settings than the grid gives it: results.jsonl from another grid), or None."""
+    """Why a record kept for a run whose folder no longer holds it is not that run of ``grid`` (other
+    models or settings than the grid gives it: results.jsonl from another grid), or None."""
     for group, method, seed in grid.runs():
         record = ledger.get((group, method, seed))
-        if record is None or run_dir(out, group, method, seed).exists():
+        if record is None:
             continue
-        expected = grid.config(group, method, seed, out).to_dict()
+        cfg = grid.config(group, method, seed, out)
+        if folder_state(run_dir(out, group, method, seed), cfg.epochs) in ("done", "failed"):
+            continue  # the folder's own result wins over the record
+        expected = cfg.to_dict()
         recorded = record.get("config") or {}
         # every setting both know (a record from an older cdfast lacks the newer ones), defaults
         # included: a default changed since is a run trained otherwise
@@ -210,15 +218,15 @@ def collect_results(grid: Grid, out: Path) -> list[dict[str, Any]]:
         path = run_dir(out, group, method, seed)
         cfg = grid.config(group, method, seed, out)
         kept = ledger.pop((group, method, seed), None)
-        if kept is not None and not (path / FAILED_FILE).is_file() and run_state(path, cfg.epochs) != "done":
-            records.append({**kept, "run_dir": str(path)})  # where its folder would be now
-            continue
-        if (path / FAILED_FILE).is_file():
+        state = folder_state(path, cfg.epochs)
+        if state == "failed":
             reason = (path / FAILED_FILE).read_text(errors="replace").strip()
             records.append({"group": group, "method": method, "seed": seed, "failed": reason[:2000],
                             "epochs_done": len(read_epochs(path)), "run_dir": str(path)})
             continue
-        if run_state(path, cfg.epochs) != "done":
+        if state != "done":
+            if kept is not None:  # its folder deleted or emptied since: the record stands
+                records.append({**kept, "run_dir": str(path)})  # where its folder would be now
             continue
         epochs = read_epochs(path)
         try:  # what the run really trained with (a --resume-with-changes may have changed it)
@@ -313,7 +321,7 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
     for k, (group, method, seed) in enumerate(runs, start=1):
         cfg = dataclasses.replace(grid.config(group, method, seed, out), **overrides)
         path = run_dir(out, group, method, seed)
-        state = "failed" if (path / FAILED_FILE).is_file() else run_state(path, cfg.epochs)
+        state = folder_state(path, cfg.epochs)
         if (group, method, seed) in ledger and state not in ("done", "failed"):
             state = "recorded"  # its folder is gone or no longer holds the finished run: the record stands
         print(f"cdfast experiment [{k}/{len(runs)}] {group} / {method} / seed {seed}: "

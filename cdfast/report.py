@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator
 
 
 from cdfast.safe_write import atomic_write
-from cdfast.train.config import read_yaml_mapping
+from cdfast.train.config import perturbs, read_yaml_mapping
 from cdfast.train.run_folder import GRID_FILE, RESULTS_FILE
 
 DEFAULT_ABLATION = {"cd": ["cd-backbone", "cd+feat", "cd+perturb", "cd"],
@@ -288,10 +288,6 @@ def iter_steps(run_dir: Path | None) -> Iterator[dict[str, str]]:
         yield from csv.DictReader(f)
 
 
-def read_steps(run_dir: Path | None) -> list[dict[str, str]]:
-    return list(iter_steps(run_dir))
-
-
 def perturbation_counts(steps: Iterable[dict[str, str]], networks: int) -> dict[str, list[float]]:
     """Per perturbation op over a run's steps.csv rows: [perturbed steps, steps the perturbed network was
     elected, sum of its CE, sum of the other networks' mean CE]."""
@@ -319,12 +315,13 @@ def perturbation_table(res: Results) -> list[str]:
         for method in res.methods:
             by_op: dict[str, list[float]] = {}  # op: [steps, elected, CE of the perturbed, mean CE of the others]
             for run in (r for r in res.records if r["group"] == group and r["method"] == method):
-                steps = read_steps(res.run_dir(run))
-                counts = perturbation_counts(steps, len(run["models"])) if steps else run.get("perturbation_counts")
+                if "perturbation_counts" in run:  # counted when the grid recorded the run
+                    counts = run["perturbation_counts"]
+                else:  # a record from before the counts: its folder's steps.csv, where it is still there
+                    counts = perturbation_counts(iter_steps(res.run_dir(run)), len(run["models"])) or None
                 if counts is None:
                     config = run.get("config") or {}
-                    perturb = config.get("perturb")  # None: on in competitive mode (TrainConfig.perturbs)
-                    if perturb if perturb is not None else config.get("mode") == "competitive":
+                    if perturbs(config.get("perturb"), config.get("mode")):
                         missing.append(f"{group} / {method} / seed {run['seed']}")
                     continue
                 for op, c in counts.items():
@@ -397,7 +394,7 @@ def plot_timeline(res: Results, spec: dict[str, Any], out: Path) -> tuple[Path, 
     method = timeline.get("method", spec.get("cd", "cd"))
     for run in (r for r in res.records if r["group"] == group and r["method"] == method):
         folder = res.run_dir(run)
-        teachers = [int(step["teacher"]) for step in read_steps(folder)]
+        teachers = [int(step["teacher"]) for step in iter_steps(folder)]
         if teachers:  # the first run whose steps.csv is there
             break
     else:

@@ -42,6 +42,11 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def perturbs(perturb: bool | None, mode: str) -> bool:
+    """Whether a run with these settings perturbs one network's batch (None: on in competitive mode)."""
+    return perturb if perturb is not None else mode == "competitive"
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -148,7 +153,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown perturbation ops {unknown}; available: {', '.join(OPS)}, or a preset: "
                              f"{', '.join(PRESETS)}")
-        if not self.perturb_ops and (self.perturb or (self.perturb is None and self.mode == "competitive")):
+        if not self.perturb_ops and self.perturbs:
             raise ValueError("perturb_ops is empty; name at least one op or turn perturbation off (--no-perturb)")
         check_teachers(self.mode, self.teachers)
         if self.loader == "dali":
@@ -168,7 +173,7 @@ class TrainConfig:
     @property
     def perturbs(self) -> bool:
         """Whether the run perturbs one network's batch (``perturb``; None: on in competitive mode)."""
-        return self.perturb if self.perturb is not None else self.mode == "competitive"
+        return perturbs(self.perturb, self.mode)
 
     def perturb_op_names(self) -> list[str]:
         """The pool's op names, presets expanded (the DALI loader makes exactly these)."""
