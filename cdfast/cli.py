@@ -116,8 +116,10 @@ def _train(args: argparse.Namespace) -> int:
           f"for {cfg.epochs} epochs on {trainer.device}"
           + (f" x {trainer.world} processes (data parallel, global batch {cfg.batch_size})" if trainer.world > 1 else "")
           + f", engine {engine_label(g)}; outputs in {trainer.out}")
-    if trainer.epoch:
-        print(f"cdfast: resumed from epoch {trainer.epoch} (step {trainer.step})")
+    if trainer.step:
+        from cdfast.train.trainer import position
+
+        print(f"cdfast: resumed from {position(*trainer.saved_at, trainer.steps_per_epoch)}")
     summary = trainer.fit()
     if summary.get("epochs", 0) >= cfg.epochs:
         print(trainer.summary_table(summary))
@@ -258,12 +260,17 @@ def engine_label(group) -> str:
 def main(argv: list[str] | None = None) -> int:
     from cdfast.safe_write import WriteError
     from cdfast.train import NonFiniteLossError
+    from cdfast.train.trainer import TrainingStopped
 
     args = build_parser().parse_args(argv)
     if args.debug:
         return args.func(args)
     try:
         return args.func(args)
+    except TrainingStopped as e:
+        again = " The grid goes on when you run the same `cdfast experiment` again." if args.command == "experiment" else ""
+        print(f"cdfast: {e}{again}", file=sys.stderr)
+        return e.exit_code
     except NonFiniteLossError as e:
         print(f"cdfast: error: {e}", file=sys.stderr)
         return 1

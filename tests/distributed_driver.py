@@ -9,6 +9,9 @@ Scenarios (each rank writes OUT_DIR/rank-<r>.pt with what it saw):
     dead-rank   rank 1 exits after one step; rank 0 keeps stepping and must get an error, not hang
     placement   one network per rank (NetworkPerRank) on the whole batch, perturbation on
     trainer-nan the trainer on real Fashion-MNIST; rank 1's batch turns NaN at its 3rd step: every rank must stop
+    fit-straight / fit-stop / fit-resume
+                the trainer for 2 epochs: uninterrupted; stopped by a SIGTERM that only rank 0 gets (at step 3,
+                within epoch 1); resumed from that stop to the end
 """
 
 from __future__ import annotations
@@ -118,6 +121,37 @@ def main() -> None:
             Trainer(cfg).fit()
         except NonFiniteLossError as e:
             seen["error"] = str(e).splitlines()[0]
+    elif scenario.startswith("fit-"):
+        import signal
+
+        from cdfast.data import FASHION_MNIST_ROOT
+        from cdfast.train import Trainer, TrainConfig
+        from cdfast.train.metrics import StepBuffer
+        from cdfast.train.trainer import TrainingStopped
+
+        folder = out / ("straight" if scenario == "fit-straight" else "run")
+        if scenario == "fit-resume":
+            trainer = Trainer(resume=folder)
+        else:
+            trainer = Trainer(TrainConfig(
+                data_dir=str(FASHION_MNIST_ROOT), train_subset=256, test_subset=64, batch_size=32, eval_batch_size=64,
+                epochs=2, out=str(folder), progress=False, tensorboard=False, plots=False, device="cpu",
+                log_interval=2, bn_recalibration=1, checkpoint_minutes=0))
+        if scenario == "fit-stop" and rank == 0:
+            add = StepBuffer.add
+
+            def add_then_signal(self, step, epoch, result):
+                add(self, step, epoch, result)
+                if step == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            StepBuffer.add = add_then_signal
+        try:
+            trainer.fit()
+        except TrainingStopped as e:
+            seen["stopped"] = str(e)
+        seen["step"] = trainer.step
+        seen["params"] = {k: v.detach().clone() for k, v in trainer.group.state_dict().items()}
     elif scenario == "dead-rank":
         group = make_group()
         for k, (x, y) in enumerate(batches()):

@@ -87,6 +87,22 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, fmnist_root):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # nothing of the broken epoch was saved
 
 
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_one_checkpoint_and_the_run_resumes_exactly(tmp_path,
+                                                                                                  fmnist_root):
+    straight = launch("fit-straight", tmp_path)
+    stopped = launch("fit-stop", tmp_path)
+    # only rank 0 got the SIGTERM (at step 3); both stop after the checkpoint at the next metric read
+    assert [r["step"] for r in stopped] == [4, 4]
+    assert all("stopped on SIGTERM" in r["stopped"] for r in stopped)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["epoch_progress"]["batches"]) == (0, 4, 4)
+    resumed = launch("fit-resume", tmp_path)
+    for rank in range(2):
+        assert resumed[rank]["step"] == straight[rank]["step"] == 16
+        for k, v in straight[rank]["params"].items():
+            assert torch.equal(v, resumed[rank]["params"][k]), f"rank {rank}: {k} differs after the resume"
+
+
 def test_a_rank_that_dies_stops_the_others_with_an_error(tmp_path):
     t0 = time.perf_counter()
     ranks = launch("dead-rank", tmp_path, timeout=120)

@@ -3,7 +3,8 @@
 The whole set stays as uint8; each batch is gathered, converted, augmented and
 normalized as one tensor op, with no DataLoader workers. The shuffle and
 augmentation draw from one seeded CPU generator whose state is part of the
-checkpoint, so a resumed run sees exactly the batches it would have seen.
+checkpoint, with the order and position of an epoch in progress, so a run resumed
+at any batch sees exactly the batches it would have seen.
 Pass ``device="cuda"`` to keep the images on the GPU.
 """
 
@@ -18,6 +19,8 @@ from cdfast.data.augment import pad_crop_flip
 
 
 class TensorLoader:
+    resumes_mid_epoch = True  # its state_dict() taken between batches continues at the next batch
+
     def __init__(
         self,
         images: Tensor,
@@ -56,6 +59,8 @@ class TensorLoader:
         if world > 1 and drop_last and batch_size % world:  # training: equal shares (evaluation may be uneven)
             raise ValueError(f"the global batch size {batch_size} must be a multiple of the {world} ranks")
         self.rank, self.world = rank, world
+        self._progress: list | None = None  # the epoch being iterated: [its order (CPU), the next batch]
+        self._resume: tuple[Tensor, int] | None = None  # from load_state_dict: where the next iteration starts
 
     def __len__(self) -> int:
         n = self.images.shape[0]
@@ -63,24 +68,49 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = self.images.shape[0]
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
-        for k in range(len(self)):
-            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            total, start = idx.shape[0], 0
-            if self.world > 1:  # this rank's contiguous share, the only images it gathers and augments
-                share = -(-total // self.world)
-                start = min(self.rank * share, total)
-                idx = idx[start:start + share]
-            x = self.images.index_select(0, idx).float()
-            if self.augment_pad is not None:  # on raw pixels, so the padding is black (0), not the mean
-                x = pad_crop_flip(x, self.augment_pad, self.generator, part_of=(start, total))
-            if x.shape[0] == 0:  # a last evaluation batch smaller than the ranks: nothing for this one
-                continue
-            yield (x - self.mean) / self.std, self.labels.index_select(0, idx)
+        resume, self._resume = self._resume, None
+        if resume is not None:  # an epoch a checkpoint saved mid-way: its order, from its next batch
+            order, first = resume
+        else:
+            order, first = (torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)), 0
+        self._progress = [order, first]
+        on_device = order.to(self.device)
+        try:
+            for k in range(first, len(self)):
+                idx = on_device[k * self.batch_size:(k + 1) * self.batch_size]
+                total, start = idx.shape[0], 0
+                if self.world > 1:  # this rank's contiguous share, the only images it gathers and augments
+                    share = -(-total // self.world)
+                    start = min(self.rank * share, total)
+                    idx = idx[start:start + share]
+                x = self.images.index_select(0, idx).float()
+                if self.augment_pad is not None:  # on raw pixels, so the padding is black (0), not the mean
+                    x = pad_crop_flip(x, self.augment_pad, self.generator, part_of=(start, total))
+                self._progress[1] = k + 1  # batch k's draws are made: a state taken now continues after it
+                if x.shape[0] == 0:  # a last evaluation batch smaller than the ranks: nothing for this one
+                    continue
+                yield (x - self.mean) / self.std, self.labels.index_select(0, idx)
+        finally:
+            self._progress = None  # finished or abandoned: the next iteration is a new epoch
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        """The generator; between two batches of an epoch also that epoch's order and its next batch."""
+        state = {"generator": self.generator.get_state()}
+        if self._progress is not None and self._progress[1] < len(self):
+            order, next_batch = self._progress
+            state["epoch_order"] = order.to(torch.int32 if order.numel() < 2**31 else torch.int64)
+            state["next_batch"] = next_batch
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if "next_batch" in state:
+            order, next_batch = state["epoch_order"], state["next_batch"]
+            n = self.images.shape[0]
+            if (not isinstance(order, Tensor) or order.shape != (n,) or not isinstance(next_batch, int)
+                    or not 0 <= next_batch < len(self)):
+                raise ValueError(f"the saved position within an epoch does not fit this data ({n} images, "
+                                 f"{len(self)} batches of {self.batch_size}): it was saved for another data set")
+            self._resume = (order.long(), next_batch)
+        else:
+            self._resume = None
         self.generator.set_state(state["generator"])

@@ -119,6 +119,9 @@ class TrainConfig:
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", ge=1)
     # output
     out: str | None = _f(None, "output folder (default: runs/<data>-<mode>-<time>); must be new, empty, or a cdfast run")
+    checkpoint_minutes: float = _f(30.0, "also checkpoint within an epoch every this many minutes (in-memory data "
+                                         "sets; image folders and DALI checkpoint at epoch ends); 0: at epoch ends only",
+                                   ge=0)
     log_interval: int = _f(20, "steps between metric reads (host syncs) and progress updates", ge=1, le=1000)
     bn_recalibration: int = _f(10, "evaluate with BatchNorm statistics recomputed on this many clean training batches "
                                    "(the running-statistics accuracy is recorded too, so the test set is evaluated twice); "
@@ -289,7 +292,7 @@ def _check_scalar(name: str, value: Any, kind: type, bounds: dict[str, float]) -
 # (device, workers and skip_bad_images included: they change the random draws) changes the training
 # trajectory and may change only with --resume-with-changes, which records it.
 RESUME_FREE = ("engine", "compile", "compile_mode", "channels_last", "fused_sgd", "threads", "eval_batch_size",
-               "out", "log_interval", "tensorboard", "plots", "progress", "bn_recalibration")
+               "out", "checkpoint_minutes", "log_interval", "tensorboard", "plots", "progress", "bn_recalibration")
 RESUME_FIXED = ("data", "models", "features", "seed", "train_subset", "batch_size", "image_size")
 _unknown = set(RESUME_FREE + RESUME_FIXED) - set(TrainConfig.__dataclass_fields__)
 assert not _unknown, f"RESUME_FREE / RESUME_FIXED name no config field: {_unknown}"

@@ -137,6 +137,16 @@ class RunLogger:
             self.tb.add_scalar("test/acc_ensemble", record["ensemble_acc"], step)
             self.tb.flush()
 
+    def sync(self) -> None:
+        """Put the step rows written so far on disk (before a checkpoint that counts them)."""
+        try:
+            self._steps_file.flush()
+            os.fsync(self._steps_file.fileno())
+        except OSError as e:
+            raise WriteError(e.errno, describe(e, self.steps_path)) from e
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         self._steps_file.close()
         if self.tb is not None:
@@ -159,6 +169,18 @@ class EpochMeter:
                 self.loss[i] += row[f"loss_{i}"]
                 self.ce[i] += row[f"ce_{i}"]
                 self.acc[i] += row[f"train_acc_{i}"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums so far (a checkpoint within an epoch carries them)."""
+        return {"steps": self.steps, "loss": list(self.loss), "ce": list(self.ce), "acc": list(self.acc),
+                "teacher": list(self.teacher)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if any(len(state[k]) != self.n for k in ("loss", "ce", "acc", "teacher")):
+            raise ValueError(f"the saved epoch sums are for another number of networks than {self.n}")
+        self.steps = int(state["steps"])
+        self.loss, self.ce, self.acc = list(state["loss"]), list(state["ce"]), list(state["acc"])
+        self.teacher = list(state["teacher"])
 
     def postfix(self) -> str:
         """For the progress bar: mean loss and teacher share per network so far."""

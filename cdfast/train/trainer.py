@@ -7,7 +7,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -87,13 +89,36 @@ def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
+class TrainingStopped(Exception):
+    """SIGTERM or SIGINT asked the run to stop: it stopped at a step boundary, after its checkpoint."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGTERM))
+
+
+def position(epoch: int, step: int, progress: dict[str, Any] | None = None, steps_per_epoch: int | None = None) -> str:
+    """Where a checkpoint stands, in words: 'epoch 3, step 1404' or 'epoch 4 batch 120 of 468, step 1524'."""
+    if not progress:
+        return f"epoch {epoch}, step {step}"
+    of = f" of {steps_per_epoch}" if steps_per_epoch else ""
+    return f"epoch {epoch + 1} batch {progress['batches']}{of}, step {step}"
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig` and runs it.
 
     ``resume``: a run folder (or its checkpoint file) to continue exactly where its
     last checkpoint left off (a folder with no checkpoint yet starts again from step 0).
     With ``resume``, ``cfg`` may be None: the run's own settings are used, updated by
-    ``overrides``. A resume may change only how the run executes and reports
+    ``overrides``. Checkpoints come at every epoch's end and, with in-memory data, every
+    ``checkpoint_minutes`` within an epoch; SIGTERM or SIGINT during :meth:`fit` stops the run
+    at the next metric read (within ``log_interval`` steps) after a checkpoint there
+    (:class:`TrainingStopped`). A resume may change only how the run executes and reports
     (:data:`~cdfast.train.config.RESUME_FREE`); any setting that changes the training
     trajectory is refused unless ``allow_changes``, which applies it for real from the
     resumed step on (optimizer hyper-parameters included) and records it in
@@ -138,6 +163,7 @@ class Trainer:
             self.cfg = cfg.validate()
             self.device = self._rank_device(resolve_device(cfg.device))
             self.changes, self.epoch, self.step, self.saved_at = [], 0, 0, None
+            self._epoch_progress = None
             if not self.is_main:
                 self.run_dir = Path(self._from_rank0(None))
                 self.out = self._scratch_folder()
@@ -153,6 +179,7 @@ class Trainer:
             if restarted:
                 print(f"cdfast: {self.out} held a run that stopped before its first checkpoint; starting it again")
             self.changes, self.epoch, self.step, self.saved_at = [], 0, 0, None
+            self._epoch_progress = None
             return None
         folder = run_folder.resolve_resume(resume)
         self.run_dir = folder
@@ -178,7 +205,10 @@ class Trainer:
             self.out = folder
             self.changes = list(state.get("changes", [])) if state else []
             self.epoch, self.step = (state["epoch"], state["step"]) if state else (0, 0)
-            self.saved_at = (self.epoch, self.step) if state else None  # (epoch, step) of the checkpoint on disk
+            # how far a checkpoint saved within an epoch had got into epoch + 1
+            self._epoch_progress = state.get("epoch_progress") if state else None
+            # (epoch, step, progress within the next epoch) of the checkpoint on disk
+            self.saved_at = (self.epoch, self.step, self._epoch_progress) if state else None
             self._check_changes(saved, state is not None, allow_changes, state.get("device_type") if state else None)
             if state is not None and state.get("torch_version", torch.__version__) != torch.__version__ and self.is_main:
                 print(f"cdfast: warning: {folder} was trained under torch {state['torch_version']} and resumes under "
@@ -415,6 +445,11 @@ class Trainer:
                 sched.load_state_dict(s)
             pools = state.get("pool_ranks") or [state["pool"]]
             self.group.pool.load_state_dict(pools[self.rank])
+            if self._epoch_progress and not getattr(self.data.train, "resumes_mid_epoch", False):
+                raise ValueError("it was saved within an epoch, and this run's loader resumes only at epoch starts "
+                                 f"(use the loader it was trained with: {state['config'].get('loader')})")
+            if self._epoch_progress and state["train_loader"].get("next_batch") != self._epoch_progress["batches"]:
+                raise ValueError("its position within the epoch disagrees with its loader's (a damaged checkpoint)")
             self.data.train.load_state_dict(state["train_loader"])
             rng = (state.get("rng_ranks") or [state["rng"]])[self.rank]
             torch.set_rng_state(rng["torch"])
@@ -451,10 +486,14 @@ class Trainer:
             os.replace(staged, latest)
             fsync_dir(self.out)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, progress: dict[str, Any] | None = None) -> Path:
+        """Checkpoint the run; ``progress``: how far into the next epoch (a checkpoint within an epoch)."""
         state = self.state_dict()  # on every rank: it gathers the ranks' perturbation streams
+        if progress is not None:
+            state["epoch_progress"] = progress
         path = save_checkpoint(state, self.out) if self.is_main else self.out
-        self.saved_at = (self.epoch, self.step)
+        self.saved_at = (self.epoch, self.step, progress)
+        self._last_save = time.monotonic()
         return path
 
     def checkpoint_note(self) -> str:
@@ -463,8 +502,8 @@ class Trainer:
         if self.saved_at is None:
             return (f"No checkpoint exists yet in {folder}; `cdfast train --resume {folder}` starts the run "
                     "again from step 0")
-        epoch, step = self.saved_at
-        return f"The last checkpoint (epoch {epoch}, step {step}) in {folder} is intact; continue with --resume {folder}"
+        where = position(*self.saved_at, getattr(self, "steps_per_epoch", None))
+        return f"The last checkpoint ({where}) in {folder} is intact; continue with --resume {folder}"
 
     # ---- evaluation ---------------------------------------------------------------
     @torch.no_grad()
@@ -502,6 +541,8 @@ class Trainer:
         if self.lock is None:
             self.lock = run_folder.lock_folder(self.out)
         self.logger = None
+        self._last_save = time.monotonic()
+        handlers = self._catch_stop_signals()
         try:
             try:
                 self.logger = RunLogger(self.out, self.group.n, cfg.tensorboard, first_step=self.step)
@@ -511,6 +552,8 @@ class Trainer:
                     self.logger.write_epoch(record)
                     self.save_checkpoint()
                     self._print_epoch(record)
+                    if self.epoch < last and self._stop_agreed():
+                        raise self._stopped()
             except (NonFiniteLossError, BadImageError, WriteError) as e:
                 message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 raise type(e)(f"{message}. {self.checkpoint_note()}") from e
@@ -525,23 +568,81 @@ class Trainer:
                     self.logger.close()
             return self.finish() if self.epoch >= cfg.epochs else self.summary()
         finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
             self.close()
+
+    # ---- stopping on request: SIGTERM (a scheduler's preemption, kill) or SIGINT (Ctrl-C) ----------
+    def _catch_stop_signals(self) -> dict:
+        """Turn the first SIGTERM / SIGINT into a request to stop after a checkpoint; a second one stops at
+        once (KeyboardInterrupt). Returns the handlers to put back (none outside the main thread)."""
+        self._stop_signal: str | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum, frame):
+            name = signal.Signals(signum).name
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt(f"{name} again: stopped at once")
+            self._stop_signal = name
+            # os.write, not print: a handler may run in the middle of a print
+            os.write(2, f"\ncdfast: {name}: stopping after a checkpoint within {self.cfg.log_interval} steps (send "
+                        f"it again to stop at once, losing the steps since the last checkpoint)\n".encode())
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            before = signal.signal(sig, request_stop)
+            previous[sig] = before if before is not None else signal.SIG_DFL  # None: set outside Python
+        return previous
+
+    def _stop_agreed(self) -> bool:
+        """Whether a stop was requested (data parallel: on any rank, so that all stop at the same step)."""
+        return any_rank(getattr(self, "_stop_signal", None) is not None, self.process_group, self.device)
+
+    def _stopped(self) -> TrainingStopped:
+        name = getattr(self, "_stop_signal", None) or "SIGTERM"  # another rank's signal
+        return TrainingStopped(f"stopped on {name}. {self.checkpoint_note()}", name)
+
+    def _checkpoint_within_epoch(self, batches: int, meter: EpochMeter, seconds: float) -> None:
+        """At a metric read inside an epoch: checkpoint when ``checkpoint_minutes`` have passed or a stop
+        was requested (then stop). Loaders that resume only at epoch starts skip the checkpoint."""
+        minutes = self.cfg.checkpoint_minutes
+        due = (getattr(self, "_stop_signal", None) is not None
+               or (minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes))
+        if not any_rank(due, self.process_group, self.device):
+            return
+        stopping = self._stop_agreed()
+        if getattr(self.data.train, "resumes_mid_epoch", False):
+            self.logger.sync()  # the step rows it counts are on disk before it
+            self.save_checkpoint({"batches": batches, "train_seconds": seconds, "meter": meter.state_dict()})
+        elif stopping and self.is_main:
+            print(f"cdfast: this loader resumes only at epoch starts: the {batches} steps of epoch {self.epoch + 1} "
+                  "are trained again on resume")
+        self._last_save = time.monotonic()
+        if stopping:
+            raise self._stopped()
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training data and the evaluation after it: the epoch's record."""
         cfg, group, n = self.cfg, self.group, self.group.n
         buffer = StepBuffer(n)
         meter = EpochMeter(n)
+        progress, self._epoch_progress = self._epoch_progress, None  # a checkpoint saved within this epoch
+        done, before = 0, 0.0  # batches and training seconds of this epoch before this attempt
+        if progress:
+            meter.load_state_dict(progress["meter"])
+            done, before = progress["batches"], progress["train_seconds"]
         t0 = time.perf_counter()
-        done = 0
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+        bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not cfg.progress or not self.is_main, leave=True, dynamic_ncols=True)
 
-        def drain():
+        def drain(last: bool = False):
             rows = self._on_every_rank(lambda: buffer.drain(self.names))
             self.logger.write_steps(rows)
             meter.add(rows)
             bar.set_postfix_str(meter.postfix())
+            if not last and done < self.steps_per_epoch:  # the epoch's end has its own checkpoint
+                self._checkpoint_within_epoch(done, meter, before + time.perf_counter() - t0)
 
         try:
             for x, y, *view in self.data.train:  # the DALI loader adds the perturbed view
@@ -559,12 +660,12 @@ class Trainer:
                 if len(buffer.pending) >= cfg.log_interval:
                     drain()
                 bar.update(1)
-            drain()
+            drain(last=True)
         finally:
             bar.close()
         if done == 0:
             raise ValueError(f"epoch {epoch} had no training batches; the training set is smaller than one batch")
-        train_time = time.perf_counter() - t0
+        train_time = before + time.perf_counter() - t0
         metrics = self.evaluate()
         self._check_finite(epoch, metrics)
         return {

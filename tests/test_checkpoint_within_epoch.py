@@ -1,0 +1,222 @@
+"""Checkpoints within an epoch and stopping on SIGTERM / SIGINT: a run stopped or crashed mid-epoch
+continues from its last checkpoint exactly as if it had never stopped."""
+
+import csv
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from cdfast.cli import main
+from cdfast.data import TensorLoader
+from cdfast.experiment import Grid, run_dir, run_grid
+from cdfast.train import Trainer, TrainConfig, load_checkpoint
+from cdfast.train.metrics import StepBuffer
+from cdfast.train.trainer import TrainingStopped
+
+# 512 images in batches of 64: 8 steps an epoch; metrics are read every 3 steps
+STEPS_PER_EPOCH = 8
+
+
+def config(root, out, **kw):
+    values = dict(data_dir=str(root), train_subset=512, test_subset=256, batch_size=64, eval_batch_size=256,
+                  epochs=2, out=str(out), progress=False, tensorboard=False, plots=False, log_interval=3,
+                  device="cpu", checkpoint_minutes=0.0)  # competitive mode: perturbations on
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+_straight: dict = {}
+
+
+@pytest.fixture
+def straight(tmp_path_factory, fmnist_root):
+    """A run that never stopped: its weights and records (trained once for the module)."""
+    if not _straight:
+        out = tmp_path_factory.mktemp("straight") / "run"
+        trainer = Trainer(config(fmnist_root, out))
+        trainer.fit()
+        _straight.update(weights=weights(trainer), steps=step_rows(out), epochs=epoch_records(out))
+    return _straight
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in trainer.group.state_dict().items()}
+
+
+def step_rows(out):
+    with open(out / "steps.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def epoch_records(out):
+    timing = {"train_seconds", "images_per_second"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (out / "epochs.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(straight, trainer, out):
+    a, b = straight["weights"], weights(trainer)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs from the run that never stopped"
+    assert step_rows(out) == straight["steps"]
+    assert epoch_records(out) == straight["epochs"]
+
+
+def at_step(monkeypatch, step, action):
+    """Run ``action()`` as the trainer records ``step`` (just after that step trained)."""
+    add = StepBuffer.add
+
+    def add_then_act(self, s, epoch, result):
+        add(self, s, epoch, result)
+        if s == step:
+            action()
+
+    monkeypatch.setattr(StepBuffer, "add", add_then_act)
+
+
+def send(signum):
+    return lambda: os.kill(os.getpid(), signum)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash():
+    raise Crash("the machine went away")
+
+
+def test_loader_continues_at_the_batch_after_its_saved_state():
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randint(0, 256, (203, 1, 8, 8), dtype=torch.uint8, generator=g), torch.arange(203) % 10
+
+    def loader():
+        return TensorLoader(images, labels, 32, mean=(0.5,), std=(0.25,), shuffle=True, drop_last=True,
+                            augment_pad=2, seed=3)
+
+    one = loader()
+    expected = [batch for _ in range(2) for batch in one]  # two epochs, never stopped
+
+    two = loader()
+    epoch = iter(two)
+    seen = [next(epoch) for _ in range(4)]
+    state = two.state_dict()
+    assert state["next_batch"] == 4 and state["epoch_order"].shape == (203,)
+    three = loader()
+    three.load_state_dict(state)
+    seen += list(three) + list(three)  # the rest of epoch 1, then epoch 2
+    assert len(seen) == len(expected)
+    for (x, y), (ex, ey) in zip(seen, expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+    assert "next_batch" not in three.state_dict()  # between epochs there is no position
+    epoch = iter(three)
+    next(epoch)
+    epoch.close()  # an abandoned iteration: the next one is a new epoch, not its rest
+    assert "next_batch" not in three.state_dict() and len(list(three)) == len(three)
+    with pytest.raises(ValueError, match="another data set"):
+        loader().load_state_dict({**state, "next_batch": len(three)})
+    with pytest.raises(ValueError, match="another data set"):
+        loader().load_state_dict({**state, "epoch_order": state["epoch_order"][:100]})
+
+
+def test_a_crash_mid_epoch_resumes_from_the_checkpoint_within_it(tmp_path, fmnist_root, monkeypatch, straight):
+    out = tmp_path / "run"
+    # checkpoint at every metric read (a tiny interval), crash at step 13: epoch 2, batch 5
+    at_step(monkeypatch, 13, crash)
+    with pytest.raises(Crash):
+        Trainer(config(fmnist_root, out, checkpoint_minutes=1e-9)).fit()
+    monkeypatch.undo()
+    saved = load_checkpoint(out / "checkpoint.pt")
+    # epoch 2's metric reads come after its batches 3 and 6: the last before the crash is batch 3 (step 11)
+    assert (saved["epoch"], saved["step"]) == (1, 11)
+    assert saved["epoch_progress"]["batches"] == 3 and saved["train_loader"]["next_batch"] == 3
+    assert len(step_rows(out)) == 11  # steps 12 and 13 were not read yet when it crashed
+
+    resumed = Trainer(resume=out)
+    assert (resumed.epoch, resumed.step) == (1, 11)
+    assert len(step_rows(out)) == 11  # rows after the checkpoint are cut back
+    resumed.fit()
+    assert_same_run(straight, resumed, out)
+
+
+def test_sigterm_stops_after_a_checkpoint_and_the_run_continues_exactly(tmp_path, fmnist_root, monkeypatch,
+                                                                         straight, capfd):
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    at_step(monkeypatch, 10, send(signal.SIGTERM))  # epoch 2, batch 2: the next metric read is after batch 3
+    with pytest.raises(TrainingStopped, match=r"stopped on SIGTERM\. The last checkpoint \(epoch 2 batch 3 of 8, "
+                                              r"step 11\) in .* is intact; continue with --resume") as stop:
+        Trainer(config(fmnist_root, out)).fit()
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    assert "SIGTERM: stopping after a checkpoint within 3 steps" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 11
+    monkeypatch.undo()
+    resumed = Trainer(resume=out)
+    resumed.fit()
+    assert_same_run(straight, resumed, out)
+
+
+def test_a_stop_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, fmnist_root, monkeypatch):
+    out = tmp_path / "run"
+    at_step(monkeypatch, STEPS_PER_EPOCH, send(signal.SIGINT))  # the epoch's last step: no metric read follows
+    with pytest.raises(TrainingStopped, match=r"stopped on SIGINT\. The last checkpoint \(epoch 1, step 8\)") as stop:
+        Trainer(config(fmnist_root, out)).fit()
+    assert stop.value.exit_code == 130
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert (saved["epoch"], saved["step"]) == (1, 8) and "epoch_progress" not in saved
+
+
+def test_a_second_signal_stops_at_once(tmp_path, fmnist_root, monkeypatch):
+    out = tmp_path / "run"
+    at_step(monkeypatch, 10, lambda: (send(signal.SIGTERM)(), send(signal.SIGTERM)()))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config(fmnist_root, out)).fit()
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == STEPS_PER_EPOCH  # epoch 1's, nothing newer
+
+
+def test_a_loader_that_resumes_only_at_epoch_starts_stops_without_a_checkpoint_within_the_epoch(
+        tmp_path, fmnist_root, monkeypatch, capsys):
+    out = tmp_path / "run"
+    trainer = Trainer(config(fmnist_root, out, checkpoint_minutes=1e-9))
+    trainer.data.train.resumes_mid_epoch = False  # as the image-folder and DALI loaders
+    at_step(monkeypatch, 10, send(signal.SIGTERM))
+    with pytest.raises(TrainingStopped, match=r"The last checkpoint \(epoch 1, step 8\)"):
+        trainer.fit()
+    assert "the 3 steps of epoch 2 are trained again on resume" in capsys.readouterr().out
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == STEPS_PER_EPOCH
+
+
+def test_cli_exits_with_the_signal_code_and_says_how_to_continue(tmp_path, fmnist_root, monkeypatch, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--data-dir", str(fmnist_root), "--train-subset", "512", "--test-subset", "256",
+            "--batch-size", "64", "--epochs", "2", "--log-interval", "3", "--out", str(out), "--no-progress",
+            "--no-tensorboard", "--no-plots", "--device", "cpu"]
+    at_step(monkeypatch, 4, send(signal.SIGTERM))
+    assert main(args) == 128 + signal.SIGTERM
+    assert f"continue with --resume {out}" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "resumed from epoch 1 batch 6 of 8, step 6" in capsys.readouterr().out
+
+
+def test_a_stopped_grid_continues_its_run_within_the_epoch(tmp_path, fmnist_root, monkeypatch, capsys):
+    grid = Grid(base={"data_dir": str(fmnist_root), "train_subset": 512, "test_subset": 100, "batch_size": 64,
+                      "eval_batch_size": 100, "epochs": 1, "device": "cpu", "tensorboard": False, "plots": False,
+                      "progress": False, "log_interval": 2},
+                groups={"pair": ["resnet8", "resnet8"]}, methods={"cd": {"mode": "competitive"}}, seeds=[0, 1])
+    out = tmp_path / "grid"
+    at_step(monkeypatch, 5, send(signal.SIGTERM))
+    with pytest.raises(TrainingStopped):
+        run_grid(grid, out)
+    monkeypatch.undo()
+    assert load_checkpoint(run_dir(out, "pair", "cd", 0) / "checkpoint.pt")["step"] == 6
+    assert not run_dir(out, "pair", "cd", 1).exists()  # the grid stopped: it did not go on to the next run
+    results = run_grid(grid, out)
+    assert "[1/2] pair / cd / seed 0: resuming" in capsys.readouterr().out
+    assert len(results.read_text().splitlines()) == 2
