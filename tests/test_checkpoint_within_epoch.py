@@ -220,3 +220,49 @@ def test_a_stopped_grid_continues_its_run_within_the_epoch(tmp_path, fmnist_root
     results = run_grid(grid, out)
     assert "[1/2] pair / cd / seed 0: resuming" in capsys.readouterr().out
     assert len(results.read_text().splitlines()) == 2
+
+
+@pytest.fixture
+def image_folder(tmp_path, fmnist_root):
+    from PIL import Image
+
+    from cdfast.data import load_fashion_mnist
+
+    x, y = load_fashion_mnist(fmnist_root)["test"]
+    for i in range(42):
+        folder = tmp_path / "images" / f"class_{int(y[i]) % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i, 0].numpy()).save(folder / f"{i}.png")
+    return tmp_path / "images"
+
+
+def test_image_folder_batches_continue_exactly_and_do_not_depend_on_workers_or_ranks(image_folder):
+    from cdfast.data import FolderLoader
+
+    def loader(workers=0, rank=0, world=1):
+        return FolderLoader(image_folder, True, 8, workers, 12, 1, seed=4, rank=rank, world=world)
+
+    one = loader()
+    rng = torch.get_rng_state()
+    expected = [batch for _ in range(2) for batch in one]  # two epochs of 5 batches (42 images, 2 dropped)
+    assert len(expected) == 10
+    assert torch.equal(torch.get_rng_state(), rng)  # the augmentation leaves torch's global stream alone
+
+    two = loader(workers=2)
+    epoch = iter(two)
+    seen = [next(epoch) for _ in range(2)]  # its workers have read ahead: the state counts what it handed out
+    state = two.state_dict()
+    assert state["next_batch"] == 2
+    del epoch
+    three = loader()
+    three.load_state_dict(state)
+    seen += list(three) + list(three)
+    assert len(seen) == len(expected)
+    for (x, y), (ex, ey) in zip(seen, expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+    halves = [list(loader(rank=r, world=2)) for r in range(2)]  # a data-parallel rank augments its share alike
+    for (x0, y0), (x1, y1), (x, y) in zip(*halves, expected[:5]):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    with pytest.raises(ValueError, match="saved for other data"):
+        loader().load_state_dict({**state, "next_batch": 5})

@@ -61,46 +61,71 @@ def _collate(samples):
     return (default_collate(good) if good else None), bad
 
 
-class _RankSeed:
-    """A DataLoader worker's seeds offset by the rank: the workers of every rank get the same base seed
-    from the shared generator (which also orders the batches), and would augment alike without it."""
+class SeededSamples(torch.utils.data.Dataset):
+    """Samples asked for as ``(index, seed)``: the transform's random draws (torch's generator, which
+    torchvision's transforms use) come from ``seed`` alone, so a sample's crop and flip depend on its
+    place in the epoch, not on which worker reads it, how many workers there are, or whether the epoch
+    was resumed part-way. The caller's generator state is left as it was (``seed`` None: no draws)."""
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    def __init__(self, dataset):
+        self.dataset = dataset
 
-    def __call__(self, worker_id: int) -> None:
-        import random
+    def __len__(self) -> int:
+        return len(self.dataset)
 
-        seed = (torch.initial_seed() + 1_000_003 * self.rank) % 2**63
-        torch.manual_seed(seed)
-        random.seed(seed)
+    def __getitem__(self, item):
+        index, seed = item
+        if seed is None:
+            return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):  # with workers=0 this runs in the training process
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 class RankShare(torch.utils.data.Sampler):
-    """Batches of indices for one rank of a data-parallel job: every rank draws the same order
-    (one seeded generator) and keeps its contiguous share of each global batch; training drops
-    the last partial global batch."""
+    """Batches of ``(index, seed)`` for one rank of a data-parallel job (or the one process): every rank
+    draws the same order and epoch seed (one seeded generator) and keeps its contiguous share of each
+    global batch; training drops the last partial global batch. A sample's seed is the epoch seed plus
+    its position in the epoch (evaluation: None, it draws nothing). ``resume_at`` makes the next epoch
+    the one ``epoch`` describes, from batch ``first`` on."""
 
     def __init__(self, n: int, global_batch: int, train: bool, generator: torch.Generator, rank: int, world: int):
         if train and global_batch % world:
             raise ValueError(f"the global batch size {global_batch} must be a multiple of the {world} ranks")
         self.n, self.batch, self.train, self.generator, self.rank, self.world = n, global_batch, train, generator, rank, world
+        self.epoch: tuple[torch.Tensor, int] | None = None  # the (order, seed) being iterated
+        self._resume: tuple[torch.Tensor, int, int] | None = None
 
     def __len__(self) -> int:
         return self.n // self.batch if self.train else -(-self.n // self.batch)
 
+    def resume_at(self, order: torch.Tensor, seed: int, first: int) -> None:
+        self._resume = (order, seed, first)
+
     def __iter__(self):
-        order = torch.randperm(self.n, generator=self.generator) if self.train else torch.arange(self.n)
-        for k in range(len(self)):
-            chunk = order[k * self.batch:(k + 1) * self.batch]
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            order, seed, first = resume
+        elif self.train:
+            order = torch.randperm(self.n, generator=self.generator)
+            seed, first = int(torch.randint(0, 2**62, (1,), generator=self.generator)), 0
+        else:
+            order, seed, first = torch.arange(self.n), None, 0
+        self.epoch = (order, seed)
+        for k in range(first, len(self)):
+            start = k * self.batch
+            chunk = order[start:start + self.batch]
             share = -(-chunk.shape[0] // self.world)
-            mine = chunk[self.rank * share:(self.rank + 1) * share]
-            if mine.numel():
-                yield mine.tolist()
+            lo = start + self.rank * share
+            mine = chunk[self.rank * share:(self.rank + 1) * share].tolist()
+            if mine:
+                yield [(i, None if seed is None else seed + lo + j) for j, i in enumerate(mine)]
 
 
 class FolderLoader:
-    """A seeded DataLoader over an ImageFolder split; its generator state goes into checkpoints.
+    """A seeded DataLoader over an ImageFolder split; its generator state, and within an epoch the
+    epoch's order, seed and next batch, go into checkpoints (a resume continues at the next batch with
+    the crops and flips an uninterrupted run would have drawn: see :class:`SeededSamples`).
 
     Unreadable images stop the run with an error naming the file, or, with
     ``skip_bad_images``, are left out of their batch and counted in a warning.
@@ -125,19 +150,31 @@ class FolderLoader:
             pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset]
             dataset = torch.utils.data.Subset(dataset, pick.tolist())
         self.generator = torch.Generator().manual_seed(seed)
-        common = dict(num_workers=workers, generator=self.generator, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, collate_fn=_collate)
-        if world > 1:  # data parallel: this rank's share of every global batch, augmented with its own draws
-            sampler = RankShare(len(dataset), batch_size, train, self.generator, rank, world)
-            self.loader = DataLoader(dataset, batch_sampler=sampler, worker_init_fn=_RankSeed(rank), **common)
-        else:
-            self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, **common)
+        # data parallel: this rank's share of every global batch (world 1: the whole batch)
+        self.sampler = RankShare(len(dataset), batch_size, train, self.generator, rank, world)
+        # The DataLoader draws its workers' base seed from its own generator at every epoch; the samples
+        # are seeded one by one (SeededSamples), so it must not draw from ours nor from torch's global one.
+        self.loader = DataLoader(SeededSamples(dataset), batch_sampler=self.sampler, num_workers=workers,
+                                 generator=torch.Generator().manual_seed(seed), collate_fn=_collate,
+                                 pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        self._consumed: int | None = None  # batches the epoch being iterated has handed out
+        self._resume_batch = 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    resumes_mid_epoch = True  # its state_dict() taken between batches continues at the next batch
+
     def __iter__(self):
+        self._consumed, self._resume_batch = self._resume_batch, 0
+        try:
+            yield from self._batches()
+        finally:
+            self._consumed = None
+
+    def _batches(self):
         for batch, bad in self.loader:
+            self._consumed += 1  # counted even when none of its images could be read
             if bad:
                 if not self.skip_bad_images:
                     path, reason = bad[0]
@@ -151,9 +188,25 @@ class FolderLoader:
                 yield batch
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        """The generator; between two batches of an epoch also that epoch's order, seed and next batch.
+        (Workers read ahead; what counts is what this loader has handed out.)"""
+        state = {"generator": self.generator.get_state()}
+        if self._consumed is not None and 0 < self._consumed < len(self) and self.sampler.epoch is not None:
+            order, seed = self.sampler.epoch
+            state.update(epoch_order=order.to(torch.int32 if order.numel() < 2**31 else torch.int64),
+                         epoch_seed=seed, next_batch=self._consumed)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        self._resume_batch = 0
+        if "next_batch" in state:
+            order, seed, first = state["epoch_order"], state["epoch_seed"], state["next_batch"]
+            if (not isinstance(order, torch.Tensor) or order.shape != (self.sampler.n,) or not isinstance(first, int)
+                    or not 0 <= first < len(self) or not isinstance(seed, int)):
+                raise ValueError(f"the saved position within an epoch does not fit this image folder "
+                                 f"({self.sampler.n} images, {len(self)} batches): it was saved for other data")
+            self.sampler.resume_at(order.long(), seed, first)
+            self._resume_batch = first
         self.generator.set_state(state["generator"])
 
 

@@ -55,7 +55,7 @@ class TrainConfig:
     train_subset: int | None = _f(None, "train on a random subset of this many images", ge=1)
     test_subset: int | None = _f(None, "evaluate on a random subset of this many test images (the same for every seed)", ge=1)
     image_size: int = _f(224, "crop size for imagefolder data", ge=8)
-    workers: int = _f(4, "DataLoader workers for imagefolder data", ge=0)
+    workers: int = _f(4, "DataLoader workers for imagefolder data (any number gives the same batches)", ge=0)
     loader: str = _f("torch", "input pipeline: torch (in-memory batches; a DataLoader for image folders) or dali "
                               "(NVIDIA DALI on the run's device: decoding, augmentation and the perturbed view in one "
                               f"pipeline; ops {', '.join(DALI_OPS)}; needs pip install 'cdfast[dali]')",
@@ -119,8 +119,8 @@ class TrainConfig:
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", ge=1)
     # output
     out: str | None = _f(None, "output folder (default: runs/<data>-<mode>-<time>); must be new, empty, or a cdfast run")
-    checkpoint_minutes: float = _f(30.0, "also checkpoint within an epoch every this many minutes (in-memory data "
-                                         "sets; image folders and DALI checkpoint at epoch ends); 0: at epoch ends only",
+    checkpoint_minutes: float = _f(30.0, "also checkpoint within an epoch every this many minutes (the torch loader; "
+                                         "DALI checkpoints at epoch ends); 0: at epoch ends only",
                                    ge=0)
     log_interval: int = _f(20, "steps between metric reads (host syncs) and progress updates", ge=1, le=1000)
     bn_recalibration: int = _f(10, "evaluate with BatchNorm statistics recomputed on this many clean training batches "
@@ -289,10 +289,10 @@ def _check_scalar(name: str, value: Any, kind: type, bounds: dict[str, float]) -
 # How a resume may differ from the checkpoint it continues (see Trainer):
 # RESUME_FREE settings change how the run executes or reports, never what it computes beyond floating-point
 # rounding; RESUME_FIXED settings define what the checkpoint holds and can never change; every other setting
-# (device, workers and skip_bad_images included: they change the random draws) changes the training
+# (device and skip_bad_images included: they change the random draws) changes the training
 # trajectory and may change only with --resume-with-changes, which records it.
 RESUME_FREE = ("engine", "compile", "compile_mode", "channels_last", "fused_sgd", "threads", "eval_batch_size",
-               "out", "checkpoint_minutes", "log_interval", "tensorboard", "plots", "progress", "bn_recalibration")
+               "out", "workers", "checkpoint_minutes", "log_interval", "tensorboard", "plots", "progress", "bn_recalibration")
 RESUME_FIXED = ("data", "models", "features", "seed", "train_subset", "batch_size", "image_size")
 _unknown = set(RESUME_FREE + RESUME_FIXED) - set(TrainConfig.__dataclass_fields__)
 assert not _unknown, f"RESUME_FREE / RESUME_FIXED name no config field: {_unknown}"
