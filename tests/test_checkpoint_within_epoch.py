@@ -184,7 +184,7 @@ def test_a_loader_that_resumes_only_at_epoch_starts_stops_without_a_checkpoint_w
         tmp_path, fmnist_root, monkeypatch, capsys):
     out = tmp_path / "run"
     trainer = Trainer(config(fmnist_root, out, checkpoint_minutes=1e-9))
-    trainer.data.train.resumes_mid_epoch = False  # as the image-folder and DALI loaders
+    trainer.data.train.resumes_mid_epoch = False  # a loader without a state within the epoch (cdfast's all have one)
     at_step(monkeypatch, 10, send(signal.SIGTERM))
     with pytest.raises(TrainingStopped, match=r"The last checkpoint \(epoch 1, step 8\)"):
         trainer.fit()

@@ -359,3 +359,35 @@ def test_an_empty_cutmix_box_is_parked_outside_the_image():
         else:
             assert float(lam[0]) == pytest.approx(1 - box_shape.prod() / 9)
     assert empty > 0  # the case happens at this size
+
+
+@pytest.mark.parametrize("source", ["arrays", "folder"])
+def test_a_state_taken_between_batches_continues_at_the_next_batch(fmnist, jpeg_folder, source, capsys):
+    """A checkpoint within an epoch: DALI's random state is its pipeline's, so the resumed loader runs the
+    batches before the position again (unused) and hands out exactly what an uninterrupted one would."""
+    def loader():
+        kw = dict(train=True, batch_size=8, ops=["noise", "mixup", "cutmix"])
+        return arrays(*fmnist, pad=2, **kw) if source == "arrays" else folder(jpeg_folder, "train", **kw)
+
+    def flat(batch):
+        x, y, p = batch
+        return [x, y, p.x, p.y_b, torch.tensor(p.lam), p.op]
+
+    one = loader()
+    expected = [flat(b) for _ in range(2) for b in one]
+    two = loader()
+    epoch = iter(two)
+    seen = [flat(next(epoch)) for _ in range(3)]
+    state = two.state_dict()
+    assert state == {"epoch": 1, "next_batch": 3}
+    three = loader()
+    three.load_state_dict(state)
+    seen += [flat(b) for b in three] + [flat(b) for b in three]
+    assert "running the 3 batches of epoch 1 before the checkpoint again" in capsys.readouterr().out
+    assert len(seen) == len(expected) == 2 * len(one)
+    for got, want in zip(seen, expected):
+        for a, b in zip(got, want):
+            assert (a == b) if isinstance(a, str) else torch.equal(a, b)
+    assert three.state_dict() == {"epoch": 2}
+    with pytest.raises(ValueError, match="saved for other data"):
+        loader().load_state_dict({"epoch": 1, "next_batch": len(one)})

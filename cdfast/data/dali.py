@@ -283,6 +283,8 @@ class DaliLoader:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.threads = threads or max(1, min(8, (os.cpu_count() or 1) // local_ranks))
         self.epoch = 0  # training epochs handed out; the next iteration is epoch + 1's
+        self._consumed: int | None = None  # batches the epoch being iterated has handed out
+        self._resume_batch = 0  # from load_state_dict: the batch the next iteration starts at
         if train and len(self.samples) // world < batch_size:
             raise ValueError(f"rank {rank} holds {len(self.samples) // world} training images, fewer than one batch "
                              f"of {batch_size}; lower --batch-size or add images")
@@ -351,33 +353,57 @@ class DaliLoader:
             raise BadImageError(self._failure(e, mine, 0)) from None
         if self.train:
             self.epoch = epoch
-        done = 0
-        while True:
-            try:
-                (batch,) = next(batches)
-            except StopIteration:
-                return
-            except RuntimeError as e:  # DALI does not say which file it could not decode: find it
-                if not _decode_failure(e):
-                    raise
-                raise BadImageError(self._failure(e, mine, done)) from None
-            done += 1
-            x = _owned(batch["x"], self.device)
-            y = batch["y"].reshape(-1).to(self.device, dtype=torch.int64, non_blocking=True)
-            if not self.ops:
-                yield x, y
-                continue
-            name = DALI_OPS[int(batch["op"].reshape(-1)[0])]  # a CPU output: no device sync
-            mixed = name in MIXING_OPS
-            y_b = batch["y_b"].reshape(-1).to(self.device, dtype=torch.int64, non_blocking=True) if mixed else y
-            lam = float(batch["lam"].reshape(-1)[0]) if mixed else 1.0
-            yield x, y, Perturbed(x=_owned(batch["pert"], self.device), y_a=y, y_b=y_b, lam=lam, op=name)
+        skip, self._resume_batch = self._resume_batch, 0
+        if skip:  # DALI's random state is its pipeline's: run the batches before the checkpoint again, unused
+            print(f"cdfast: DALI: running the {skip} batches of epoch {epoch} before the checkpoint again to "
+                  "continue exactly where it stopped", flush=True)
+        self._consumed = done = 0
+        try:
+            while True:
+                try:
+                    (batch,) = next(batches)
+                except StopIteration:
+                    return
+                except RuntimeError as e:  # DALI does not say which file it could not decode: find it
+                    if not _decode_failure(e):
+                        raise
+                    raise BadImageError(self._failure(e, mine, done)) from None
+                done += 1
+                self._consumed = done
+                if done <= skip:
+                    continue
+                yield self._unpack(batch)
+        finally:
+            self._consumed = None
+
+    def _unpack(self, batch):
+        x = _owned(batch["x"], self.device)
+        y = batch["y"].reshape(-1).to(self.device, dtype=torch.int64, non_blocking=True)
+        if not self.ops:
+            return x, y
+        name = DALI_OPS[int(batch["op"].reshape(-1)[0])]  # a CPU output: no device sync
+        mixed = name in MIXING_OPS
+        y_b = batch["y_b"].reshape(-1).to(self.device, dtype=torch.int64, non_blocking=True) if mixed else y
+        lam = float(batch["lam"].reshape(-1)[0]) if mixed else 1.0
+        return x, y, Perturbed(x=_owned(batch["pert"], self.device), y_a=y, y_b=y_b, lam=lam, op=name)
+
+    resumes_mid_epoch = True  # a state taken between batches continues at the next batch (after re-running those before)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
+        """The epochs handed out; between two training batches also the epoch's next batch."""
+        state = {"epoch": self.epoch}
+        if self.train and self._consumed is not None and 0 < self._consumed < len(self):
+            state["next_batch"] = self._consumed
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
+        self.epoch, self._resume_batch = int(state["epoch"]), 0
+        if "next_batch" in state:
+            first = state["next_batch"]
+            if not isinstance(first, int) or not 0 < first < len(self) or self.epoch < 1:
+                raise ValueError(f"the saved position within an epoch (batch {first} of epoch {self.epoch}) does "
+                                 f"not fit this data ({len(self)} batches): it was saved for other data")
+            self.epoch, self._resume_batch = self.epoch - 1, first  # the next iteration is that epoch again
 
     def _failure(self, error: Exception, mine: list[int], done: int) -> str:
         """What went wrong, naming the unreadable file among the batches DALI was working on."""

@@ -119,8 +119,8 @@ class TrainConfig:
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", ge=1)
     # output
     out: str | None = _f(None, "output folder (default: runs/<data>-<mode>-<time>); must be new, empty, or a cdfast run")
-    checkpoint_minutes: float = _f(30.0, "also checkpoint within an epoch every this many minutes (the torch loader; "
-                                         "DALI checkpoints at epoch ends); 0: at epoch ends only",
+    checkpoint_minutes: float = _f(30.0, "also checkpoint within an epoch every this many minutes; 0: at epoch "
+                                         "ends only",
                                    ge=0)
     log_interval: int = _f(20, "steps between metric reads (host syncs) and progress updates", ge=1, le=1000)
     bn_recalibration: int = _f(10, "evaluate with BatchNorm statistics recomputed on this many clean training batches "

@@ -448,8 +448,6 @@ class Trainer:
             if self._epoch_progress and not getattr(self.data.train, "resumes_mid_epoch", False):
                 raise ValueError("it was saved within an epoch, and this run's loader resumes only at epoch starts "
                                  f"(use the loader it was trained with: {state['config'].get('loader')})")
-            if self._epoch_progress and state["train_loader"].get("next_batch") != self._epoch_progress["batches"]:
-                raise ValueError("its position within the epoch disagrees with its loader's (a damaged checkpoint)")
             self.data.train.load_state_dict(state["train_loader"])
             rng = (state.get("rng_ranks") or [state["rng"]])[self.rank]
             torch.set_rng_state(rng["torch"])
