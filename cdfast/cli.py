@@ -179,8 +179,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics, cfg = evaluate_run(args.run, **overrides)
     recal = f"BatchNorm recalibrated on {cfg.bn_recalibration} training batches" if cfg.bn_recalibration else \
         "running BatchNorm statistics"
-    print(f"cdfast: {args.run} at epoch {metrics['epoch']} (step {metrics['step']}), {metrics['test_images']} test "
-          f"images of {cfg.data}, {recal}")
+    from cdfast.train.trainer import position
+
+    where = position(metrics["epoch"], metrics["step"], metrics["epoch_progress"])
+    print(f"cdfast: {args.run} at {where}, {metrics['test_images']} test images of {cfg.data}, {recal}")
     print(f"{'network':<10}{'model':<22}{'test acc':>10}{'test loss':>11}")
     for i, name in enumerate(cfg.models):
         print(f"{'net ' + str(i):<10}{name:<22}{100 * metrics['test_acc'][i]:>9.2f}%{metrics['test_loss'][i]:>11.4f}")

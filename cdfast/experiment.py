@@ -346,6 +346,11 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
         print(f"cdfast experiment [{k}/{len(runs)}] final test accuracy {accs} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         write_results(whole, out)
+        if trainer.stop_requested and k < len(runs):  # it came as the run finished: stop before the next one
+            from cdfast.train.trainer import TrainingStopped
+
+            raise TrainingStopped(f"stopped on {trainer.stop_requested} after run {group} / {method} / seed {seed} "
+                                  "finished (its record is written)", trainer.stop_requested)
     return write_results(whole, out)
 
 

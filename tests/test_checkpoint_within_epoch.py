@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from cdfast.cli import main
 from cdfast.data import TensorLoader
 from cdfast.experiment import Grid, run_dir, run_grid
-from cdfast.train import Trainer, TrainConfig, load_checkpoint
+from cdfast.train import NonFiniteLossError, Trainer, TrainConfig, load_checkpoint
 from cdfast.train.metrics import StepBuffer
 from cdfast.train.trainer import TrainingStopped
 
@@ -149,11 +150,11 @@ def test_sigterm_stops_after_a_checkpoint_and_the_run_continues_exactly(tmp_path
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGTERM)
     at_step(monkeypatch, 10, send(signal.SIGTERM))  # epoch 2, batch 2: the next metric read is after batch 3
-    with pytest.raises(TrainingStopped, match=r"stopped on SIGTERM\. The last checkpoint \(epoch 2 batch 3 of 8, "
+    with pytest.raises(TrainingStopped, match=r"stopped on SIGTERM\. The last checkpoint \(epoch 2 after batch 3 of 8, "
                                               r"step 11\) in .* is intact; continue with --resume") as stop:
         Trainer(config(fmnist_root, out)).fit()
     assert stop.value.exit_code == 128 + signal.SIGTERM
-    assert "SIGTERM: stopping after a checkpoint within 3 steps" in capfd.readouterr().err
+    assert "SIGTERM: stopping at the next metric read (within 3 steps) after a checkpoint" in capfd.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 11
     monkeypatch.undo()
@@ -162,7 +163,7 @@ def test_sigterm_stops_after_a_checkpoint_and_the_run_continues_exactly(tmp_path
     assert_same_run(straight, resumed, out)
 
 
-def test_a_stop_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, fmnist_root, monkeypatch):
+def test_a_stop_at_an_epochs_last_step_stops_after_the_epochs_checkpoint(tmp_path, fmnist_root, monkeypatch):
     out = tmp_path / "run"
     at_step(monkeypatch, STEPS_PER_EPOCH, send(signal.SIGINT))  # the epoch's last step: no metric read follows
     with pytest.raises(TrainingStopped, match=r"stopped on SIGINT\. The last checkpoint \(epoch 1, step 8\)") as stop:
@@ -172,16 +173,28 @@ def test_a_stop_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, fm
     assert (saved["epoch"], saved["step"]) == (1, 8) and "epoch_progress" not in saved
 
 
-def test_a_second_signal_stops_at_once(tmp_path, fmnist_root, monkeypatch):
-    out = tmp_path / "run"
-    at_step(monkeypatch, 10, lambda: (send(signal.SIGTERM)(), send(signal.SIGTERM)()))
+def test_ctrl_c_twice_stops_at_once_and_a_repeated_sigterm_is_ignored(tmp_path, fmnist_root, monkeypatch):
+    out = tmp_path / "ctrl-c"
+    before = signal.getsignal(signal.SIGINT)
+    at_step(monkeypatch, 10, lambda: (send(signal.SIGINT)(), send(signal.SIGINT)()))
     with pytest.raises(KeyboardInterrupt):
         Trainer(config(fmnist_root, out)).fit()
     assert load_checkpoint(out / "checkpoint.pt")["step"] == STEPS_PER_EPOCH  # epoch 1's, nothing newer
+    assert signal.getsignal(signal.SIGINT) == before
+
+    # Slurm signals every process of the job and torchrun forwards the signal again: one stop, with its checkpoint
+    monkeypatch.undo()
+    out = tmp_path / "sigterm"
+    at_step(monkeypatch, 10, lambda: (send(signal.SIGTERM)(), send(signal.SIGTERM)()))
+    trainer = Trainer(config(fmnist_root, out))
+    with pytest.raises(TrainingStopped, match="after batch 3 of 8, step 11"):
+        trainer.fit()
+    with pytest.raises(RuntimeError, match=r"stopped on SIGTERM; continue the run with Trainer\(resume="):
+        trainer.fit()  # its epoch is half done: only a resume from the checkpoint continues it exactly
 
 
 def test_a_loader_that_resumes_only_at_epoch_starts_stops_without_a_checkpoint_within_the_epoch(
-        tmp_path, fmnist_root, monkeypatch, capsys):
+        tmp_path, fmnist_root, monkeypatch, capsys, straight):
     out = tmp_path / "run"
     trainer = Trainer(config(fmnist_root, out, checkpoint_minutes=1e-9))
     trainer.data.train.resumes_mid_epoch = False  # a loader without a state within the epoch (cdfast's all have one)
@@ -189,6 +202,51 @@ def test_a_loader_that_resumes_only_at_epoch_starts_stops_without_a_checkpoint_w
     with pytest.raises(TrainingStopped, match=r"The last checkpoint \(epoch 1, step 8\)"):
         trainer.fit()
     assert "the 3 steps of epoch 2 are trained again on resume" in capsys.readouterr().out
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == STEPS_PER_EPOCH
+    monkeypatch.undo()
+    resumed = Trainer(resume=out)
+    resumed.fit()
+    assert_same_run(straight, resumed, out)
+
+
+def test_checkpoints_come_every_checkpoint_minutes(tmp_path, fmnist_root, monkeypatch):
+    """On a clock that moves one minute a step, with reads every step: a checkpoint once 2.5 minutes have
+    passed since the last one (epoch ends included)."""
+    import cdfast.train.trainer as trainer_module
+
+    clock = {"minutes": 0}
+    fake_time = type("FakeTime", (), {"monotonic": staticmethod(lambda: 60.0 * clock["minutes"]),
+                                      "perf_counter": staticmethod(time.perf_counter),
+                                      "strftime": staticmethod(time.strftime)})
+    monkeypatch.setattr(trainer_module, "time", fake_time)
+    saves = []
+    save = Trainer.save_checkpoint
+
+    def recording(self, progress=None):
+        saves.append(self.step)
+        return save(self, progress)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", recording)
+    add = StepBuffer.add
+
+    def tick(self, step, epoch, result):
+        clock["minutes"] += 1
+        add(self, step, epoch, result)
+
+    monkeypatch.setattr(StepBuffer, "add", tick)
+    Trainer(config(fmnist_root, tmp_path / "run", log_interval=1, checkpoint_minutes=2.5)).fit()
+    assert saves == [3, 6, 8, 11, 14, 16]
+
+
+def test_weights_that_went_non_finite_are_never_checkpointed_within_an_epoch(tmp_path, fmnist_root, monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(config(fmnist_root, out, checkpoint_minutes=1e-9))
+    # a BatchNorm buffer: training uses batch statistics, so no loss shows it before the checkpoint would
+    buffer = next(b for name, b in trainer.group.networks[0].named_buffers() if name.endswith("running_mean"))
+    at_step(monkeypatch, 11, lambda: buffer.fill_(float("nan")))
+    with pytest.raises(NonFiniteLossError, match=r"network 0 \(resnet8\) has non-finite weights after step 11 "
+                                                 r"\(epoch 2\).*The last checkpoint \(epoch 1, step 8\)"):
+        trainer.fit()
     assert load_checkpoint(out / "checkpoint.pt")["step"] == STEPS_PER_EPOCH
 
 
@@ -202,7 +260,7 @@ def test_cli_exits_with_the_signal_code_and_says_how_to_continue(tmp_path, fmnis
     assert f"continue with --resume {out}" in capsys.readouterr().err
     monkeypatch.undo()
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
-    assert "resumed from epoch 1 batch 6 of 8, step 6" in capsys.readouterr().out
+    assert "resumed from epoch 1 after batch 6 of 8, step 6" in capsys.readouterr().out
 
 
 def test_a_stopped_grid_continues_its_run_within_the_epoch(tmp_path, fmnist_root, monkeypatch, capsys):
@@ -220,6 +278,23 @@ def test_a_stopped_grid_continues_its_run_within_the_epoch(tmp_path, fmnist_root
     results = run_grid(grid, out)
     assert "[1/2] pair / cd / seed 0: resuming" in capsys.readouterr().out
     assert len(results.read_text().splitlines()) == 2
+
+
+def test_a_stop_as_a_grid_run_finishes_stops_the_grid_before_the_next_run(tmp_path, fmnist_root, monkeypatch,
+                                                                          capsys):
+    grid = Grid(base={"data_dir": str(fmnist_root), "train_subset": 512, "test_subset": 100, "batch_size": 64,
+                      "eval_batch_size": 100, "epochs": 1, "device": "cpu", "tensorboard": False, "plots": False,
+                      "progress": False, "log_interval": 3},
+                groups={"pair": ["resnet8", "resnet8"]}, methods={"ind": {"mode": "independent"}}, seeds=[0, 1])
+    out = tmp_path / "grid"
+    at_step(monkeypatch, STEPS_PER_EPOCH, send(signal.SIGTERM))  # the run's last step: it finishes anyway
+    with pytest.raises(TrainingStopped, match="after run pair / ind / seed 0 finished"):
+        run_grid(grid, out)
+    monkeypatch.undo()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    assert not run_dir(out, "pair", "ind", 1).exists()
+    run_grid(grid, out)
+    assert "[1/2] pair / ind / seed 0: finished earlier, skipped" in capsys.readouterr().out
 
 
 @pytest.fixture

@@ -283,7 +283,7 @@ class DaliLoader:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.threads = threads or max(1, min(8, (os.cpu_count() or 1) // local_ranks))
         self.epoch = 0  # training epochs handed out; the next iteration is epoch + 1's
-        self._consumed: int | None = None  # batches the epoch being iterated has handed out
+        self._consumed: list[int] | None = None  # [batches the epoch being iterated has handed out]
         self._resume_batch = 0  # from load_state_dict: the batch the next iteration starts at
         if train and len(self.samples) // world < batch_size:
             raise ValueError(f"rank {rank} holds {len(self.samples) // world} training images, fewer than one batch "
@@ -357,7 +357,8 @@ class DaliLoader:
         if skip:  # DALI's random state is its pipeline's: run the batches before the checkpoint again, unused
             print(f"cdfast: DALI: running the {skip} batches of epoch {epoch} before the checkpoint again to "
                   "continue exactly where it stopped", flush=True)
-        self._consumed = done = 0
+        self._consumed = handed = [0]  # (the shard's samples are `mine`)
+        done = 0
         try:
             while True:
                 try:
@@ -369,12 +370,13 @@ class DaliLoader:
                         raise
                     raise BadImageError(self._failure(e, mine, done)) from None
                 done += 1
-                self._consumed = done
+                handed[0] = done
                 if done <= skip:
                     continue
                 yield self._unpack(batch)
         finally:
-            self._consumed = None
+            if self._consumed is handed:  # not a newer iteration's
+                self._consumed = None
 
     def _unpack(self, batch):
         x = _owned(batch["x"], self.device)
@@ -391,9 +393,11 @@ class DaliLoader:
 
     def state_dict(self) -> dict:
         """The epochs handed out; between two training batches also the epoch's next batch."""
+        if self._resume_batch:  # loaded, not iterated yet: the epoch to run again, from that batch
+            return {"epoch": self.epoch + 1, "next_batch": self._resume_batch}
         state = {"epoch": self.epoch}
-        if self.train and self._consumed is not None and 0 < self._consumed < len(self):
-            state["next_batch"] = self._consumed
+        if self.train and self._consumed is not None and 0 < self._consumed[0] < len(self):
+            state["next_batch"] = self._consumed[0]
         return state
 
     def load_state_dict(self, state: dict) -> None:

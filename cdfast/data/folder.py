@@ -94,16 +94,16 @@ class RankShare(torch.utils.data.Sampler):
             raise ValueError(f"the global batch size {global_batch} must be a multiple of the {world} ranks")
         self.n, self.batch, self.train, self.generator, self.rank, self.world = n, global_batch, train, generator, rank, world
         self.epoch: tuple[torch.Tensor, int] | None = None  # the (order, seed) being iterated
-        self._resume: tuple[torch.Tensor, int, int] | None = None
+        self.pending: tuple[torch.Tensor, int, int] | None = None  # resume_at's (order, seed, first batch)
 
     def __len__(self) -> int:
         return self.n // self.batch if self.train else -(-self.n // self.batch)
 
     def resume_at(self, order: torch.Tensor, seed: int, first: int) -> None:
-        self._resume = (order, seed, first)
+        self.pending = (order, seed, first)
 
     def __iter__(self):
-        resume, self._resume = self._resume, None
+        resume, self.pending = self.pending, None
         if resume is not None:
             order, seed, first = resume
         elif self.train:
@@ -157,7 +157,7 @@ class FolderLoader:
         self.loader = DataLoader(SeededSamples(dataset), batch_sampler=self.sampler, num_workers=workers,
                                  generator=torch.Generator().manual_seed(seed), collate_fn=_collate,
                                  pin_memory=torch.cuda.is_available(), persistent_workers=False)
-        self._consumed: int | None = None  # batches the epoch being iterated has handed out
+        self._consumed: list[int] | None = None  # [batches the epoch being iterated has handed out]
         self._resume_batch = 0
 
     def __len__(self) -> int:
@@ -166,15 +166,17 @@ class FolderLoader:
     resumes_mid_epoch = True  # its state_dict() taken between batches continues at the next batch
 
     def __iter__(self):
-        self._consumed, self._resume_batch = self._resume_batch, 0
+        self._consumed = mine = [self._resume_batch]
+        self._resume_batch = 0
         try:
-            yield from self._batches()
+            yield from self._batches(mine)
         finally:
-            self._consumed = None
+            if self._consumed is mine:  # not a newer iteration's
+                self._consumed = None
 
-    def _batches(self):
+    def _batches(self, consumed: list[int]):
         for batch, bad in self.loader:
-            self._consumed += 1  # counted even when none of its images could be read
+            consumed[0] += 1  # counted even when none of its images could be read
             if bad:
                 if not self.skip_bad_images:
                     path, reason = bad[0]
@@ -191,10 +193,15 @@ class FolderLoader:
         """The generator; between two batches of an epoch also that epoch's order, seed and next batch.
         (Workers read ahead; what counts is what this loader has handed out.)"""
         state = {"generator": self.generator.get_state()}
-        if self._consumed is not None and 0 < self._consumed < len(self) and self.sampler.epoch is not None:
-            order, seed = self.sampler.epoch
+        if self._consumed is not None and self.sampler.epoch is not None:  # iterating
+            (order, seed), next_batch = self.sampler.epoch, self._consumed[0]
+        elif self.sampler.pending is not None:  # loaded, not iterated yet
+            order, seed, next_batch = self.sampler.pending
+        else:
+            return state
+        if 0 < next_batch < len(self):
             state.update(epoch_order=order.to(torch.int32 if order.numel() < 2**31 else torch.int64),
-                         epoch_seed=seed, next_batch=self._consumed)
+                         epoch_seed=seed, next_batch=next_batch)
         return state
 
     def load_state_dict(self, state: dict) -> None:

@@ -73,7 +73,7 @@ class TensorLoader:
             order, first = resume
         else:
             order, first = (torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)), 0
-        self._progress = [order, first]
+        self._progress = mine = [order, first]
         on_device = order.to(self.device)
         try:
             for k in range(first, len(self)):
@@ -86,18 +86,20 @@ class TensorLoader:
                 x = self.images.index_select(0, idx).float()
                 if self.augment_pad is not None:  # on raw pixels, so the padding is black (0), not the mean
                     x = pad_crop_flip(x, self.augment_pad, self.generator, part_of=(start, total))
-                self._progress[1] = k + 1  # batch k's draws are made: a state taken now continues after it
+                mine[1] = k + 1  # batch k's draws are made: a state taken now continues after it
                 if x.shape[0] == 0:  # a last evaluation batch smaller than the ranks: nothing for this one
                     continue
                 yield (x - self.mean) / self.std, self.labels.index_select(0, idx)
-        finally:
-            self._progress = None  # finished or abandoned: the next iteration is a new epoch
+        finally:  # finished or abandoned: the next iteration is a new epoch (unless one has begun already)
+            if self._progress is mine:
+                self._progress = None
 
     def state_dict(self) -> dict:
         """The generator; between two batches of an epoch also that epoch's order and its next batch."""
         state = {"generator": self.generator.get_state()}
-        if self._progress is not None and self._progress[1] < len(self):
-            order, next_batch = self._progress
+        position = self._progress if self._progress is not None else self._resume  # iterating, or loaded
+        if position is not None and 0 < position[1] < len(self):
+            order, next_batch = position
             state["epoch_order"] = order.to(torch.int32 if order.numel() < 2**31 else torch.int64)
             state["next_batch"] = next_batch
         return state

@@ -122,8 +122,10 @@ def load_latest(folder: str | Path) -> Loaded | None:
             corrupt.append(path)
             continue
         if errors:
-            log.warning("cdfast: %s; resuming from the previous checkpoint %s (epoch %s) instead",
-                        errors[0], path, state["epoch"])
+            from cdfast.train.trainer import position
+
+            log.warning("cdfast: %s; resuming from the previous checkpoint %s (%s) instead",
+                        errors[0], path, position(state["epoch"], state["step"], state.get("epoch_progress")))
         return Loaded(state, path, corrupt)
     if errors:
         names = " and ".join(p.name for p in corrupt)

@@ -104,5 +104,6 @@ def evaluate_run(run_dir: str | Path, **overrides) -> tuple[dict[str, Any], Any]
     calibration = (data.calibration(cfg.bn_recalibration * cfg.batch_size)
                    if cfg.bn_recalibration and data.calibration is not None else None)
     metrics = evaluate_group(group, data.test, prepare, device, amp=cfg.amp, calibration=calibration)
-    metrics.update(epoch=state["epoch"], step=state["step"], test_images=data.test_size)
+    metrics.update(epoch=state["epoch"], step=state["step"], epoch_progress=state.get("epoch_progress"),
+                   test_images=data.test_size)
     return metrics, cfg

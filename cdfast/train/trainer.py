@@ -102,11 +102,12 @@ class TrainingStopped(Exception):
 
 
 def position(epoch: int, step: int, progress: dict[str, Any] | None = None, steps_per_epoch: int | None = None) -> str:
-    """Where a checkpoint stands, in words: 'epoch 3, step 1404' or 'epoch 4 batch 120 of 468, step 1524'."""
+    """Where a checkpoint stands, in words: 'epoch 3, step 1404' (the end of epoch 3) or
+    'epoch 4 after batch 120 of 468, step 1524' (within epoch 4)."""
     if not progress:
         return f"epoch {epoch}, step {step}"
     of = f" of {steps_per_epoch}" if steps_per_epoch else ""
-    return f"epoch {epoch + 1} batch {progress['batches']}{of}, step {step}"
+    return f"epoch {epoch + 1} after batch {progress['batches']}{of}, step {step}"
 
 
 class Trainer:
@@ -448,6 +449,9 @@ class Trainer:
             if self._epoch_progress and not getattr(self.data.train, "resumes_mid_epoch", False):
                 raise ValueError("it was saved within an epoch, and this run's loader resumes only at epoch starts "
                                  f"(use the loader it was trained with: {state['config'].get('loader')})")
+            if ("next_batch" in state["train_loader"]) != bool(self._epoch_progress):
+                raise ValueError("its loader's position within the epoch and the epoch's progress disagree "
+                                 "(a damaged checkpoint)")
             self.data.train.load_state_dict(state["train_loader"])
             rng = (state.get("rng_ranks") or [state["rng"]])[self.rank]
             torch.set_rng_state(rng["torch"])
@@ -485,8 +489,10 @@ class Trainer:
             fsync_dir(self.out)
 
     def save_checkpoint(self, progress: dict[str, Any] | None = None) -> Path:
-        """Checkpoint the run; ``progress``: how far into the next epoch (a checkpoint within an epoch)."""
+        """Checkpoint the run; ``progress``: how far into the next epoch (a checkpoint within an epoch;
+        a resumed one whose epoch has not started again yet keeps its own)."""
         state = self.state_dict()  # on every rank: it gathers the ranks' perturbation streams
+        progress = progress if progress is not None else self._epoch_progress
         if progress is not None:
             state["epoch_progress"] = progress
         path = save_checkpoint(state, self.out) if self.is_main else self.out
@@ -536,6 +542,9 @@ class Trainer:
         """
         cfg = self.cfg
         last = min(cfg.epochs, until_epoch or cfg.epochs)
+        if self.stop_requested:
+            raise RuntimeError(f"this Trainer stopped on {self.stop_requested}; continue the run with "
+                               f"Trainer(resume={str(self.run_dir)!r}).fit() (or cdfast train --resume {self.run_dir})")
         if self.lock is None:
             self.lock = run_folder.lock_folder(self.out)
         self.logger = None
@@ -566,14 +575,24 @@ class Trainer:
                     self.logger.close()
             return self.finish() if self.epoch >= cfg.epochs else self.summary()
         finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-            self.close()
+            try:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+            finally:
+                self.close()
 
     # ---- stopping on request: SIGTERM (a scheduler's preemption, kill) or SIGINT (Ctrl-C) ----------
+    @property
+    def stop_requested(self) -> str | None:
+        """The signal (SIGTERM / SIGINT) that asked the last :meth:`fit` to stop, or None. A run that finished
+        its last epoch anyway returns normally with this set (a grid then stops before its next run)."""
+        return getattr(self, "_stop_signal", None)
+
     def _catch_stop_signals(self) -> dict:
-        """Turn the first SIGTERM / SIGINT into a request to stop after a checkpoint; a second one stops at
-        once (KeyboardInterrupt). Returns the handlers to put back (none outside the main thread)."""
+        """Turn the first SIGTERM / SIGINT into a request to stop after a checkpoint. A second SIGINT (Ctrl-C
+        twice) stops at once (KeyboardInterrupt); a repeated SIGTERM is ignored, since schedulers deliver it
+        more than once (Slurm signals every process of a job, torchrun forwards it again) and escalate with
+        SIGKILL themselves. Returns the handlers to put back (none outside the main thread)."""
         self._stop_signal: str | None = None
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -581,11 +600,14 @@ class Trainer:
         def request_stop(signum, frame):
             name = signal.Signals(signum).name
             if self._stop_signal is not None:
-                raise KeyboardInterrupt(f"{name} again: stopped at once")
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt("Ctrl-C again: stopped at once")
+                return
             self._stop_signal = name
+            again = " (Ctrl-C again stops at once, losing the steps since the last checkpoint)" if signum == signal.SIGINT else ""
             # os.write, not print: a handler may run in the middle of a print
-            os.write(2, f"\ncdfast: {name}: stopping after a checkpoint within {self.cfg.log_interval} steps (send "
-                        f"it again to stop at once, losing the steps since the last checkpoint)\n".encode())
+            os.write(2, f"\ncdfast: {name}: stopping at the next metric read (within {self.cfg.log_interval} steps) "
+                        f"after a checkpoint there{again}\n".encode())
 
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -598,24 +620,32 @@ class Trainer:
         return any_rank(getattr(self, "_stop_signal", None) is not None, self.process_group, self.device)
 
     def _stopped(self) -> TrainingStopped:
-        name = getattr(self, "_stop_signal", None) or "SIGTERM"  # another rank's signal
+        name = self.stop_requested
+        if name is None:  # data parallel: the signal reached another rank
+            self._stop_signal = "SIGTERM"
+            return TrainingStopped(f"stopped: another rank got a stop signal. {self.checkpoint_note()}", "SIGTERM")
         return TrainingStopped(f"stopped on {name}. {self.checkpoint_note()}", name)
 
     def _checkpoint_within_epoch(self, batches: int, meter: EpochMeter, seconds: float) -> None:
         """At a metric read inside an epoch: checkpoint when ``checkpoint_minutes`` have passed or a stop
         was requested (then stop). Loaders that resume only at epoch starts skip the checkpoint."""
         minutes = self.cfg.checkpoint_minutes
-        due = (getattr(self, "_stop_signal", None) is not None
+        due = (self.stop_requested is not None
                or (minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes))
         if not any_rank(due, self.process_group, self.device):
             return
-        stopping = self._stop_agreed()
         if getattr(self.data.train, "resumes_mid_epoch", False):
+            if "next_batch" not in self.data.train.state_dict():
+                return  # it has handed out its last batch (some were empty: unreadable images): the epoch's end saves
+            stopping = self._stop_agreed()
+            self._on_every_rank(lambda: self._check_finite_weights(f"step {self.step} (epoch {self.epoch + 1})"))
             self.logger.sync()  # the step rows it counts are on disk before it
             self.save_checkpoint({"batches": batches, "train_seconds": seconds, "meter": meter.state_dict()})
-        elif stopping and self.is_main:
-            print(f"cdfast: this loader resumes only at epoch starts: the {batches} steps of epoch {self.epoch + 1} "
-                  "are trained again on resume")
+        else:
+            stopping = self._stop_agreed()
+            if stopping and self.is_main:
+                print(f"cdfast: this loader resumes only at epoch starts: the {batches} steps of epoch "
+                      f"{self.epoch + 1} are trained again on resume")
         self._last_save = time.monotonic()
         if stopping:
             raise self._stopped()
@@ -698,14 +728,18 @@ class Trainer:
         """Never record NaN, never checkpoint a diverged network as the last good one."""
         self._on_every_rank(lambda: self._check_finite_here(epoch, metrics))
 
-    def _check_finite_here(self, epoch: int, metrics: dict[str, Any]) -> None:
+    def _check_finite_weights(self, when: str) -> None:
+        """Never checkpoint a diverged network as the last good one."""
         for i, net in enumerate(self.group.networks):
             bad = [name for name, t in net.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
             if bad:
                 raise NonFiniteLossError(
-                    f"network {i} ({self.names[i]}) has non-finite weights after epoch {epoch} ({', '.join(bad[:3])}"
-                    f"{', ...' if len(bad) > 3 else ''}); nothing of this epoch was saved. Try a lower --lr, "
-                    "or turn off --amp")
+                    f"network {i} ({self.names[i]}) has non-finite weights after {when} ({', '.join(bad[:3])}"
+                    f"{', ...' if len(bad) > 3 else ''}); nothing since the last checkpoint was saved. Try a lower "
+                    "--lr, or turn off --amp")
+
+    def _check_finite_here(self, epoch: int, metrics: dict[str, Any]) -> None:
+        self._check_finite_weights(f"epoch {epoch}")
         values = {"test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"], "ensemble_acc": [metrics["ensemble_acc"]]}
         for key, vals in values.items():
             bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
