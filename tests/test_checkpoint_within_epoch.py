@@ -109,6 +109,7 @@ def test_loader_continues_at_the_batch_after_its_saved_state():
     assert state["next_batch"] == 4 and state["epoch_order"].shape == (203,)
     three = loader()
     three.load_state_dict(state)
+    assert three.state_dict()["next_batch"] == 4  # loaded, not iterated yet: a checkpoint now keeps the position
     seen += list(three) + list(three)  # the rest of epoch 1, then epoch 2
     assert len(seen) == len(expected)
     for (x, y), (ex, ey) in zip(seen, expected):
@@ -311,6 +312,46 @@ def image_folder(tmp_path, fmnist_root):
     return tmp_path / "images"
 
 
+@pytest.mark.parametrize("data", ["imagefolder", "dali"])
+def test_a_stopped_run_continues_exactly_with_image_folders_and_dali(tmp_path, image_folder, fmnist_root, monkeypatch,
+                                                                      data):
+    if data == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+        kw = dict(loader="dali", perturb_ops=["noise", "mixup", "cutmix"], train_subset=256, test_subset=64)
+    else:  # 42 images of 12x12 in batches of 8: 5 steps an epoch
+        root = tmp_path / "data"  # the same images as train and val splits
+        root.mkdir()
+        (root / "train").symlink_to(image_folder)
+        (root / "val").symlink_to(image_folder)
+        kw = dict(data="imagefolder", data_dir=str(root), image_size=12, batch_size=8, eval_batch_size=16,
+                  workers=0, train_subset=None, test_subset=None, perturb_ops=["crop", "noise", "mixup"])
+    straight = Trainer(config(fmnist_root, tmp_path / "straight", **kw))
+    straight.fit()
+    expected = {"weights": weights(straight), "steps": step_rows(tmp_path / "straight"),
+                "epochs": epoch_records(tmp_path / "straight")}
+    out = tmp_path / "run"
+    at_step(monkeypatch, straight.steps_per_epoch + 1, send(signal.SIGTERM))
+    with pytest.raises(TrainingStopped, match=r"epoch 2 after batch 3 of"):
+        Trainer(config(fmnist_root, out, **kw)).fit()
+    monkeypatch.undo()
+    resumed = Trainer(resume=out)
+    resumed.fit()
+    assert_same_run(expected, resumed, out)
+
+
+def test_a_checkpoint_whose_loader_position_and_progress_disagree_is_refused(tmp_path, fmnist_root, monkeypatch):
+    out = tmp_path / "run"
+    at_step(monkeypatch, 10, send(signal.SIGTERM))
+    with pytest.raises(TrainingStopped):
+        Trainer(config(fmnist_root, out)).fit()
+    state = load_checkpoint(out / "checkpoint.pt")
+    del state["epoch_progress"]
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="does not fit this data set's loader: its loader's position within the "
+                                         "epoch and the epoch's progress disagree"):
+        Trainer(resume=out / "checkpoint.pt")
+
+
 def test_image_folder_batches_continue_exactly_and_do_not_depend_on_workers_or_ranks(image_folder):
     from cdfast.data import FolderLoader
 
@@ -331,6 +372,7 @@ def test_image_folder_batches_continue_exactly_and_do_not_depend_on_workers_or_r
     del epoch
     three = loader()
     three.load_state_dict(state)
+    assert three.state_dict()["next_batch"] == 2  # loaded, not iterated yet: a checkpoint now keeps the position
     seen += list(three) + list(three)
     assert len(seen) == len(expected)
     for (x, y), (ex, ey) in zip(seen, expected):
@@ -341,3 +383,11 @@ def test_image_folder_batches_continue_exactly_and_do_not_depend_on_workers_or_r
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     with pytest.raises(ValueError, match="saved for other data"):
         loader().load_state_dict({**state, "next_batch": 5})
+    four = loader()
+    four.load_state_dict(state)
+    four.load_state_dict(three.state_dict())  # an epoch-end state after a mid-epoch one: the position is gone
+    assert len(list(four)) == 5
+    # each epoch draws new crops: the seeds of its samples differ from the last epoch's
+    sampler = loader().sampler
+    seeds = [[seed for batch in sampler for _, seed in batch] for _ in range(2)]
+    assert len(set(seeds[0])) == 40 and not set(seeds[0]) & set(seeds[1])

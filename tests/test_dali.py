@@ -382,6 +382,7 @@ def test_a_state_taken_between_batches_continues_at_the_next_batch(fmnist, jpeg_
     assert state == {"epoch": 1, "next_batch": 3}
     three = loader()
     three.load_state_dict(state)
+    assert three.state_dict() == state  # loaded, not iterated yet: a checkpoint now keeps the position
     seen += [flat(b) for b in three] + [flat(b) for b in three]
     assert "running the 3 batches of epoch 1 before the checkpoint again" in capsys.readouterr().out
     assert len(seen) == len(expected) == 2 * len(one)

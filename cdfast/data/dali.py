@@ -354,7 +354,7 @@ class DaliLoader:
         if self.train:
             self.epoch = epoch
         skip, self._resume_batch = self._resume_batch, 0
-        if skip:  # DALI's random state is its pipeline's: run the batches before the checkpoint again, unused
+        if skip and self.rank == 0:  # DALI's random state is its pipeline's: run the batches before it again, unused
             print(f"cdfast: DALI: running the {skip} batches of epoch {epoch} before the checkpoint again to "
                   "continue exactly where it stopped", flush=True)
         self._consumed = handed = [0]  # (the shard's samples are `mine`)

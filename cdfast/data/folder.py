@@ -78,14 +78,24 @@ class SeededSamples(torch.utils.data.Dataset):
         if seed is None:
             return self.dataset[index]
         with torch.random.fork_rng(devices=[]):  # with workers=0 this runs in the training process
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU's only: torch.manual_seed would reseed the GPUs too
             return self.dataset[index]
+
+
+def sample_seed(epoch_seed: int, position: int) -> int:
+    """A sample's seed: splitmix64 of the epoch seed and its position, so that nearby positions and epochs
+    get unrelated seeds (torch seeds its CPU generator from the low 32 bits only: a plain sum would make
+    two epochs' windows of seeds overlap)."""
+    z = (epoch_seed + 0x9E3779B97F4A7C15 * (position + 1)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1  # 63 bits: torch.manual_seed takes it as it is
 
 
 class RankShare(torch.utils.data.Sampler):
     """Batches of ``(index, seed)`` for one rank of a data-parallel job (or the one process): every rank
     draws the same order and epoch seed (one seeded generator) and keeps its contiguous share of each
-    global batch; training drops the last partial global batch. A sample's seed is the epoch seed plus
+    global batch; training drops the last partial global batch. A sample's seed mixes the epoch seed and
     its position in the epoch (evaluation: None, it draws nothing). ``resume_at`` makes the next epoch
     the one ``epoch`` describes, from batch ``first`` on."""
 
@@ -119,7 +129,7 @@ class RankShare(torch.utils.data.Sampler):
             lo = start + self.rank * share
             mine = chunk[self.rank * share:(self.rank + 1) * share].tolist()
             if mine:
-                yield [(i, None if seed is None else seed + lo + j) for j, i in enumerate(mine)]
+                yield [(i, None if seed is None else sample_seed(seed, lo + j)) for j, i in enumerate(mine)]
 
 
 class FolderLoader:
@@ -158,7 +168,6 @@ class FolderLoader:
                                  generator=torch.Generator().manual_seed(seed), collate_fn=_collate,
                                  pin_memory=torch.cuda.is_available(), persistent_workers=False)
         self._consumed: list[int] | None = None  # [batches the epoch being iterated has handed out]
-        self._resume_batch = 0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -166,8 +175,7 @@ class FolderLoader:
     resumes_mid_epoch = True  # its state_dict() taken between batches continues at the next batch
 
     def __iter__(self):
-        self._consumed = mine = [self._resume_batch]
-        self._resume_batch = 0
+        self._consumed = mine = [self.sampler.pending[2] if self.sampler.pending else 0]  # a loaded position
         try:
             yield from self._batches(mine)
         finally:
@@ -205,7 +213,7 @@ class FolderLoader:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume_batch = 0
+        self.sampler.pending = None
         if "next_batch" in state:
             order, seed, first = state["epoch_order"], state["epoch_seed"], state["next_batch"]
             if (not isinstance(order, torch.Tensor) or order.shape != (self.sampler.n,) or not isinstance(first, int)
@@ -213,7 +221,6 @@ class FolderLoader:
                 raise ValueError(f"the saved position within an epoch does not fit this image folder "
                                  f"({self.sampler.n} images, {len(self)} batches): it was saved for other data")
             self.sampler.resume_at(order.long(), seed, first)
-            self._resume_batch = first
         self.generator.set_state(state["generator"])
 
 

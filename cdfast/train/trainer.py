@@ -446,13 +446,6 @@ class Trainer:
                 sched.load_state_dict(s)
             pools = state.get("pool_ranks") or [state["pool"]]
             self.group.pool.load_state_dict(pools[self.rank])
-            if self._epoch_progress and not getattr(self.data.train, "resumes_mid_epoch", False):
-                raise ValueError("it was saved within an epoch, and this run's loader resumes only at epoch starts "
-                                 f"(use the loader it was trained with: {state['config'].get('loader')})")
-            if ("next_batch" in state["train_loader"]) != bool(self._epoch_progress):
-                raise ValueError("its loader's position within the epoch and the epoch's progress disagree "
-                                 "(a damaged checkpoint)")
-            self.data.train.load_state_dict(state["train_loader"])
             rng = (state.get("rng_ranks") or [state["rng"]])[self.rank]
             torch.set_rng_state(rng["torch"])
             self._set_cuda_rng_state(rng.get("cuda"))
@@ -460,6 +453,16 @@ class Trainer:
             random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             raise ValueError(f"the checkpoint in {self.out} does not fit this group of networks: {e}") from e
+        try:
+            if self._epoch_progress and not getattr(self.data.train, "resumes_mid_epoch", False):
+                raise ValueError("it was saved within an epoch, and this run's loader resumes only at epoch starts "
+                                 f"(use the loader it was trained with: {state['config'].get('loader')})")
+            if ("next_batch" in state["train_loader"]) != bool(self._epoch_progress):
+                raise ValueError("its loader's position within the epoch and the epoch's progress disagree "
+                                 "(a damaged checkpoint)")
+            self.data.train.load_state_dict(state["train_loader"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"the checkpoint in {self.out} does not fit this data set's loader: {e}") from e
         self._apply_hyperparameters()
         if self._resumed_file is not None and self.is_main:
             self._supersede_newer_checkpoints()
@@ -561,6 +564,8 @@ class Trainer:
                     self._print_epoch(record)
                     if self.epoch < last and self._stop_agreed():
                         raise self._stopped()
+                if self.world > 1 and self.stop_requested is None and self._stop_agreed():
+                    self._stop_signal = "SIGTERM"  # another rank's, as the run finished: every rank says so
             except (NonFiniteLossError, BadImageError, WriteError) as e:
                 message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 raise type(e)(f"{message}. {self.checkpoint_note()}") from e
