@@ -346,7 +346,9 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
         print(f"cdfast experiment [{k}/{len(runs)}] final test accuracy {accs} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         write_results(whole, out)
-        if trainer.stop_requested and k < len(runs):  # it came as the run finished: stop before the next one
+        if trainer.stop_requested and any(  # it came as the run finished: stop before the next one to train
+                r not in ledger and folder_state(run_dir(out, *r), grid.config(*r, out).epochs) not in ("done", "failed")
+                for r in runs[k:]):
             from cdfast.train.trainer import TrainingStopped
 
             raise TrainingStopped(f"stopped on {trainer.stop_requested} after run {group} / {method} / seed {seed} "

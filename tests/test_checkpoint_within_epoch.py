@@ -4,6 +4,7 @@ continues from its last checkpoint exactly as if it had never stopped."""
 import csv
 import json
 import os
+import pickle
 import signal
 import time
 
@@ -296,6 +297,10 @@ def test_a_stop_as_a_grid_run_finishes_stops_the_grid_before_the_next_run(tmp_pa
     assert not run_dir(out, "pair", "ind", 1).exists()
     run_grid(grid, out)
     assert "[1/2] pair / ind / seed 0: finished earlier, skipped" in capsys.readouterr().out
+    # a stop as the grid's last run to train finishes: nothing is left, the grid ends as usual
+    grid.seeds = [0, 1, 2]
+    at_step(monkeypatch, STEPS_PER_EPOCH, send(signal.SIGTERM))
+    assert run_grid(grid, out).read_text().count("\n") == 3
 
 
 @pytest.fixture
@@ -383,6 +388,11 @@ def test_image_folder_batches_continue_exactly_and_do_not_depend_on_workers_or_r
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     with pytest.raises(ValueError, match="saved for other data"):
         loader().load_state_dict({**state, "next_batch": 5})
+    with pytest.warns(UserWarning, match="predates per-sample seeds"):  # a checkpoint of an earlier cdfast
+        loader().load_state_dict({"generator": state["generator"]})
+    # workers started by spawn / forkserver (macOS, Python 3.14 on Linux) unpickle the dataset
+    dataset = pickle.loads(pickle.dumps(one.loader.dataset))
+    assert torch.equal(dataset[(3, 7)][0], one.loader.dataset[(3, 7)][0])
     four = loader()
     four.load_state_dict(state)
     four.load_state_dict(three.state_dict())  # an epoch-end state after a mid-epoch one: the position is gone

@@ -38,20 +38,28 @@ class BadImageError(ValueError):
     """An image file cannot be read or decoded; the message names it."""
 
 
-def _checked_folder(root: Path, transform):
+class CheckedSamples(torch.utils.data.Dataset):
     """An ImageFolder whose unreadable samples come back as ``(None, (path, reason))`` instead of raising
-    inside a worker, so the main process can name the file (or skip it, if asked)."""
+    inside a worker, so the main process can name the file (or skip it, if asked). A module-level class:
+    DataLoader workers started by spawn or forkserver (macOS; Python 3.14's Linux default) unpickle it."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index):
+        try:
+            return self.folder[index]
+        except Exception as e:  # noqa: BLE001 - any decode failure is reported with the file's name
+            return None, (self.folder.samples[index][0], f"{type(e).__name__}: {e}")
+
+
+def _image_folder(root: Path, transform):
     from torchvision.datasets import ImageFolder
 
-    class CheckedImageFolder(ImageFolder):
-        def __getitem__(self, index):
-            path, _ = self.samples[index]
-            try:
-                return super().__getitem__(index)
-            except Exception as e:  # noqa: BLE001 - any decode failure is reported with the file's name
-                return None, (path, f"{type(e).__name__}: {e}")
-
-    return CheckedImageFolder(str(root), transform=transform)
+    return ImageFolder(str(root), transform=transform)
 
 
 def _collate(samples):
@@ -132,6 +140,9 @@ class RankShare(torch.utils.data.Sampler):
                 yield [(i, None if seed is None else sample_seed(seed, lo + j)) for j, i in enumerate(mine)]
 
 
+SAMPLING = 2  # the loader's way of drawing orders and crops; 1 (unmarked): before per-sample seeds
+
+
 class FolderLoader:
     """A seeded DataLoader over an ImageFolder split; its generator state, and within an epoch the
     epoch's order, seed and next batch, go into checkpoints (a resume continues at the next batch with
@@ -145,7 +156,7 @@ class FolderLoader:
     def __init__(self, root: Path, train: bool, batch_size: int, workers: int, image_size: int,
                  in_channels: int, seed: int, subset: int | None = None, skip_bad_images: bool = False,
                  rank: int = 0, world: int = 1):
-        self.dataset = _checked_folder(root, _transforms(image_size, train, in_channels))
+        self.dataset = _image_folder(root, _transforms(image_size, train, in_channels))
         self.skip_bad_images, self.skipped = skip_bad_images, set()
         empty = [path for path, _ in self.dataset.samples if os.path.getsize(path) == 0]
         if empty:
@@ -155,7 +166,7 @@ class FolderLoader:
             empty_set = set(empty)
             self.dataset.samples = [s for s in self.dataset.samples if s[0] not in empty_set]
             self.dataset.imgs, self.dataset.targets = self.dataset.samples, [t for _, t in self.dataset.samples]
-        dataset = self.dataset
+        dataset = CheckedSamples(self.dataset)
         if subset is not None and subset < len(dataset):
             pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset]
             dataset = torch.utils.data.Subset(dataset, pick.tolist())
@@ -200,7 +211,7 @@ class FolderLoader:
     def state_dict(self) -> dict:
         """The generator; between two batches of an epoch also that epoch's order, seed and next batch.
         (Workers read ahead; what counts is what this loader has handed out.)"""
-        state = {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state(), "sampling": SAMPLING}
         if self._consumed is not None and self.sampler.epoch is not None:  # iterating
             (order, seed), next_batch = self.sampler.epoch, self._consumed[0]
         elif self.sampler.pending is not None:  # loaded, not iterated yet
@@ -213,6 +224,10 @@ class FolderLoader:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("sampling") != SAMPLING:
+            warnings.warn("cdfast: this checkpoint's image-folder loader predates per-sample seeds (cdfast before "
+                          "2026-11-27): the run goes on with the same kind of random crops, but not the ones that "
+                          "version would have drawn", stacklevel=2)
         self.sampler.pending = None
         if "next_batch" in state:
             order, seed, first = state["epoch_order"], state["epoch_seed"], state["next_batch"]
