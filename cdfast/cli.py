@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except TrainingStopped as e:
         again = " The grid goes on when you run the same `cdfast experiment` again." if args.command == "experiment" else ""
-        print(f"cdfast: {e}{again}", file=sys.stderr)
+        print(f"cdfast: {e}.{again}", file=sys.stderr)
         return e.exit_code
     except NonFiniteLossError as e:
         print(f"cdfast: error: {e}", file=sys.stderr)
