@@ -287,6 +287,9 @@ def grid_conflict(saved: dict[str, Any], grid: Grid) -> str | None:
     return None
 
 
+FINISHED = ("done", "failed", "recorded")  # the states of runs the grid does not train
+
+
 def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = None) -> Path:
     """Run every missing or unfinished run of the grid; returns the results file."""
     from cdfast.data.folder import BadImageError
@@ -318,18 +321,25 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
     atomic_write(saved, yaml.safe_dump(dataclasses.asdict(whole), sort_keys=False))
     runs = grid.runs()
     overrides = overrides or {}
+
+    def config(run: tuple[str, str, int]) -> TrainConfig:
+        return dataclasses.replace(grid.config(*run, out), **overrides)
+
+    def state_of(run: tuple[str, str, int]) -> str:
+        """folder_state, or "recorded": its folder is gone or no longer holds the finished run, the record stands."""
+        state = folder_state(run_dir(out, *run), config(run).epochs)
+        return "recorded" if run in ledger and state not in ("done", "failed") else state
+
     for k, (group, method, seed) in enumerate(runs, start=1):
-        cfg = dataclasses.replace(grid.config(group, method, seed, out), **overrides)
+        cfg = config((group, method, seed))
         path = run_dir(out, group, method, seed)
-        state = folder_state(path, cfg.epochs)
-        if (group, method, seed) in ledger and state not in ("done", "failed"):
-            state = "recorded"  # its folder is gone or no longer holds the finished run: the record stands
+        state = state_of((group, method, seed))
         print(f"cdfast experiment [{k}/{len(runs)}] {group} / {method} / seed {seed}: "
               + {"done": "finished earlier, skipped", "partial": "resuming", "new": "training",
                  "recorded": f"finished earlier (its record in {RESULTS_FILE} is kept; its folder no longer holds the run), skipped "
                              "(delete its line there to train it again)",
                  "failed": f"failed earlier, skipped (delete {path / FAILED_FILE} to try it again)"}[state], flush=True)
-        if state in ("done", "failed", "recorded"):
+        if state in FINISHED:
             continue
         t0 = time.perf_counter()
         try:
@@ -346,9 +356,8 @@ def run_grid(grid: Grid, out: str | Path, overrides: dict[str, Any] | None = Non
         print(f"cdfast experiment [{k}/{len(runs)}] final test accuracy {accs} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         write_results(whole, out)
-        if trainer.stop_requested and any(  # it came as the run finished: stop before the next one to train
-                r not in ledger and folder_state(run_dir(out, *r), grid.config(*r, out).epochs) not in ("done", "failed")
-                for r in runs[k:]):
+        # a stop that came as the run finished: stop before the next run to train
+        if trainer.stop_requested and any(state_of(r) not in FINISHED for r in runs[k:]):
             from cdfast.train.trainer import TrainingStopped
 
             raise TrainingStopped(f"stopped on {trainer.stop_requested} after run {group} / {method} / seed {seed} "

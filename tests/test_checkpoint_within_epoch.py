@@ -40,7 +40,7 @@ def straight(tmp_path_factory, fmnist_root):
         out = tmp_path_factory.mktemp("straight") / "run"
         trainer = Trainer(config(fmnist_root, out))
         trainer.fit()
-        _straight.update(weights=weights(trainer), steps=step_rows(out), epochs=epoch_records(out))
+        _straight.update(run_record(trainer, out))
     return _straight
 
 
@@ -59,6 +59,11 @@ def epoch_records(out):
             for line in (out / "epochs.jsonl").read_text().splitlines()]
 
 
+def run_record(trainer, out):
+    """What a run that never stopped must be matched on: its weights and records (timings left out)."""
+    return {"weights": weights(trainer), "steps": step_rows(out), "epochs": epoch_records(out)}
+
+
 def assert_same_run(straight, trainer, out):
     a, b = straight["weights"], weights(trainer)
     assert a.keys() == b.keys()
@@ -66,6 +71,13 @@ def assert_same_run(straight, trainer, out):
         assert torch.equal(a[k], b[k]), f"{k} differs from the run that never stopped"
     assert step_rows(out) == straight["steps"]
     assert epoch_records(out) == straight["epochs"]
+
+
+def assert_resumes_to(expected, out):
+    """Resume the run in ``out`` to its end: it must be the run ``expected`` describes, bit for bit."""
+    resumed = Trainer(resume=out)
+    resumed.fit()
+    assert_same_run(expected, resumed, out)
 
 
 def at_step(monkeypatch, step, action):
@@ -160,9 +172,7 @@ def test_sigterm_stops_after_a_checkpoint_and_the_run_continues_exactly(tmp_path
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 11
     monkeypatch.undo()
-    resumed = Trainer(resume=out)
-    resumed.fit()
-    assert_same_run(straight, resumed, out)
+    assert_resumes_to(straight, out)
 
 
 def test_a_stop_at_an_epochs_last_step_stops_after_the_epochs_checkpoint(tmp_path, fmnist_root, monkeypatch):
@@ -206,9 +216,7 @@ def test_a_loader_that_resumes_only_at_epoch_starts_stops_without_a_checkpoint_w
     assert "the 3 steps of epoch 2 are trained again on resume" in capsys.readouterr().out
     assert load_checkpoint(out / "checkpoint.pt")["step"] == STEPS_PER_EPOCH
     monkeypatch.undo()
-    resumed = Trainer(resume=out)
-    resumed.fit()
-    assert_same_run(straight, resumed, out)
+    assert_resumes_to(straight, out)
 
 
 def test_checkpoints_come_every_checkpoint_minutes(tmp_path, fmnist_root, monkeypatch):
@@ -332,16 +340,13 @@ def test_a_stopped_run_continues_exactly_with_image_folders_and_dali(tmp_path, i
                   workers=0, train_subset=None, test_subset=None, perturb_ops=["crop", "noise", "mixup"])
     straight = Trainer(config(fmnist_root, tmp_path / "straight", **kw))
     straight.fit()
-    expected = {"weights": weights(straight), "steps": step_rows(tmp_path / "straight"),
-                "epochs": epoch_records(tmp_path / "straight")}
+    expected = run_record(straight, tmp_path / "straight")
     out = tmp_path / "run"
     at_step(monkeypatch, straight.steps_per_epoch + 1, send(signal.SIGTERM))
     with pytest.raises(TrainingStopped, match=r"epoch 2 after batch 3 of"):
         Trainer(config(fmnist_root, out, **kw)).fit()
     monkeypatch.undo()
-    resumed = Trainer(resume=out)
-    resumed.fit()
-    assert_same_run(expected, resumed, out)
+    assert_resumes_to(expected, out)
 
 
 def test_a_checkpoint_whose_loader_position_and_progress_disagree_is_refused(tmp_path, fmnist_root, monkeypatch):

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from cdfast.data.loader import saved_order
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -219,8 +221,7 @@ class FolderLoader:
         else:
             return state
         if 0 < next_batch < len(self):
-            state.update(epoch_order=order.to(torch.int32 if order.numel() < 2**31 else torch.int64),
-                         epoch_seed=seed, next_batch=next_batch)
+            state.update(epoch_order=saved_order(order), epoch_seed=seed, next_batch=next_batch)
         return state
 
     def load_state_dict(self, state: dict) -> None:

@@ -116,8 +116,8 @@ class Trainer:
     ``resume``: a run folder (or its checkpoint file) to continue exactly where its
     last checkpoint left off (a folder with no checkpoint yet starts again from step 0).
     With ``resume``, ``cfg`` may be None: the run's own settings are used, updated by
-    ``overrides``. Checkpoints come at every epoch's end and, with in-memory data, every
-    ``checkpoint_minutes`` within an epoch; SIGTERM or SIGINT during :meth:`fit` stops the run
+    ``overrides``. Checkpoints come at every epoch's end and every ``checkpoint_minutes``
+    within an epoch; SIGTERM or SIGINT during :meth:`fit` stops the run
     at the next metric read (within ``log_interval`` steps) after a checkpoint there
     (:class:`TrainingStopped`). A resume may change only how the run executes and reports
     (:data:`~cdfast.train.config.RESUME_FREE`); any setting that changes the training
@@ -622,7 +622,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Whether a stop was requested (data parallel: on any rank, so that all stop at the same step)."""
-        return any_rank(getattr(self, "_stop_signal", None) is not None, self.process_group, self.device)
+        return any_rank(self.stop_requested is not None, self.process_group, self.device)
 
     def _stopped(self) -> TrainingStopped:
         name = self.stop_requested
@@ -639,18 +639,17 @@ class Trainer:
                or (minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes))
         if not any_rank(due, self.process_group, self.device):
             return
-        if getattr(self.data.train, "resumes_mid_epoch", False):
-            if "next_batch" not in self.data.train.state_dict():
-                return  # it has handed out its last batch (some were empty: unreadable images): the epoch's end saves
-            stopping = self._stop_agreed()
-            self._on_every_rank(lambda: self._check_finite_weights(f"step {self.step} (epoch {self.epoch + 1})"))
-            self.logger.sync()  # the step rows it counts are on disk before it
-            self.save_checkpoint({"batches": batches, "train_seconds": seconds, "meter": meter.state_dict()})
-        else:
-            stopping = self._stop_agreed()
+        stopping = self._stop_agreed()
+        if not getattr(self.data.train, "resumes_mid_epoch", False):
             if stopping and self.is_main:
                 print(f"cdfast: this loader resumes only at epoch starts: the {batches} steps of epoch "
                       f"{self.epoch + 1} are trained again on resume")
+        elif "next_batch" not in self.data.train.state_dict():
+            return  # it has handed out its last batch (some were empty: unreadable images): the epoch's end saves
+        else:
+            self._on_every_rank(lambda: self._check_finite_weights(f"step {self.step} (epoch {self.epoch + 1})"))
+            self.logger.sync()  # the step rows it counts are on disk before it
+            self.save_checkpoint({"batches": batches, "train_seconds": seconds, "meter": meter.state_dict()})
         self._last_save = time.monotonic()
         if stopping:
             raise self._stopped()
