@@ -3,7 +3,9 @@
 Forward and forward+backward, synced per call (the time the GPU needs), and a
 host-overhead variant: many calls, one sync at the end (what a launch-bound step
 pays on the CPU side). Each fwd+bwd benchmark also records how many GPU kernels
-and memsets one call launches (``launches`` in extra_info, from torch.profiler).
+and memsets one call launches and their summed device time (``launches``, ``gpu_us`` in
+extra_info, from torch.profiler, over several calls): where the host is the bottleneck, the
+device time says what the op costs once a CUDA graph removes the host's share.
 Target (issue 11): the op's fwd+bwd >= 3x the composition at N=2..4, B=128, K=100.
 On the CPU this measures the C++ kernel.
 """
@@ -37,23 +39,24 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def count_launches(fn) -> int | None:
-    """GPU kernels and memsets one call of ``fn`` issues (None on the CPU)."""
-    work = gpu_work(fn) if DEVICE == "cuda" else None
-    return None if work is None else round(work[0])
+def device_work(fn, calls: int = 10) -> dict:
+    """extra_info of one call of ``fn``: the GPU launches and their device microseconds, averaged over
+    ``calls`` calls (empty on the CPU or without profiler data)."""
+    work = gpu_work(fn, calls) if DEVICE == "cuda" else None
+    return {} if work is None else {"launches": round(work[0]), "gpu_us": work[1]}
 
 
-def measure_synced(benchmark, call) -> int | None:
-    """Benchmark ``call`` synced per round, after a warm-up; returns the GPU launches of one call."""
+def measure_synced(benchmark, call) -> dict:
+    """Benchmark ``call`` synced per round, after a warm-up; returns :func:`device_work` of one call."""
     def run():
         call()
         _sync()
 
     for _ in range(3):
         run()
-    launches = count_launches(call)
+    work = device_work(call)
     benchmark(run)
-    return launches
+    return work
 
 
 def setup(size, backward):
@@ -82,8 +85,8 @@ def test_election(benchmark, impl, pass_, size):
     logits, targets = setup(size, backward)
     call = one_call(impl, logits, targets, backward)
     benchmark.group = f"election {pass_} N={n} B={b} K={k} ({DEVICE})"
-    launches = measure_synced(benchmark, call)
-    benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl.__name__, pass_=pass_, launches=launches)
+    work = measure_synced(benchmark, call)
+    benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl.__name__, pass_=pass_, **work)
 
 
 @pytest.mark.parametrize("impl", [composition, fused], ids=["torch", "cdfast"])
@@ -103,7 +106,7 @@ def test_election_host_overhead(benchmark, impl, size):
     run()
     benchmark(run)
     benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl.__name__, calls=HOST_CALLS,
-                                seconds_per_call=benchmark.stats["mean"] / HOST_CALLS)
+                                seconds_per_call=benchmark.stats["mean"] / HOST_CALLS if benchmark.stats else None)  # None: --benchmark-disable
 
 
 # The target forms of modern recipes: label smoothing, ignored labels, class probabilities (MixUp).
@@ -141,5 +144,5 @@ def test_election_target_forms(benchmark, impl, form):
         ce.sum().backward()
         logits.grad = None
 
-    launches = measure_synced(benchmark, call)
-    benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl, form=form, launches=launches)
+    work = measure_synced(benchmark, call)
+    benchmark.extra_info.update(n=n, b=b, k=k, device=DEVICE, impl=impl, form=form, **work)

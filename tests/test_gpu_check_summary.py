@@ -29,7 +29,7 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
     (tmp_path / "junit.xml").write_text(JUNIT[:80])  # killed while writing
     group = "election forward_backward N=2 B=128 K=100"
     (tmp_path / "bench-election.json").write_text(json.dumps({"benchmarks": [
-        bench(group, "fused", 10e-6, launches=3), bench(group, "composition", 40e-6, launches=18)]}))
+        bench(group, "fused", 10e-6, launches=3, gpu_us=4.0), bench(group, "composition", 40e-6, launches=18, gpu_us=30.0)]}))
     student = "student loss forward_backward N=2 B=128 K=100 D=256"
     (tmp_path / "bench-student-loss.json").write_text(json.dumps({"benchmarks": [
         bench(student, "fused", 30e-6), bench(student, "eager", 45e-6), bench(student, "compiled", 20e-6)]}))
@@ -60,6 +60,8 @@ def test_summary_reports_failures_verdicts_and_unreadable_files(tmp_path):
     row = lambda start: next(line for line in lines if line.startswith(start))  # noqa: E731
     assert "4.00x" in row("| election fwd+bwd N=2 ") and "PASS" in row("| election fwd+bwd N=2 ")
     assert "3 / 18" in row("| election fwd+bwd N=2 ")
+    assert "| 4.0 / 30.0 µs (7.50x) |" in row("| election fwd+bwd N=2 ")  # device time beside the wall time
+    assert row("| student loss fwd+bwd N=2 B=128 K=100 D=256: fused vs eager").endswith("| — |")  # none recorded
     assert "not run" in row("| election fwd+bwd N=3 ")
     assert "1.50x" in row("| student loss fwd+bwd N=2 B=128 K=100 D=256: fused vs eager")
     assert "FAIL" in row("| student loss fwd+bwd N=2 B=128 K=100 D=256: fused vs eager")
