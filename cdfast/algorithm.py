@@ -26,7 +26,7 @@ from cdfast.distributed import (average_gradients, broadcast_state, global_mean,
 from cdfast.engines import get_engine, network_device, split_engine_name
 from cdfast.engines.graph import GraphStep
 from cdfast.options import (ELECTIONS, MODES, PERTURBED_BN, RANGES, TEACHER_RULES, check_choice, check_flag,
-                            check_number, check_option, check_teachers)
+                            check_number, check_option, check_teachers, perturbs)
 from cdfast.models import split_output
 from cdfast.models.adapters import FeatureAdapters, probe_feature_shapes
 from cdfast.perturb import PerturbationPool, Perturbed, PerturbOp
@@ -220,7 +220,7 @@ class CompetitiveDistillation(nn.Module):
         self.mode, self.teachers = mode, teachers
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.feature_loss = feature_loss and beta != 0.0 and mode != "independent"
-        self.perturb = (mode == "competitive") if perturb is None else perturb
+        self.perturb = perturbs(perturb, mode)
         self.perturb_prob = perturb_prob
         self.perturbed_bn = perturbed_bn
         self.matched_inputs, self.election = matched_inputs, election

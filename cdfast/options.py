@@ -21,12 +21,17 @@ import numbers
 from typing import Any
 
 __all__ = ["RANGES", "CHOICES", "MODES", "TEACHER_RULES", "ELECTIONS", "PERTURBED_BN", "check_number",
-           "check_option", "check_choice", "check_flag", "check_teachers", "describe_range"]
+           "check_option", "check_choice", "check_flag", "check_teachers", "describe_range", "perturbs"]
 
 MODES = ("competitive", "dml", "independent")
 TEACHER_RULES = ("best", "all-better")  # who teaches in competitive mode
 ELECTIONS = ("ce", "clean-equivalent")
 PERTURBED_BN = ("frozen", "updated", "clean")  # the perturbed network's BatchNorm running statistics
+
+
+def perturbs(perturb: bool | None, mode: str) -> bool:
+    """Whether a group with these settings perturbs one network's batch (None: on in competitive mode)."""
+    return perturb if perturb is not None else mode == "competitive"
 
 # name -> the values it may take
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -31,7 +31,8 @@ from typing import Any, Iterable, Iterator
 
 
 from cdfast.safe_write import atomic_write
-from cdfast.train.config import perturbs, read_yaml_mapping
+from cdfast.options import perturbs
+from cdfast.train.config import read_yaml_mapping
 from cdfast.train.run_folder import GRID_FILE, RESULTS_FILE
 
 DEFAULT_ABLATION = {"cd": ["cd-backbone", "cd+feat", "cd+perturb", "cd"],

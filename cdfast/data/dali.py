@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -285,6 +286,7 @@ class DaliLoader:
         self.epoch = 0  # training epochs handed out; the next iteration is epoch + 1's
         self._consumed: list[int] | None = None  # [batches the epoch being iterated has handed out]
         self._resume_batch = 0  # from load_state_dict: the batch the next iteration starts at
+        self.replay_seconds = 0.0  # of the iteration in progress: running the batches before a resume again
         if train and len(self.samples) // world < batch_size:
             raise ValueError(f"rank {rank} holds {len(self.samples) // world} training images, fewer than one batch "
                              f"of {batch_size}; lower --batch-size or add images")
@@ -358,7 +360,8 @@ class DaliLoader:
             print(f"cdfast: DALI: running the {skip} batches of epoch {epoch} before the checkpoint again to "
                   "continue exactly where it stopped", flush=True)
         self._consumed = handed = [0]  # (the shard's samples are `mine`)
-        done = 0
+        done, self.replay_seconds = 0, 0.0
+        started = time.perf_counter()
         try:
             while True:
                 try:
@@ -372,6 +375,8 @@ class DaliLoader:
                 done += 1
                 handed[0] = done
                 if done <= skip:
+                    if done == skip:  # not training time: the trainer leaves it out of images/s
+                        self.replay_seconds = time.perf_counter() - started
                     continue
                 yield self._unpack(batch)
         finally:

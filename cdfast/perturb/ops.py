@@ -372,24 +372,26 @@ class BatchRotation(RandomRotation):
     per_batch = True
 
 
-class HorizontalFlip:
+class _WholeBatchFlip:
+    """The whole batch mirrored along ``dim`` (no draw: the op itself is the randomness, the pool picks it)."""
+
+    deterministic = True
+    dim: int
+
+    def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
+        return _same_labels(x.flip(self.dim), y)
+
+
+class HorizontalFlip(_WholeBatchFlip):
     """The whole batch mirrored left-right (the authors' ``hflip``)."""
 
-    name = "hflip"
-    deterministic = True  # no draw: the op itself is the randomness (the pool picks it)
-
-    def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
-        return _same_labels(x.flip(-1), y)
+    name, dim = "hflip", -1
 
 
-class VerticalFlip:
+class VerticalFlip(_WholeBatchFlip):
     """The whole batch turned upside-down (the authors' ``vflip``)."""
 
-    name = "vflip"
-    deterministic = True  # no draw: the op itself is the randomness (the pool picks it)
-
-    def __call__(self, x: Tensor, y: Tensor, rng: PerturbRNG) -> Perturbed:
-        return _same_labels(x.flip(-2), y)
+    name, dim = "vflip", -2
 
 
 class BatchJitterBlur:

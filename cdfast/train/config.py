@@ -25,7 +25,7 @@ from cdfast.data import DATASETS, LOADERS
 from cdfast.data.dali import DALI_OPS
 from cdfast.engines import ENGINE_CHOICES, split_engine_name
 from cdfast.models import FEATURE_MODES, check_model_name
-from cdfast.options import CHOICES, RANGES, check_choice, check_flag, check_number, check_teachers
+from cdfast.options import CHOICES, RANGES, check_choice, check_flag, check_number, check_teachers, perturbs
 from cdfast.perturb import DEFAULT_OPS, OPS, PRESETS, expand_presets
 from cdfast.safe_write import atomic_write
 
@@ -40,11 +40,6 @@ def _f(default, help: str, **kw):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
-
-
-def perturbs(perturb: bool | None, mode: str) -> bool:
-    """Whether a run with these settings perturbs one network's batch (None: on in competitive mode)."""
-    return perturb if perturb is not None else mode == "competitive"
 
 
 @dataclass

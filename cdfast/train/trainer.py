@@ -668,13 +668,16 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not cfg.progress or not self.is_main, leave=True, dynamic_ncols=True)
 
+        def seconds() -> float:  # this epoch's training time (a DALI resume's re-run batches left out)
+            return before + time.perf_counter() - t0 - getattr(self.data.train, "replay_seconds", 0.0)
+
         def drain(last: bool = False):
             rows = self._on_every_rank(lambda: buffer.drain(self.names))
             self.logger.write_steps(rows)
             meter.add(rows)
             bar.set_postfix_str(meter.postfix())
             if not last and done < self.steps_per_epoch:  # the epoch's end has its own checkpoint
-                self._checkpoint_within_epoch(done, meter, before + time.perf_counter() - t0)
+                self._checkpoint_within_epoch(done, meter, seconds())
 
         try:
             for x, y, *view in self.data.train:  # the DALI loader adds the perturbed view
@@ -697,7 +700,7 @@ class Trainer:
             bar.close()
         if done == 0:
             raise ValueError(f"epoch {epoch} had no training batches; the training set is smaller than one batch")
-        train_time = before + time.perf_counter() - t0
+        train_time = seconds()
         metrics = self.evaluate()
         self._check_finite(epoch, metrics)
         return {
