@@ -175,12 +175,36 @@ def test_sigterm_stops_after_a_checkpoint_and_the_run_continues_exactly(tmp_path
     assert_resumes_to(straight, out)
 
 
-def test_a_stop_at_an_epochs_last_step_stops_after_the_epochs_checkpoint(tmp_path, fmnist_root, monkeypatch):
+def test_a_stop_in_an_epochs_last_steps_does_not_wait_for_its_evaluation(tmp_path, fmnist_root, monkeypatch,
+                                                                          straight):
+    """The evaluation can take minutes (ImageNet), longer than a scheduler's grace period: a stop that comes
+    after the epoch's last metric read checkpoints as the training ends, and the resume evaluates."""
     out = tmp_path / "run"
     at_step(monkeypatch, STEPS_PER_EPOCH, send(signal.SIGINT))  # the epoch's last step: no metric read follows
-    with pytest.raises(TrainingStopped, match=r"stopped on SIGINT\. The last checkpoint \(epoch 1, step 8\)") as stop:
+    evaluated = []
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: evaluated.append(1))
+    with pytest.raises(TrainingStopped, match=r"stopped on SIGINT\. The last checkpoint \(epoch 1 after its last "
+                                              r"batch, before its evaluation, step 8\)") as stop:
         Trainer(config(fmnist_root, out)).fit()
-    assert stop.value.exit_code == 130
+    assert stop.value.exit_code == 130 and not evaluated
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert (saved["epoch"], saved["step"]) == (0, 8) and saved["epoch_progress"]["evaluation_pending"]
+    assert not (out / "epochs.jsonl").exists() or not (out / "epochs.jsonl").read_text()
+    monkeypatch.undo()
+    assert_resumes_to(straight, out)
+
+
+def during_evaluation(monkeypatch, action):
+    """Run ``action()`` as the trainer's next evaluation starts."""
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: (action(), evaluate(self))[1])
+
+
+def test_a_stop_during_the_evaluation_stops_after_the_epochs_checkpoint(tmp_path, fmnist_root, monkeypatch):
+    out = tmp_path / "run"
+    during_evaluation(monkeypatch, send(signal.SIGTERM))
+    with pytest.raises(TrainingStopped, match=r"stopped on SIGTERM\. The last checkpoint \(epoch 1, step 8\)"):
+        Trainer(config(fmnist_root, out)).fit()
     saved = load_checkpoint(out / "checkpoint.pt")
     assert (saved["epoch"], saved["step"]) == (1, 8) and "epoch_progress" not in saved
 
@@ -297,7 +321,7 @@ def test_a_stop_as_a_grid_run_finishes_stops_the_grid_before_the_next_run(tmp_pa
                       "progress": False, "log_interval": 3},
                 groups={"pair": ["resnet8", "resnet8"]}, methods={"ind": {"mode": "independent"}}, seeds=[0, 1])
     out = tmp_path / "grid"
-    at_step(monkeypatch, STEPS_PER_EPOCH, send(signal.SIGTERM))  # the run's last step: it finishes anyway
+    during_evaluation(monkeypatch, send(signal.SIGTERM))  # the run's last evaluation: it finishes anyway
     with pytest.raises(TrainingStopped, match="after run pair / ind / seed 0 finished"):
         run_grid(grid, out)
     monkeypatch.undo()
@@ -307,7 +331,7 @@ def test_a_stop_as_a_grid_run_finishes_stops_the_grid_before_the_next_run(tmp_pa
     assert "[1/2] pair / ind / seed 0: finished earlier, skipped" in capsys.readouterr().out
     # a stop as the grid's last run to train finishes: nothing is left, the grid ends as usual
     grid.seeds = [0, 1, 2]
-    at_step(monkeypatch, STEPS_PER_EPOCH, send(signal.SIGTERM))
+    during_evaluation(monkeypatch, send(signal.SIGTERM))
     assert run_grid(grid, out).read_text().count("\n") == 3
 
 

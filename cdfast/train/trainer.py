@@ -102,10 +102,13 @@ class TrainingStopped(Exception):
 
 
 def position(epoch: int, step: int, progress: dict[str, Any] | None = None, steps_per_epoch: int | None = None) -> str:
-    """Where a checkpoint stands, in words: 'epoch 3, step 1404' (the end of epoch 3) or
-    'epoch 4 after batch 120 of 468, step 1524' (within epoch 4)."""
+    """Where a checkpoint stands, in words: 'epoch 3, step 1404' (the end of epoch 3),
+    'epoch 4 after batch 120 of 468, step 1524' (within epoch 4) or 'epoch 4 after its last
+    batch, before its evaluation, step 1872' (a stop that came as epoch 4's training ended)."""
     if not progress:
         return f"epoch {epoch}, step {step}"
+    if progress.get("evaluation_pending"):
+        return f"epoch {epoch + 1} after its last batch, before its evaluation, step {step}"
     of = f" of {steps_per_epoch}" if steps_per_epoch else ""
     return f"epoch {epoch + 1} after batch {progress['batches']}{of}, step {step}"
 
@@ -118,8 +121,8 @@ class Trainer:
     With ``resume``, ``cfg`` may be None: the run's own settings are used, updated by
     ``overrides``. Checkpoints come at every epoch's end and every ``checkpoint_minutes``
     within an epoch; SIGTERM or SIGINT during :meth:`fit` stops the run
-    at the next metric read (within ``log_interval`` steps) after a checkpoint there
-    (:class:`TrainingStopped`). A resume may change only how the run executes and reports
+    at the next metric read (within ``log_interval`` steps) after a checkpoint there,
+    or as the epoch's training ends, before its evaluation (:class:`TrainingStopped`). A resume may change only how the run executes and reports
     (:data:`~cdfast.train.config.RESUME_FREE`); any setting that changes the training
     trajectory is refused unless ``allow_changes``, which applies it for real from the
     resumed step on (optimizer hyper-parameters included) and records it in
@@ -454,10 +457,12 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             raise ValueError(f"the checkpoint in {self.out} does not fit this group of networks: {e}") from e
         try:
-            if self._epoch_progress and not getattr(self.data.train, "resumes_mid_epoch", False):
+            # within an epoch, its loader holds the position; after the epoch's last batch, the epoch's end
+            within = bool(self._epoch_progress) and not self._epoch_progress.get("evaluation_pending")
+            if within and not getattr(self.data.train, "resumes_mid_epoch", False):
                 raise ValueError("it was saved within an epoch, and this run's loader resumes only at epoch starts "
                                  f"(use the loader it was trained with: {state['config'].get('loader')})")
-            if ("next_batch" in state["train_loader"]) != bool(self._epoch_progress):
+            if ("next_batch" in state["train_loader"]) != within:
                 raise ValueError("its loader's position within the epoch and the epoch's progress disagree "
                                  "(a damaged checkpoint)")
             self.data.train.load_state_dict(state["train_loader"])
@@ -679,8 +684,10 @@ class Trainer:
             if not last and done < self.steps_per_epoch:  # the epoch's end has its own checkpoint
                 self._checkpoint_within_epoch(done, meter, seconds())
 
+        # resumed after the epoch's last batch (a stop came then): only its evaluation is left
+        evaluation_only = bool(progress and progress.get("evaluation_pending"))
         try:
-            for x, y, *view in self.data.train:  # the DALI loader adds the perturbed view
+            for x, y, *view in () if evaluation_only else self.data.train:  # DALI adds the perturbed view
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 result = group.step(x, y, perturbed=view[0] if view else None)
                 if group.engine_choice is not None and not self._engine_reported:
@@ -701,6 +708,14 @@ class Trainer:
         if done == 0:
             raise ValueError(f"epoch {epoch} had no training batches; the training set is smaller than one batch")
         train_time = seconds()
+        if not evaluation_only and self._stop_agreed():
+            # a stop that came in the epoch's last steps does not wait for the evaluation (minutes on
+            # ImageNet, beyond a scheduler's grace period): checkpoint now, evaluate on resume
+            self._on_every_rank(lambda: self._check_finite_weights(f"step {self.step} (epoch {epoch})"))
+            self.logger.sync()
+            self.save_checkpoint({"batches": done, "train_seconds": train_time, "meter": meter.state_dict(),
+                                  "evaluation_pending": True})
+            raise self._stopped()
         metrics = self.evaluate()
         self._check_finite(epoch, metrics)
         return {
