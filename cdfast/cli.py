@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--config", required=True, help="grid YAML file (base, groups, methods, seeds, report), "
                                                             "or a preset's name")
     experiment.add_argument("--out", help="grid folder (default: runs/experiment-<config name>)")
-    experiment.add_argument("--device", help="override the device of every run (cpu, cuda, auto)")
+    experiment.add_argument("--device", help="override the device of every run (cpu, cuda, cuda:N, mps or auto)")
     experiment.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
                             help="per-epoch progress bars (default: off; one line per run and epoch)")
     experiment.set_defaults(func=cmd_experiment)

@@ -108,7 +108,7 @@ class TrainConfig:
                                 "default: foreach on CUDA, per-parameter on the CPU; always fused with a graph engine")
     # execution
     seed: int = _f(0, "random seed (models, data order, augmentation, perturbations)", ge=0, lt=2**63)
-    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    device: str = _f("auto", "cpu, cuda, cuda:N, mps or auto (cuda when available)")
     amp: bool = _f(False, "bf16 autocast for the forward passes")
     channels_last: bool = _f(False, "channels-last memory format for models and batches")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", ge=1)
