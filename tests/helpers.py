@@ -1,5 +1,8 @@
 """Small helpers shared by the tests."""
 
+import gzip
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -95,3 +98,18 @@ def graph_engine_on_cpu(group):
     gs._record = lambda body: _ReplayBody(group, body)
     gs._replay = lambda graph: graph.replay()
     return gs
+
+
+def synthetic_fashion_mnist(folder: Path, train: int = 512, test: int = 256, seed: int = 0) -> Path:
+    """Random 28x28 images with labels i % 10 in Fashion-MNIST's IDX files (gzip), for machines without
+    the real data (the GPU machine): tests of the training machinery, not of accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, n in (("train", train), ("t10k", test)):
+        images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
+        labels = (torch.arange(n) % 10).to(torch.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 8, array.dim()]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+            with gzip.open(folder / f"{stem}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + array.numpy().tobytes())
+    return folder

@@ -373,6 +373,60 @@ def test_a_stopped_run_continues_exactly_with_image_folders_and_dali(tmp_path, i
     assert_resumes_to(expected, out)
 
 
+def test_a_stopped_graph_engine_run_continues_exactly(tmp_path, fmnist_root, monkeypatch):
+    """The graph engine's side of a stop, on the CPU stand-in of its CUDA graphs (tests/helpers.py): the
+    metrics come from its ring, the checkpoint within the epoch holds plain learning rates, and the
+    resume captures its graphs again; the result is the eager run's, bit for bit."""
+    from helpers import graph_engine_on_cpu
+
+    kw = dict(fused_sgd=True, perturb_ops=["noise", "mixup"])
+    eager = Trainer(config(fmnist_root, tmp_path / "eager", engine="sequential", **kw))
+    eager.fit()
+    expected = run_record(eager, tmp_path / "eager")
+    out = tmp_path / "graph"
+    trainer = Trainer(config(fmnist_root, out, engine="graph", **kw))
+    graph_engine_on_cpu(trainer.group)
+    at_step(monkeypatch, 10, send(signal.SIGTERM))
+    with pytest.raises(TrainingStopped, match="after batch 3 of 8, step 11"):
+        trainer.fit()
+    assert trainer.group._graph_step.captures >= 1
+    monkeypatch.undo()
+    resumed = Trainer(resume=out)
+    graph_engine_on_cpu(resumed.group)
+    resumed.fit()
+    for k, v in expected["weights"].items():
+        assert torch.equal(v, weights(resumed)[k]), f"{k} differs from the eager run"
+    assert step_rows(out) == expected["steps"]
+    # the graph engine's learning rate is a float32 tensor (captured): its record reads 0.05000000074505806
+    others = lambda records: [{k: v for k, v in r.items() if k not in ("engine", "lr")} for r in records]  # noqa: E731
+    assert others(epoch_records(out)) == others(expected["epochs"])
+    assert [r["lr"] for r in epoch_records(out)] == pytest.approx([r["lr"] for r in expected["epochs"]], rel=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_engine_run_stopped_within_an_epoch_continues(tmp_path, monkeypatch):
+    """On a GPU: the real CUDA graphs, stopped by SIGTERM within an epoch and resumed, end where an
+    uninterrupted graph-engine run ends (cuDNN autotuning is on in the trainer, so to a tolerance).
+    Synthetic images: the GPU machine has no Fashion-MNIST, and this tests the machinery."""
+    from helpers import synthetic_fashion_mnist
+
+    fmnist_root = synthetic_fashion_mnist(tmp_path / "data")
+    kw = dict(device="cuda", engine="graph", perturb_ops=["noise", "mixup"])
+    straight = Trainer(config(fmnist_root, tmp_path / "straight", **kw))
+    straight.fit()
+    out = tmp_path / "stopped"
+    at_step(monkeypatch, 10, send(signal.SIGTERM))
+    with pytest.raises(TrainingStopped, match="after batch 3 of 8, step 11"):
+        Trainer(config(fmnist_root, out, **kw)).fit()
+    monkeypatch.undo()
+    resumed = Trainer(resume=out)
+    resumed.fit()
+    a, b = weights(straight), weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-3, rtol=2e-3, msg=lambda m: f"{k}: {m}")
+    assert [r["step"] for r in step_rows(out)] == [r["step"] for r in step_rows(tmp_path / "straight")]
+
+
 def test_a_checkpoint_whose_loader_position_and_progress_disagree_is_refused(tmp_path, fmnist_root, monkeypatch):
     out = tmp_path / "run"
     at_step(monkeypatch, 10, send(signal.SIGTERM))
