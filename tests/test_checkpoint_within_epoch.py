@@ -13,6 +13,7 @@ import torch
 
 from cdfast.cli import main
 from cdfast.data import TensorLoader
+from cdfast.engines import split_engine_name
 from cdfast.experiment import Grid, run_dir, run_grid
 from cdfast.train import NonFiniteLossError, Trainer, TrainConfig, load_checkpoint
 from cdfast.train.metrics import StepBuffer
@@ -403,28 +404,61 @@ def test_a_stopped_graph_engine_run_continues_exactly(tmp_path, fmnist_root, mon
     assert [r["lr"] for r in epoch_records(out)] == pytest.approx([r["lr"] for r in expected["epochs"]], rel=1e-6)
 
 
+CUDA_RUNS = {  # the trainer's whole path on a GPU: GPU-resident loader, engine, evaluation, checkpoints
+    "graph": dict(engine="graph"),
+    "streams-bf16-channels-last": dict(engine="streams", amp=True, channels_last=True),
+    "fused-channels-last": dict(engine="fused", channels_last=True),
+}
+
+
+@pytest.fixture
+def deterministic_cudnn_after_the_trainer(monkeypatch):
+    """The Trainer turns cuDNN autotuning on; a test comparing two runs on a GPU turns it off again
+    after building each Trainer (``.fix()``) and gets back the settings it found."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+
+    class Fix:
+        @staticmethod
+        def fix():
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+
+    yield Fix
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
 @pytest.mark.cuda
-def test_cuda_graph_engine_run_stopped_within_an_epoch_continues(tmp_path, monkeypatch):
-    """On a GPU: the real CUDA graphs, stopped by SIGTERM within an epoch and resumed, end where an
-    uninterrupted graph-engine run ends (cuDNN autotuning is on in the trainer, so to a tolerance).
-    Synthetic images: the GPU machine has no Fashion-MNIST, and this tests the machinery."""
+@pytest.mark.parametrize("variant", list(CUDA_RUNS))
+def test_cuda_training_stopped_within_an_epoch_continues(tmp_path, monkeypatch, variant,
+                                                         deterministic_cudnn_after_the_trainer):
+    """On a GPU: a training run (engine, precision and layout as named) stopped by SIGTERM within an
+    epoch and resumed ends where an uninterrupted run ends. Synthetic images: the GPU machine has no
+    Fashion-MNIST, and this tests the machinery, not accuracy."""
     from helpers import synthetic_fashion_mnist
 
     fmnist_root = synthetic_fashion_mnist(tmp_path / "data")
-    kw = dict(device="cuda", engine="graph", perturb_ops=["noise", "mixup"])
-    straight = Trainer(config(fmnist_root, tmp_path / "straight", **kw))
+    kw = dict(device="cuda", perturb_ops=["noise", "mixup"], **CUDA_RUNS[variant])
+    tolerance = 2e-2 if kw.get("amp") else 1e-4  # bf16 rounds differently where an algorithm does
+
+    def trainer(*args, **kwargs):
+        t = Trainer(*args, **kwargs)
+        deterministic_cudnn_after_the_trainer.fix()
+        return t
+
+    straight = trainer(config(fmnist_root, tmp_path / "straight", **kw))
     straight.fit()
+    assert straight.group.engine.name == split_engine_name(kw["engine"])[0]  # no fallback
     out = tmp_path / "stopped"
     at_step(monkeypatch, 10, send(signal.SIGTERM))
     with pytest.raises(TrainingStopped, match="after batch 3 of 8, step 11"):
-        Trainer(config(fmnist_root, out, **kw)).fit()
+        trainer(config(fmnist_root, out, **kw)).fit()
     monkeypatch.undo()
-    resumed = Trainer(resume=out)
+    resumed = trainer(resume=out)
     resumed.fit()
     a, b = weights(straight), weights(resumed)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-3, rtol=2e-3, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], atol=tolerance, rtol=tolerance, msg=lambda m: f"{k}: {m}")
     assert [r["step"] for r in step_rows(out)] == [r["step"] for r in step_rows(tmp_path / "straight")]
+    assert [r["epoch"] for r in epoch_records(out)] == [1, 2]
 
 
 def test_a_checkpoint_whose_loader_position_and_progress_disagree_is_refused(tmp_path, fmnist_root, monkeypatch):
