@@ -195,19 +195,32 @@ def test_a_stop_in_an_epochs_last_steps_does_not_wait_for_its_evaluation(tmp_pat
     assert_resumes_to(straight, out)
 
 
-def during_evaluation(monkeypatch, action):
-    """Run ``action()`` as the trainer's next evaluation starts."""
+def during_evaluation(monkeypatch, action, after=False):
+    """Run ``action()`` as the trainer's next evaluation starts (``after``: as it ends)."""
     evaluate = Trainer.evaluate
-    monkeypatch.setattr(Trainer, "evaluate", lambda self: (action(), evaluate(self))[1])
+
+    def wrapped(self):
+        if not after:
+            action()
+        metrics = evaluate(self)
+        if after:
+            action()
+        return metrics
+
+    monkeypatch.setattr(Trainer, "evaluate", wrapped)
 
 
-def test_a_stop_during_the_evaluation_stops_after_the_epochs_checkpoint(tmp_path, fmnist_root, monkeypatch):
+def test_a_stop_during_the_evaluation_ends_it_and_the_resume_evaluates(tmp_path, fmnist_root, monkeypatch,
+                                                                     straight):
     out = tmp_path / "run"
     during_evaluation(monkeypatch, send(signal.SIGTERM))
-    with pytest.raises(TrainingStopped, match=r"stopped on SIGTERM\. The last checkpoint \(epoch 1, step 8\)"):
+    with pytest.raises(TrainingStopped, match=r"stopped on SIGTERM\. The last checkpoint \(epoch 1 after its last "
+                                              r"batch, before its evaluation, step 8\)"):
         Trainer(config(fmnist_root, out)).fit()
     saved = load_checkpoint(out / "checkpoint.pt")
-    assert (saved["epoch"], saved["step"]) == (1, 8) and "epoch_progress" not in saved
+    assert (saved["epoch"], saved["step"]) == (0, 8) and saved["epoch_progress"]["evaluation_pending"]
+    monkeypatch.undo()
+    assert_resumes_to(straight, out)  # the BatchNorm statistics the recalibration replaced are back, too
 
 
 def test_ctrl_c_twice_stops_at_once_and_a_repeated_sigterm_is_ignored(tmp_path, fmnist_root, monkeypatch):
@@ -322,7 +335,7 @@ def test_a_stop_as_a_grid_run_finishes_stops_the_grid_before_the_next_run(tmp_pa
                       "progress": False, "log_interval": 3},
                 groups={"pair": ["resnet8", "resnet8"]}, methods={"ind": {"mode": "independent"}}, seeds=[0, 1])
     out = tmp_path / "grid"
-    during_evaluation(monkeypatch, send(signal.SIGTERM))  # the run's last evaluation: it finishes anyway
+    during_evaluation(monkeypatch, send(signal.SIGTERM), after=True)  # as the run's last evaluation ends
     with pytest.raises(TrainingStopped, match="after run pair / ind / seed 0 finished"):
         run_grid(grid, out)
     monkeypatch.undo()
@@ -332,7 +345,7 @@ def test_a_stop_as_a_grid_run_finishes_stops_the_grid_before_the_next_run(tmp_pa
     assert "[1/2] pair / ind / seed 0: finished earlier, skipped" in capsys.readouterr().out
     # a stop as the grid's last run to train finishes: nothing is left, the grid ends as usual
     grid.seeds = [0, 1, 2]
-    during_evaluation(monkeypatch, send(signal.SIGTERM))
+    during_evaluation(monkeypatch, send(signal.SIGTERM), after=True)
     assert run_grid(grid, out).read_text().count("\n") == 3
 
 

@@ -16,12 +16,17 @@ from cdfast.distributed import all_reduce_sum
 from cdfast.engines.batchnorm import recalibrated_batchnorm
 from cdfast.models import split_output
 
-__all__ = ["evaluate_group", "evaluate_once", "evaluate_run"]
+__all__ = ["EvaluationInterrupted", "evaluate_group", "evaluate_once", "evaluate_run"]
+
+
+class EvaluationInterrupted(Exception):
+    """Raised between two test batches when ``interrupted()`` says so (a stop requested during it)."""
 
 
 def evaluate_once(group, batches: Iterable, prepare: Callable, device: torch.device, amp: bool = False,
-                  process_group=None) -> dict[str, Any]:
-    """Accuracy and loss of every network and the ensemble's accuracy over ``batches`` (as the networks are)."""
+                  process_group=None, interrupted: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Accuracy and loss of every network and the ensemble's accuracy over ``batches`` (as the networks are).
+    ``interrupted``: asked before each batch; True raises :class:`EvaluationInterrupted`."""
     n = group.n
     group.eval()
     correct = torch.zeros(n + 1, device=device)
@@ -31,6 +36,8 @@ def evaluate_once(group, batches: Iterable, prepare: Callable, device: torch.dev
     try:
         with torch.no_grad():
             for x, y, *_ in batches:
+                if interrupted is not None and interrupted():
+                    raise EvaluationInterrupted
                 x, y = prepare(x), y.to(device, non_blocking=True)
                 with autocast:  # through the training engine (fused, streams, compiled), in eval mode
                     outs = group.engine.forward(group.networks, [x] * n)
@@ -53,16 +60,18 @@ def evaluate_once(group, batches: Iterable, prepare: Callable, device: torch.dev
 
 
 def evaluate_group(group, test: Iterable, prepare: Callable, device: torch.device, *, amp: bool = False,
-                   calibration: Iterable | None = None, process_group=None) -> dict[str, Any]:
+                   calibration: Iterable | None = None, process_group=None,
+                   interrupted: Callable[[], bool] | None = None) -> dict[str, Any]:
     """:func:`evaluate_once`, and with ``calibration`` (clean training batches) the headline numbers with
     BatchNorm statistics recomputed on them; the running-statistics numbers then come as ``*_running_stats``.
-    The networks' own statistics are back as they were afterwards."""
-    running = evaluate_once(group, test, prepare, device, amp, process_group)
+    The networks' own statistics are back as they were afterwards (also when ``interrupted``, see
+    :func:`evaluate_once`, stops it)."""
+    running = evaluate_once(group, test, prepare, device, amp, process_group, interrupted)
     if calibration is None:
         return running
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     with recalibrated_batchnorm(group.networks, calibration, prepare, autocast):
-        metrics = evaluate_once(group, test, prepare, device, amp, process_group)
+        metrics = evaluate_once(group, test, prepare, device, amp, process_group, interrupted)
     metrics.update({f"{k}_running_stats": v for k, v in running.items()})
     return metrics
 

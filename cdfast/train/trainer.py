@@ -24,7 +24,7 @@ from cdfast.safe_write import WriteError, atomic_write, fsync_dir
 from cdfast.train import run_folder
 from cdfast.train.checkpoint import CHECKPOINT, PREV_CHECKPOINT, load_checkpoint, load_latest, save_checkpoint, set_aside
 from cdfast.train.config import RESUME_FIXED, RESUME_FREE, TrainConfig, upgrade_legacy_keys
-from cdfast.train.evaluate import evaluate_group
+from cdfast.train.evaluate import EvaluationInterrupted, evaluate_group
 from cdfast.train.group import build_group, sgd_options
 from cdfast.train.metrics import EpochMeter, NonFiniteLossError, RunLogger, StepBuffer, summarize_epochs
 from cdfast.train.run_folder import CONFIG_FILE, SUMMARY_FILE, RunFolderError, read_epochs
@@ -122,7 +122,8 @@ class Trainer:
     ``overrides``. Checkpoints come at every epoch's end and every ``checkpoint_minutes``
     within an epoch; SIGTERM or SIGINT during :meth:`fit` stops the run
     at the next metric read (within ``log_interval`` steps) after a checkpoint there,
-    or as the epoch's training ends, before its evaluation (:class:`TrainingStopped`). A resume may change only how the run executes and reports
+    or as the epoch's training ends or during its evaluation (one process), with a checkpoint
+    that leaves the evaluation to the resume (:class:`TrainingStopped`). A resume may change only how the run executes and reports
     (:data:`~cdfast.train.config.RESUME_FREE`); any setting that changes the training
     trajectory is refused unless ``allow_changes``, which applies it for real from the
     resumed step on (optimizer hyper-parameters included) and records it in
@@ -534,8 +535,11 @@ class Trainer:
             if self._calibration is None:
                 self._calibration = self.data.calibration(self.cfg.bn_recalibration * self.cfg.batch_size)
             calibration = self._calibration
+        # one process: a stop during the evaluation ends it at the next test batch. (Data-parallel ranks
+        # hold shards of different lengths, so they could not agree on where to end: they finish it.)
+        interrupted = (lambda: self.stop_requested is not None) if self.world == 1 else None
         return evaluate_group(self.group, self.data.test, self._to_device, self.device, amp=self.cfg.amp,
-                              calibration=calibration, process_group=self.process_group)
+                              calibration=calibration, process_group=self.process_group, interrupted=interrupted)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -708,15 +712,22 @@ class Trainer:
         if done == 0:
             raise ValueError(f"epoch {epoch} had no training batches; the training set is smaller than one batch")
         train_time = seconds()
-        if not evaluation_only and self._stop_agreed():
-            # a stop that came in the epoch's last steps does not wait for the evaluation (minutes on
-            # ImageNet, beyond a scheduler's grace period): checkpoint now, evaluate on resume
+
+        def stop_before_the_evaluation():
+            # The evaluation can take minutes (ImageNet, BatchNorm recalibration), beyond a scheduler's
+            # grace period: checkpoint the trained epoch now and evaluate it on resume.
             self._on_every_rank(lambda: self._check_finite_weights(f"step {self.step} (epoch {epoch})"))
             self.logger.sync()
             self.save_checkpoint({"batches": done, "train_seconds": train_time, "meter": meter.state_dict(),
                                   "evaluation_pending": True})
-            raise self._stopped()
-        metrics = self.evaluate()
+            return self._stopped()
+
+        if not evaluation_only and self._stop_agreed():  # the stop came in the epoch's last steps
+            raise stop_before_the_evaluation()
+        try:
+            metrics = self.evaluate()
+        except EvaluationInterrupted:  # one process, a stop during the evaluation
+            raise stop_before_the_evaluation() from None
         self._check_finite(epoch, metrics)
         return {
             "epoch": epoch, "step": self.step,
