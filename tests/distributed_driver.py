@@ -12,6 +12,7 @@ Scenarios (each rank writes OUT_DIR/rank-<r>.pt with what it saw):
     fit-straight / fit-stop / fit-resume
                 the trainer for 2 epochs: uninterrupted; stopped by a SIGTERM that only rank 0 gets (at step 3,
                 within epoch 1); resumed from that stop to the end
+    fit-stop-late  as fit-stop, but rank 1 alone gets it at epoch 1's last step (a stop before the evaluation)
 """
 
 from __future__ import annotations
@@ -137,12 +138,14 @@ def main() -> None:
                 data_dir=str(FASHION_MNIST_ROOT), train_subset=256, test_subset=64, batch_size=32, eval_batch_size=64,
                 epochs=2, out=str(folder), progress=False, tensorboard=False, plots=False, device="cpu",
                 log_interval=2, bn_recalibration=1, checkpoint_minutes=0))
-        if scenario == "fit-stop" and rank == 0:
+        # fit-stop: rank 0 alone gets a SIGTERM at step 3; fit-stop-late: rank 1 alone, at epoch 1's last step
+        signalled = {"fit-stop": (0, 3), "fit-stop-late": (1, 8)}.get(scenario)
+        if signalled and rank == signalled[0]:
             add = StepBuffer.add
 
             def add_then_signal(self, step, epoch, result):
                 add(self, step, epoch, result)
-                if step == 3:
+                if step == signalled[1]:
                     os.kill(os.getpid(), signal.SIGTERM)
 
             StepBuffer.add = add_then_signal

@@ -169,7 +169,8 @@ def test_sigterm_stops_after_a_checkpoint_and_the_run_continues_exactly(tmp_path
                                               r"step 11\) in .* is intact; continue with --resume") as stop:
         Trainer(config(fmnist_root, out)).fit()
     assert stop.value.exit_code == 128 + signal.SIGTERM
-    assert "SIGTERM: stopping at the next metric read (within 3 steps) after a checkpoint" in capfd.readouterr().err
+    assert ("SIGTERM: stopping at the next metric read (within 3 steps), or before the epoch's evaluation, after a "
+            "checkpoint") in capfd.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 11
     monkeypatch.undo()
@@ -199,10 +200,10 @@ def during_evaluation(monkeypatch, action, after=False):
     """Run ``action()`` as the trainer's next evaluation starts (``after``: as it ends)."""
     evaluate = Trainer.evaluate
 
-    def wrapped(self):
+    def wrapped(self, **kw):
         if not after:
             action()
-        metrics = evaluate(self)
+        metrics = evaluate(self, **kw)
         if after:
             action()
         return metrics
@@ -212,15 +213,42 @@ def during_evaluation(monkeypatch, action, after=False):
 
 def test_a_stop_during_the_evaluation_ends_it_and_the_resume_evaluates(tmp_path, fmnist_root, monkeypatch,
                                                                      straight):
+    """The signal comes during the second pass, the one with BatchNorm statistics recalibrated: the stop
+    puts them (and the random number generators) back before it checkpoints."""
+    import cdfast.train.evaluate as evaluation
+
     out = tmp_path / "run"
-    during_evaluation(monkeypatch, send(signal.SIGTERM))
+    once, calls = evaluation.evaluate_once, []
+
+    def evaluate_once(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the recalibrated pass of epoch 1's evaluation
+            send(signal.SIGTERM)()
+        return once(*args, **kw)
+
+    monkeypatch.setattr(evaluation, "evaluate_once", evaluate_once)
     with pytest.raises(TrainingStopped, match=r"stopped on SIGTERM\. The last checkpoint \(epoch 1 after its last "
                                               r"batch, before its evaluation, step 8\)"):
         Trainer(config(fmnist_root, out)).fit()
     saved = load_checkpoint(out / "checkpoint.pt")
     assert (saved["epoch"], saved["step"]) == (0, 8) and saved["epoch_progress"]["evaluation_pending"]
+    assert saved["epoch_progress"]["engine"] == "sequential"
     monkeypatch.undo()
-    assert_resumes_to(straight, out)  # the BatchNorm statistics the recalibration replaced are back, too
+    assert_resumes_to(straight, out)
+
+
+def test_changes_on_a_resume_that_only_evaluates_apply_from_the_next_epoch(tmp_path, fmnist_root, monkeypatch):
+    out = tmp_path / "run"
+    at_step(monkeypatch, STEPS_PER_EPOCH, send(signal.SIGTERM))
+    with pytest.raises(TrainingStopped, match="before its evaluation"):
+        Trainer(config(fmnist_root, out)).fit()
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="has trained all 1 epochs"):
+        Trainer(resume=out, overrides={"epochs": 1, "alpha": 0.5}, allow_changes=True)
+    Trainer(resume=out, overrides={"alpha": 0.5}, allow_changes=True).fit()
+    change = json.loads((out / "changes.jsonl").read_text())
+    assert (change["first_step"], change["epoch"]) == (STEPS_PER_EPOCH + 1, 2)
+    assert [r["epoch"] for r in epoch_records(out)] == [1, 2]
 
 
 def test_ctrl_c_twice_stops_at_once_and_a_repeated_sigterm_is_ignored(tmp_path, fmnist_root, monkeypatch):

@@ -105,6 +105,21 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_at_one_checkpoint_and_the_ru
             assert torch.equal(v, resumed[rank]["params"][k]), f"rank {rank}: {k} differs after the resume"
 
 
+def test_a_stop_in_an_epochs_last_steps_on_one_rank_leaves_the_evaluation_to_the_resume(tmp_path, fmnist_root):
+    straight = launch("fit-straight", tmp_path)
+    stopped = launch("fit-stop-late", tmp_path)
+    assert [r["step"] for r in stopped] == [8, 8]  # every rank trained the epoch, none evaluated it
+    assert "stopped: another rank got a stop signal" in stopped[0]["stopped"]
+    assert "before its evaluation" in stopped[1]["stopped"]
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (0, 8) and saved["epoch_progress"]["evaluation_pending"]
+    resumed = launch("fit-resume", tmp_path)
+    for rank in range(2):
+        assert resumed[rank]["step"] == straight[rank]["step"] == 16
+        for k, v in straight[rank]["params"].items():
+            assert torch.equal(v, resumed[rank]["params"][k]), f"rank {rank}: {k} differs after the resume"
+
+
 def test_a_rank_that_dies_stops_the_others_with_an_error(tmp_path):
     t0 = time.perf_counter()
     ranks = launch("dead-rank", tmp_path, timeout=120)

@@ -294,3 +294,21 @@ def test_summary_teacher_share_is_step_weighted_and_shared_by_grid_records():
     assert s["teacher_share"] == pytest.approx([0.25, 0.75])  # 10 of 40 steps had network 0 teaching
     assert s["best_acc"] == [0.7, 0.65] and s["best_epoch"] == [2, 2] and s["final_acc"] == [0.7, 0.65]
     assert summarize_epochs([]) == {"epochs": 0}
+
+
+def test_an_evaluation_leaves_the_random_number_generators_as_they_were():
+    """Dropout draws in the recalibration's train-mode forwards must not shift training's random streams."""
+    import torch.nn as nn
+
+    from cdfast import CompetitiveDistillation
+    from cdfast.train.evaluate import evaluate_group
+
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Dropout(0.5), nn.Linear(64, 10)) for _ in range(2)]
+    group = CompetitiveDistillation(nets, perturb=False)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(3)]
+    before = torch.get_rng_state()
+    metrics = evaluate_group(group, batches, lambda x: x, torch.device("cpu"), calibration=batches)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert set(metrics) >= {"test_acc", "test_acc_running_stats"}

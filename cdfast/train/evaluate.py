@@ -64,14 +64,18 @@ def evaluate_group(group, test: Iterable, prepare: Callable, device: torch.devic
                    interrupted: Callable[[], bool] | None = None) -> dict[str, Any]:
     """:func:`evaluate_once`, and with ``calibration`` (clean training batches) the headline numbers with
     BatchNorm statistics recomputed on them; the running-statistics numbers then come as ``*_running_stats``.
-    The networks' own statistics are back as they were afterwards (also when ``interrupted``, see
-    :func:`evaluate_once`, stops it)."""
-    running = evaluate_once(group, test, prepare, device, amp, process_group, interrupted)
-    if calibration is None:
-        return running
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-    with recalibrated_batchnorm(group.networks, calibration, prepare, autocast):
-        metrics = evaluate_once(group, test, prepare, device, amp, process_group, interrupted)
+    The networks' own statistics, and the random number generators, are back as they were afterwards
+    (also when ``interrupted``, see :func:`evaluate_once`, stops it)."""
+    # The random number generators are as they were afterwards, whatever the networks drew (dropout in
+    # the recalibration's train-mode forwards): training goes on the same after an evaluation, and after
+    # one that a stop interrupted and the resume ran again.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        running = evaluate_once(group, test, prepare, device, amp, process_group, interrupted)
+        if calibration is None:
+            return running
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+        with recalibrated_batchnorm(group.networks, calibration, prepare, autocast):
+            metrics = evaluate_once(group, test, prepare, device, amp, process_group, interrupted)
     metrics.update({f"{k}_running_stats": v for k, v in running.items()})
     return metrics
 

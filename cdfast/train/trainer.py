@@ -261,12 +261,14 @@ class Trainer:
                 f"resuming {folder} with these flags would change the run: {_listed(changes)}. Resume without "
                 "them to continue the same run, pass --resume-with-changes to apply them from step "
                 f"{self.step + 1} on (recorded in {run_folder.CHANGES_FILE}), or start a new run in another --out folder")
-        if self.cfg.epochs < self.epoch:
-            raise ValueError(f"epochs={self.cfg.epochs} is below the {self.epoch} epochs {folder} has already trained")
-        if has_state and self.cfg.epochs == self.epoch:
-            raise ValueError(f"{folder} has finished all {self.epoch} epochs: nothing is left to train with the "
-                             f"changed settings (to train longer, pass --epochs N > {self.epoch} with them)")
-        self.changes.append({"first_step": self.step + 1, "epoch": self.epoch + 1,
+        # a checkpoint that leaves only its epoch's evaluation to do has trained that epoch too
+        trained = self.epoch + (1 if (self._epoch_progress or {}).get("evaluation_pending") else 0)
+        if self.cfg.epochs < trained:
+            raise ValueError(f"epochs={self.cfg.epochs} is below the {trained} epochs {folder} has already trained")
+        if has_state and self.cfg.epochs == trained:
+            raise ValueError(f"{folder} has trained all {trained} epochs: nothing is left to train with the "
+                             f"changed settings (to train longer, pass --epochs N > {trained} with them)")
+        self.changes.append({"first_step": self.step + 1, "epoch": trained + 1,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                              "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
         print(f"cdfast: from step {self.step + 1} on: {_listed(changes)} (recorded in {run_folder.CHANGES_FILE})")
@@ -520,7 +522,7 @@ class Trainer:
 
     # ---- evaluation ---------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, *, stoppable: bool = False) -> dict[str, Any]:
         """Test accuracy and loss of every network and of the ensemble (mean of softmax).
 
         With ``bn_recalibration`` > 0 the headline numbers use BatchNorm statistics recomputed on
@@ -535,9 +537,10 @@ class Trainer:
             if self._calibration is None:
                 self._calibration = self.data.calibration(self.cfg.bn_recalibration * self.cfg.batch_size)
             calibration = self._calibration
-        # one process: a stop during the evaluation ends it at the next test batch. (Data-parallel ranks
-        # hold shards of different lengths, so they could not agree on where to end: they finish it.)
-        interrupted = (lambda: self.stop_requested is not None) if self.world == 1 else None
+        # ``stoppable`` (fit's evaluations), one process: a stop requested during the evaluation ends it at
+        # the next test batch (EvaluationInterrupted). Data-parallel ranks hold test shards of different
+        # lengths, so they could not agree on where to end: they finish it.
+        interrupted = (lambda: self.stop_requested is not None) if stoppable and self.world == 1 else None
         return evaluate_group(self.group, self.data.test, self._to_device, self.device, amp=self.cfg.amp,
                               calibration=calibration, process_group=self.process_group, interrupted=interrupted)
 
@@ -620,8 +623,8 @@ class Trainer:
             self._stop_signal = name
             again = " (Ctrl-C again stops at once, losing the steps since the last checkpoint)" if signum == signal.SIGINT else ""
             # os.write, not print: a handler may run in the middle of a print
-            os.write(2, f"\ncdfast: {name}: stopping at the next metric read (within {self.cfg.log_interval} steps) "
-                        f"after a checkpoint there{again}\n".encode())
+            os.write(2, f"\ncdfast: {name}: stopping at the next metric read (within {self.cfg.log_interval} steps), "
+                        f"or before the epoch's evaluation, after a checkpoint there{again}\n".encode())
 
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -713,26 +716,31 @@ class Trainer:
             raise ValueError(f"epoch {epoch} had no training batches; the training set is smaller than one batch")
         train_time = seconds()
 
+        def engine_name() -> str:  # the one that trained the epoch (auto: the one it chose)
+            if evaluation_only and progress.get("engine"):
+                return progress["engine"]
+            return group.engine_spec if group.engine_spec != "auto" else group.engine.name
+
         def stop_before_the_evaluation():
             # The evaluation can take minutes (ImageNet, BatchNorm recalibration), beyond a scheduler's
             # grace period: checkpoint the trained epoch now and evaluate it on resume.
             self._on_every_rank(lambda: self._check_finite_weights(f"step {self.step} (epoch {epoch})"))
             self.logger.sync()
             self.save_checkpoint({"batches": done, "train_seconds": train_time, "meter": meter.state_dict(),
-                                  "evaluation_pending": True})
+                                  "evaluation_pending": True, "engine": engine_name()})
             return self._stopped()
 
         if not evaluation_only and self._stop_agreed():  # the stop came in the epoch's last steps
             raise stop_before_the_evaluation()
         try:
-            metrics = self.evaluate()
+            metrics = self.evaluate(stoppable=True)
         except EvaluationInterrupted:  # one process, a stop during the evaluation
             raise stop_before_the_evaluation() from None
         self._check_finite(epoch, metrics)
         return {
             "epoch": epoch, "step": self.step,
             "lr": float(self.schedulers[0].get_last_lr()[0]),  # a device tensor with a graph engine
-            "engine": group.engine_spec if group.engine_spec != "auto" else group.engine.name,
+            "engine": engine_name(),
             **meter.record(),
             **metrics,
             "train_seconds": train_time,
