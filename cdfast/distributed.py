@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["resolve_process_group", "rank_and_world", "global_mean", "average_gradients", "all_reduce_sum",
+__all__ = ["resolve_process_group", "local_cuda_index", "rank_and_world", "global_mean", "average_gradients", "all_reduce_sum",
            "gather_objects", "init_from_environment", "broadcast_state", "any_rank", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 64 * 2**20  # gradients are all-reduced in flat buckets of at most this size (DDP uses 25 MiB)
@@ -47,13 +47,19 @@ def init_from_environment() -> bool:
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     timeout = datetime.timedelta(seconds=float(os.environ.get("CDFAST_DIST_TIMEOUT", "600")))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
-        torch.cuda.set_device(local_rank)
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        torch.cuda.set_device(local_cuda_index())
         dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
     return True
+
+
+def local_cuda_index() -> int:
+    """The GPU this process drives: ``LOCAL_RANK`` among the visible GPUs (torchrun), or, where a launcher
+    shows each process only its own GPUs (Slurm's ``--gpus-per-task``, ``CUDA_VISIBLE_DEVICES`` per rank),
+    ``LOCAL_RANK`` modulo their number (0 with one)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
 
 
 def resolve_process_group(spec: GroupSpec):

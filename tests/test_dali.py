@@ -397,3 +397,17 @@ def test_a_state_taken_between_batches_continues_at_the_next_batch(fmnist, jpeg_
     assert three.state_dict() == {"epoch": 2}
     with pytest.raises(ValueError, match="saved for other data"):
         loader().load_state_dict({"epoch": 1, "next_batch": len(one)})
+
+
+def test_batches_are_tensors_torch_allocated_not_dalis_buffers(fmnist):
+    """The pipeline runs with exec_dynamic=False, so the iterator copies each output into a tensor torch
+    allocated: DALI reuses its own buffers only after that copy (on a GPU, after the copy on torch's
+    stream), never while a queued copy may still read them. Held batches keep their values."""
+    loader = arrays(*fmnist, train=True, batch_size=8, ops=["noise", "mixup"])
+    assert loader._build(1, loader.shard(1)).exec_dynamic is False
+    batches = iter(loader)
+    first = next(batches)
+    kept = [t.clone() if isinstance(t, torch.Tensor) else t for t in first[:2]] + [first[2].x.clone()]
+    for _ in range(3):
+        next(batches)
+    assert torch.equal(first[0], kept[0]) and torch.equal(first[1], kept[1]) and torch.equal(first[2].x, kept[2])

@@ -224,3 +224,14 @@ def test_a_rank_augments_only_its_share(monkeypatch):
     loader = loader_module.TensorLoader(images, torch.arange(16), 8, mean=(0.0,), std=(1.0,), shuffle=True,
                                         drop_last=True, seed=0, rank=1, world=4, augment_pad=1)
     assert [x.shape[0] for x, _ in loader] == [2, 2] and sizes == [2, 2]
+
+
+@pytest.mark.parametrize("local_rank, visible, expected", [("0", 8, 0), ("3", 8, 3), ("1", 1, 0), ("5", 2, 1)])
+def test_each_process_drives_its_local_gpu_whatever_the_launcher_shows_it(monkeypatch, local_rank, visible, expected):
+    """torchrun shows every GPU (LOCAL_RANK indexes them); Slurm's --gpus-per-task shows each process only
+    its own (LOCAL_RANK 1 must then be cuda:0, not a device that does not exist)."""
+    from cdfast.distributed import local_cuda_index
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert local_cuda_index() == expected

@@ -234,8 +234,13 @@ def _pipeline(source, *, train: bool, numbers, batch_size, image_size, channels,
             pert = normalize(affine(img, 30.0, None, 0.0, 0.0))
         return plain, pert, y, y_b, op, lam
 
+    # exec_dynamic=False: the iterator then copies every output into a tensor torch allocated, on torch's
+    # current stream, and DALI orders its own buffer's reuse after that copy. (The dynamic executor, DALI
+    # 2's default, hands its buffers over by DLPack, and DALI may reuse them once the last reference goes,
+    # while a copy torch queued may still read them; its host buffers are pinned, so even the labels'
+    # asynchronous copy could read a later batch's.) Nothing here needs the dynamic executor.
     return pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
-                    prefetch_queue_depth=2)
+                    prefetch_queue_depth=2, exec_dynamic=False)
 
 
 class DaliLoader:
@@ -436,11 +441,10 @@ def _decode_failure(error: Exception) -> bool:
 
 
 def _owned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device`` in memory torch owns. DALI hands its GPU outputs over without a copy
-    (DLPack); a copy lets the caching allocator track their use on other streams (the streams
-    engine's ``record_stream``), which DALI's own buffers would not honour. One device copy."""
-    t = t.to(device, non_blocking=True)
-    return t.clone() if t.is_cuda else t
+    """``t`` on ``device``. The iterator's outputs are already tensors torch allocated (the pipeline
+    runs with ``exec_dynamic=False``), so the caching allocator tracks their use on other streams
+    (the streams engine's ``record_stream``); a GPU output stays where it is, a CPU one is copied."""
+    return t.to(device, non_blocking=True)
 
 
 def _unreadable(path: str) -> bool:

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cdfast.distributed import any_rank, broadcast_state, gather_objects, rank_and_world, resolve_process_group
+from cdfast.distributed import (any_rank, broadcast_state, gather_objects, local_cuda_index, rank_and_world,
+                                resolve_process_group)
 from cdfast.data import BadImageError, load_data
 from cdfast.safe_write import WriteError, atomic_write, fsync_dir
 from cdfast.train import run_folder
@@ -339,7 +340,8 @@ class Trainer:
             # one more), as every CNN training script does; its default picks by heuristics
             torch.backends.cudnn.benchmark = True
         if self.world > 1 and device.type == "cuda":
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
+            return torch.device("cuda", local_cuda_index() if "LOCAL_RANK" in os.environ
+                                else self.rank % torch.cuda.device_count())
         return device
 
     def __del__(self):
