@@ -418,8 +418,8 @@ def test_non_finite_evaluation_is_never_recorded_or_checkpointed(tmp_path, monke
     trainer = Trainer(TrainConfig(**TINY, data_dir=str(FMNIST), out=str(out)))
     real = trainer.evaluate
 
-    def broken():
-        metrics = real()
+    def broken(**kw):
+        metrics = real(**kw)
         metrics["test_loss"][1] = float("nan")
         return metrics
 
@@ -438,9 +438,9 @@ def test_diverged_weights_are_never_checkpointed(tmp_path, monkeypatch):
     digest = hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest()
     real = trainer.evaluate
 
-    def poisoned():  # the losses stayed finite; a running statistic did not
+    def poisoned(**kw):  # the losses stayed finite; a running statistic did not
         trainer.group.networks[1].stem[1].running_var.fill_(float("inf"))
-        return real()
+        return real(**kw)
 
     monkeypatch.setattr(trainer, "evaluate", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"network 1 \(resnet8\) has non-finite weights after epoch 2 "
@@ -716,7 +716,7 @@ def test_resume_into_another_out_folder_is_refused(run_copy, tmp_path, capsys):
 
 
 def test_changes_on_a_finished_run_are_refused(run_copy):
-    with pytest.raises(ValueError, match="has finished all 2 epochs: nothing is left to train"):
+    with pytest.raises(ValueError, match="has trained all 2 epochs: nothing is left to train"):
         Trainer(resume=run_copy, overrides={"alpha": 0.5}, allow_changes=True)
 
 
