@@ -184,7 +184,7 @@ def test_a_stop_in_an_epochs_last_steps_does_not_wait_for_its_evaluation(tmp_pat
     out = tmp_path / "run"
     at_step(monkeypatch, STEPS_PER_EPOCH, send(signal.SIGINT))  # the epoch's last step: no metric read follows
     evaluated = []
-    monkeypatch.setattr(Trainer, "evaluate", lambda self: evaluated.append(1))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, **kw: evaluated.append(1))
     with pytest.raises(TrainingStopped, match=r"stopped on SIGINT\. The last checkpoint \(epoch 1 after its last "
                                               r"batch, before its evaluation, step 8\)") as stop:
         Trainer(config(fmnist_root, out)).fit()
