@@ -47,7 +47,7 @@ def init_from_environment() -> bool:
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     timeout = datetime.timedelta(seconds=float(os.environ.get("CDFAST_DIST_TIMEOUT", "600")))
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+    if torch.cuda.is_available():
         torch.cuda.set_device(local_cuda_index())
         dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
     else:

@@ -102,13 +102,19 @@ class TrainingStopped(Exception):
         return 128 + int(getattr(signal, self.signal_name, signal.SIGTERM))
 
 
+def evaluation_pending(progress: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint's epoch progress is a trained epoch whose evaluation is left to the resume
+    (a stop after the epoch's last metric read or during its evaluation)."""
+    return bool(progress) and bool(progress.get("evaluation_pending"))
+
+
 def position(epoch: int, step: int, progress: dict[str, Any] | None = None, steps_per_epoch: int | None = None) -> str:
     """Where a checkpoint stands, in words: 'epoch 3, step 1404' (the end of epoch 3),
     'epoch 4 after batch 120 of 468, step 1524' (within epoch 4) or 'epoch 4 after its last
     batch, before its evaluation, step 1872' (a stop that came as epoch 4's training ended)."""
     if not progress:
         return f"epoch {epoch}, step {step}"
-    if progress.get("evaluation_pending"):
+    if evaluation_pending(progress):
         return f"epoch {epoch + 1} after its last batch, before its evaluation, step {step}"
     of = f" of {steps_per_epoch}" if steps_per_epoch else ""
     return f"epoch {epoch + 1} after batch {progress['batches']}{of}, step {step}"
@@ -263,7 +269,7 @@ class Trainer:
                 "them to continue the same run, pass --resume-with-changes to apply them from step "
                 f"{self.step + 1} on (recorded in {run_folder.CHANGES_FILE}), or start a new run in another --out folder")
         # a checkpoint that leaves only its epoch's evaluation to do has trained that epoch too
-        trained = self.epoch + (1 if (self._epoch_progress or {}).get("evaluation_pending") else 0)
+        trained = self.epoch + (1 if evaluation_pending(self._epoch_progress) else 0)
         if self.cfg.epochs < trained:
             raise ValueError(f"epochs={self.cfg.epochs} is below the {trained} epochs {folder} has already trained")
         if has_state and self.cfg.epochs == trained:
@@ -463,7 +469,7 @@ class Trainer:
             raise ValueError(f"the checkpoint in {self.out} does not fit this group of networks: {e}") from e
         try:
             # within an epoch, its loader holds the position; after the epoch's last batch, the epoch's end
-            within = bool(self._epoch_progress) and not self._epoch_progress.get("evaluation_pending")
+            within = bool(self._epoch_progress) and not evaluation_pending(self._epoch_progress)
             if within and not getattr(self.data.train, "resumes_mid_epoch", False):
                 raise ValueError("it was saved within an epoch, and this run's loader resumes only at epoch starts "
                                  f"(use the loader it was trained with: {state['config'].get('loader')})")
@@ -661,12 +667,18 @@ class Trainer:
         elif "next_batch" not in self.data.train.state_dict():
             return  # it has handed out its last batch (some were empty: unreadable images): the epoch's end saves
         else:
-            self._on_every_rank(lambda: self._check_finite_weights(f"step {self.step} (epoch {self.epoch + 1})"))
-            self.logger.sync()  # the step rows it counts are on disk before it
-            self.save_checkpoint({"batches": batches, "train_seconds": seconds, "meter": meter.state_dict()})
+            self._save_epoch_progress({"batches": batches, "train_seconds": seconds, "meter": meter.state_dict()})
         self._last_save = time.monotonic()
         if stopping:
             raise self._stopped()
+
+    def _save_epoch_progress(self, progress: dict[str, Any]) -> None:
+        """Checkpoint part of an epoch (within it, or its training without the evaluation): the weights
+        checked finite first, so that a diverged network is never saved as the last good one, and the
+        step rows the checkpoint counts on disk before it."""
+        self._on_every_rank(lambda: self._check_finite_weights(f"step {self.step} (epoch {self.epoch + 1})"))
+        self.logger.sync()
+        self.save_checkpoint(progress)
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training data and the evaluation after it: the epoch's record."""
@@ -694,7 +706,7 @@ class Trainer:
                 self._checkpoint_within_epoch(done, meter, seconds())
 
         # resumed after the epoch's last batch (a stop came then): only its evaluation is left
-        evaluation_only = bool(progress and progress.get("evaluation_pending"))
+        evaluation_only = evaluation_pending(progress)
         try:
             for x, y, *view in () if evaluation_only else self.data.train:  # DALI adds the perturbed view
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -726,10 +738,8 @@ class Trainer:
         def stop_before_the_evaluation():
             # The evaluation can take minutes (ImageNet, BatchNorm recalibration), beyond a scheduler's
             # grace period: checkpoint the trained epoch now and evaluate it on resume.
-            self._on_every_rank(lambda: self._check_finite_weights(f"step {self.step} (epoch {epoch})"))
-            self.logger.sync()
-            self.save_checkpoint({"batches": done, "train_seconds": train_time, "meter": meter.state_dict(),
-                                  "evaluation_pending": True, "engine": engine_name()})
+            self._save_epoch_progress({"batches": done, "train_seconds": train_time, "meter": meter.state_dict(),
+                                       "evaluation_pending": True, "engine": engine_name()})
             return self._stopped()
 
         if not evaluation_only and self._stop_agreed():  # the stop came in the epoch's last steps
